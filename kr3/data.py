@@ -1,0 +1,232 @@
+"""Loading (Hub or local files, one `datasets` path), cleaning and splitting of review corpora.
+
+Pure data: nothing here knows about tokenizers or torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from kr3.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# extension -> (datasets builder, extra builder kwargs)
+FORMATS = {
+    ".parquet": ("parquet", {}),
+    ".csv": ("csv", {}),
+    ".tsv": ("csv", {"sep": "\t"}),
+    ".jsonl": ("json", {}),
+    ".json": ("json", {}),
+    ".txt": ("text", {}),
+}
+TEXT_FORMATS = {".csv", ".tsv", ".jsonl", ".json", ".txt"}
+
+
+@dataclass
+class Corpus:
+    texts: list[str]
+    labels: list[int] | None
+    source: str  # human-readable origin
+    fingerprint: str  # changes when the source's content changes
+    counts: dict[str, int] = field(default_factory=dict)  # cleaning step -> reviews removed
+
+
+def load(cfg) -> Corpus:
+    """Load the corpus named by the `data` config: `source=hub` (a Hub id or a local dataset
+    folder, through `datasets.load_dataset`) or `source=local` (a file or folder of files)."""
+    if cfg.source == "hub":
+        return _load_hub(cfg, cfg.cache_dir)
+    if cfg.source == "local":
+        return _load_local(cfg, cfg.cache_dir)
+    raise UserError(f"data.source={cfg.source!r} is not known — use data=kr3 (Hub) or data=local")
+
+
+def _load_hub(cfg, cache_dir):
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(cfg.hub_id, revision=cfg.revision, split=cfg.split, cache_dir=cache_dir)
+    except (ConnectionError, OSError, ValueError) as e:  # HF raises these for offline/missing repos
+        if Path(cfg.hub_id).exists():
+            raise UserError(f"could not load the dataset folder {cfg.hub_id}: {_first_line(e)}") from e
+        raise UserError(
+            f"could not download {cfg.hub_id} from the Hugging Face Hub ({_first_line(e)}) — "
+            "download it where the Hub is reachable and run with data=local data.path=/path/to/kr3.parquet"
+        ) from e
+    fp = getattr(ds, "_fingerprint", "") or ""
+    return _from_dataset(ds, cfg, source=f"hub:{cfg.hub_id}", fingerprint=f"{cfg.hub_id}@{cfg.revision}:{fp}")
+
+
+def _load_local(cfg, cache_dir):
+    import datasets
+
+    if not cfg.path:
+        raise UserError("data=local needs a file — add data.path=/path/to/reviews.parquet (or .csv/.tsv/.jsonl/.txt)")
+    path = Path(cfg.path).expanduser()
+    if not path.exists():
+        raise UserError(f"data.path={path} does not exist — check the path")
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    files = [p for p in files if not p.name.startswith(".")]
+    exts = {p.suffix.lower() for p in files}
+    if not files or not exts <= FORMATS.keys():
+        bad = ", ".join(sorted(exts - FORMATS.keys())) or "no files"
+        raise UserError(f"data.path={path}: unsupported file type ({bad}) — use {', '.join(FORMATS)}")
+    builders = {FORMATS[e][0] for e in exts}
+    if len(builders) > 1 or len({e for e in exts if e in (".csv", ".tsv")}) > 1:
+        raise UserError(f"data.path={path} mixes file types ({', '.join(sorted(exts))}) — point it at one kind")
+    ext = sorted(exts)[0]
+    builder, kwargs = FORMATS[ext]
+    digest = hashlib.sha256()
+    for p in files:
+        if ext in TEXT_FORMATS:
+            _check_utf8(p)
+        _hash_file(p, digest)
+    try:
+        ds = datasets.load_dataset(
+            builder, data_files=[str(p) for p in files], split="train", cache_dir=cache_dir, **kwargs
+        )
+    except Exception as e:  # parse errors from pyarrow/pandas: the file is malformed
+        raise UserError(f"could not read {path} as {builder}: {_first_line(e)} — check the file's format") from e
+    return _from_dataset(ds, cfg, source=str(path), fingerprint=digest.hexdigest(), text_default=builder == "text")
+
+
+def _from_dataset(ds, cfg, source, fingerprint, text_default=False) -> Corpus:
+    ds = ds.remove_columns([c for c in cfg.drop_columns if c in ds.column_names])
+    cols = ds.column_names
+    text_col = "text" if text_default else cfg.text_column
+    if text_col not in cols:
+        raise UserError(
+            f"{source} has no column {text_col!r} (columns: {', '.join(cols)}) — set data.text_column=<one of them>"
+        )
+    table = ds.with_format("arrow")  # column access through arrow: row-by-row python access is 10x slower
+    labels = None
+    if cfg.label_column and cfg.label_column in cols:
+        labels = [int(x) if x is not None else -1 for x in table[cfg.label_column].to_pylist()]
+    elif cfg.ratings is not None:
+        raise UserError(
+            f"data.ratings filters on {cfg.label_column!r}, which {source} does not have "
+            f"(columns: {', '.join(cols)}) — set data.label_column or data.ratings=null"
+        )
+    texts = ["" if t is None else str(t) for t in table[text_col].to_pylist()]
+    return Corpus(texts, labels, source, fingerprint)
+
+
+def _check_utf8(path: Path):
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise UserError(
+            f"{path} is not valid UTF-8 (line {line}, byte {e.start}) — re-save the file as UTF-8"
+        ) from None
+
+
+def _hash_file(path: Path, digest):
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]
+
+
+# ---------------------------------------------------------------- cleaning
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\ufeff]")
+_SPACE = re.compile(r"\s+")
+
+
+def clean_text(text: str, nfc=True, strip_control=True, collapse_whitespace=True) -> str:
+    if nfc:
+        text = unicodedata.normalize("NFC", text)
+    if strip_control:
+        text = _CONTROL.sub("", text)
+    if collapse_whitespace:
+        text = _SPACE.sub(" ", text).strip()
+    return text
+
+
+def clean(corpus: Corpus, cfg, progress=None) -> Corpus:
+    """Normalize every review and drop the ones the config rejects; `counts` says how many each step removed."""
+    c = cfg.clean
+    texts, labels = corpus.texts, corpus.labels
+    counts = {"loaded": len(texts)}
+    it = progress(texts) if progress else texts
+    opts = (bool(c.nfc), bool(c.strip_control), bool(c.collapse_whitespace))  # DictConfig lookups are slow
+    texts = [clean_text(t, *opts) for t in it]
+    keep = np.ones(len(texts), dtype=bool)
+
+    def drop(name, mask):
+        new = keep & ~mask
+        counts[name] = int(keep.sum() - new.sum())
+        keep[:] = new
+
+    if cfg.ratings is not None:
+        allowed = set(int(r) for r in cfg.ratings)
+        drop("rating_filtered", np.array([lab not in allowed for lab in labels], dtype=bool))
+    lengths = np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
+    drop("empty", lengths == 0)
+    drop("too_short", lengths < c.min_chars)
+    if c.max_chars:
+        drop("too_long", lengths > c.max_chars)
+    if c.dedupe:
+        seen, dup = set(), np.zeros(len(texts), dtype=bool)
+        for i in np.flatnonzero(keep):
+            if texts[i] in seen:
+                dup[i] = True
+            else:
+                seen.add(texts[i])
+        drop("duplicates", dup)
+    idx = np.flatnonzero(keep)
+    counts["kept"] = len(idx)
+    if not len(idx):
+        raise UserError(
+            f"no reviews left after cleaning {corpus.source} ({_describe(counts)}) — "
+            "relax data.clean.min_chars / data.ratings or check data.text_column"
+        )
+    out_labels = [labels[i] for i in idx] if labels is not None else None
+    return Corpus([texts[i] for i in idx], out_labels, corpus.source, corpus.fingerprint, counts)
+
+
+def _describe(counts):
+    return ", ".join(f"{k} {v}" for k, v in counts.items())
+
+
+# ---------------------------------------------------------------- splitting
+
+
+def split(corpus: Corpus, val_ratio: float, test_ratio: float, seed: int) -> dict[str, Corpus]:
+    """Shuffle deterministically under `seed` and cut into train/val(/test). The corpus must already be
+    de-duplicated, so no review lands in two splits."""
+    if not 0 < val_ratio < 1:
+        raise UserError(f"data.val_ratio={val_ratio} must be between 0 and 1 (exclusive) — e.g. data.val_ratio=0.05")
+    if not 0 <= test_ratio < 1 or val_ratio + test_ratio >= 1:
+        raise UserError(
+            f"data.test_ratio={test_ratio} must be in [0, 1) with val_ratio + test_ratio < 1 — e.g. data.test_ratio=0"
+        )
+    n = len(corpus.texts)
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, round(n * val_ratio))
+    n_test = round(n * test_ratio) if test_ratio else 0
+    if n - n_val - n_test < 1:
+        raise UserError(f"only {n} reviews after cleaning: too few to split — use a larger corpus")
+    parts = {"val": order[:n_val], "test": order[n_val : n_val + n_test], "train": order[n_val + n_test :]}
+    out = {}
+    for name, idx in parts.items():
+        if name == "test" and not n_test:
+            continue
+        idx = np.sort(idx)  # keep source order inside a split: stable across numpy versions' shuffles
+        labels = [corpus.labels[i] for i in idx] if corpus.labels is not None else None
+        out[name] = Corpus([corpus.texts[i] for i in idx], labels, corpus.source, corpus.fingerprint)
+    return out

@@ -1,0 +1,197 @@
+"""stage=prepare: data → clean → split → tokenizer → token files + meta.json, written atomically into
+`<paths.data_dir>/<name>/`, where the name is derived from the data and tokenizer config."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from kr3 import data as kdata
+from kr3 import tokenizer as ktok
+from kr3.errors import UserError
+from kr3.tracking import progress, table
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+META = "meta.json"
+TOKENIZER_DIR = "tokenizer"
+ENCODE_CHUNK = 8192
+
+
+def dataset_name(cfg) -> str:
+    """Folder name for a prepared dataset: readable prefix + hash of everything that shapes its contents."""
+    d, t = cfg.data, cfg.tokenizer
+    keyed = {
+        "data": OmegaConf.to_container(d, resolve=True),
+        "tokenizer": OmegaConf.to_container(t, resolve=True),
+        "seed": cfg.seed,
+        "format_version": FORMAT_VERSION,
+    }
+    if d.source == "local" and d.path:
+        keyed["data"]["path"] = str(Path(d.path).expanduser().resolve())
+    keyed["data"].pop("cache_dir", None)
+    digest = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:8]
+    if t.kind == "sentencepiece":
+        tag = f"sp{t.model_type}{t.vocab_size}"
+    else:
+        tag = Path(str(t.name_or_path).rstrip("/")).name
+    return f"{d.name}-{tag}-{digest}"
+
+
+def source_stamp(dcfg) -> str:
+    """Cheap identity of the source, to decide whether a prepared folder is still current."""
+    if dcfg.source == "local" and dcfg.path and Path(dcfg.path).expanduser().exists():
+        p = Path(dcfg.path).expanduser().resolve()
+        files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
+        return json.dumps([(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
+    return f"{dcfg.source}:{dcfg.hub_id}@{dcfg.revision}"
+
+
+def prepared_dir(cfg) -> Path:
+    return Path(cfg.paths.data_dir) / dataset_name(cfg)
+
+
+def read_meta(directory: str | Path) -> dict:
+    path = Path(directory) / META
+    if not path.exists():
+        raise UserError(f"no prepared data in {directory} — run `python run.py stage=prepare` with the same data/tokenizer")
+    meta = json.loads(path.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise UserError(
+            f"{path} has format_version {meta.get('format_version')}, this kr3 reads {FORMAT_VERSION} "
+            "— re-run stage=prepare prepare.force=true"
+        )
+    return meta
+
+
+def run(cfg) -> Path:
+    out = prepared_dir(cfg)
+    stamp = source_stamp(cfg.data)
+    if (out / META).exists() and not cfg.prepare.force:
+        meta = read_meta(out)
+        if meta["source"]["stamp"] == stamp:
+            log.info(f"prepared data is up to date in {out} (prepare.force=true redoes it)")
+            return out
+        log.info("the source changed since the last prepare: preparing again")
+
+    t0 = time.perf_counter()
+    timings = {}
+
+    def timed(name, fn, *args, **kw):
+        t = time.perf_counter()
+        result = fn(*args, **kw)
+        timings[name] = time.perf_counter() - t
+        return result
+
+    log.info(f"loading {cfg.data.hub_id if cfg.data.source == 'hub' else cfg.data.path}")
+    corpus = timed("load", kdata.load, cfg.data)
+    corpus = timed("clean", kdata.clean, corpus, cfg.data,
+                   progress=lambda it: progress(it, desc="clean", total=len(it), unit="review"))
+    log.info("cleaning: " + ", ".join(f"{k} {v:,}" for k, v in corpus.counts.items()))
+    splits = timed("split", kdata.split, corpus, cfg.data.val_ratio, cfg.data.test_ratio, cfg.seed)
+
+    log.info(f"tokenizer: {cfg.tokenizer.kind}" + (" (training)" if cfg.tokenizer.kind == "sentencepiece" else ""))
+    tok = timed("tokenizer", ktok.build, cfg.tokenizer, splits["train"].texts, cfg.seed, cache_dir=cfg.data.cache_dir)
+    if tok.vocab_size > np.iinfo(np.uint32).max:
+        raise UserError(f"vocabulary of {tok.vocab_size} tokens does not fit uint32 token files")
+    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        t = time.perf_counter()
+        stats = {name: _encode_split(tok, c.texts, tmp / f"{name}.bin", dtype) for name, c in splits.items()}
+        timings["encode"] = time.perf_counter() - t
+        fidelity = timed("round_trip", _round_trip, tok, splits["val"].texts)
+        tok.save(tmp / TOKENIZER_DIR)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "name": out.name,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "vocab_size": tok.vocab_size,
+            "eos_id": tok.eos_id,
+            "dtype": np.dtype(dtype).name,
+            "splits": stats,
+            "tokenizer": {**tok.spec(), "dir": TOKENIZER_DIR,
+                          "config": OmegaConf.to_container(cfg.tokenizer, resolve=True)},
+            "round_trip": fidelity,
+            "cleaning": corpus.counts,
+            "source": {"name": corpus.source, "stamp": stamp, "fingerprint": corpus.fingerprint},
+            "config": {"data": OmegaConf.to_container(cfg.data, resolve=True), "seed": cfg.seed},
+        }
+        meta["fingerprint"] = hashlib.sha256(
+            json.dumps([corpus.fingerprint, out.name], sort_keys=True).encode()
+        ).hexdigest()
+        (tmp / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    timings["total"] = time.perf_counter() - t0
+    log.info("\n" + summary(meta, out, timings))
+    return out
+
+
+def _encode_split(tok: ktok.Tokenizer, texts: list[str], path: Path, dtype) -> dict:
+    """Encode reviews in chunks (the tokenizer parallelizes each chunk natively), each followed by EOS."""
+    n_tokens = 0
+    with open(path, "wb") as f:
+        bar = progress(desc=f"encode {path.stem}", total=len(texts), unit="review")
+        for start in range(0, len(texts), ENCODE_CHUNK):
+            chunk = texts[start : start + ENCODE_CHUNK]
+            ids = tok.encode_batch(chunk)
+            flat = np.fromiter(_with_eos(ids, tok.eos_id), dtype=dtype, count=sum(map(len, ids)) + len(ids))
+            flat.tofile(f)
+            n_tokens += len(flat)
+            bar.update(len(chunk))
+        bar.close()
+    chars = sum(map(len, texts))
+    return {"file": path.name, "reviews": len(texts), "tokens": n_tokens, "chars": chars,
+            "chars_per_token": round(chars / max(1, n_tokens - len(texts)), 4)}
+
+
+def _with_eos(batch, eos):
+    for ids in batch:
+        yield from ids
+        yield eos
+
+
+def _round_trip(tok: ktok.Tokenizer, texts: list[str]) -> float:
+    """Share of reviews that decode(encode(x)) gives back exactly."""
+    ok = 0
+    for start in range(0, len(texts), ENCODE_CHUNK):
+        chunk = texts[start : start + ENCODE_CHUNK]
+        ok += sum(tok.decode(ids) == t for ids, t in zip(tok.encode_batch(chunk), chunk))
+    return round(ok / len(texts), 6)
+
+
+def _replace_dir(tmp: Path, out: Path):
+    """Swap the finished folder into place: readers only ever see a complete folder (or none)."""
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def summary(meta: dict, out: Path, timings: dict) -> str:
+    rows = [("source", meta["source"]["name"])]
+    rows += [(f"  {k}", f"{v:,}") for k, v in meta["cleaning"].items()]
+    rows.append(("tokenizer", f"{meta['tokenizer']['kind']}, vocab {meta['vocab_size']:,}, {meta['dtype']}"))
+    rows.append(("round-trip fidelity (val)", f"{meta['round_trip']:.2%}"))
+    for name, s in meta["splits"].items():
+        rows.append((name, f"{s['reviews']:,} reviews, {s['tokens']:,} tokens, {s['chars']:,} chars, "
+                           f"{s['chars_per_token']:.2f} chars/token"))
+    rows.append(("time", ", ".join(f"{k} {v:.1f}s" for k, v in timings.items())))
+    rows.append(("output", str(out)))
+    return table(rows, "prepare summary")

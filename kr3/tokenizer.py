@@ -1,0 +1,234 @@
+"""One small tokenizer interface over SentencePiece (trained on the corpus) and pretrained Hugging Face
+`tokenizers` (a Hub id or a folder with tokenizer.json). A tokenizer saved with `save` is loaded back
+with `load(dir)` alone."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from kr3.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SPEC_FILE = "kr3_tokenizer.json"
+EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<eos>", "[SEP]")
+_ENCODE_THREADS = max(1, os.cpu_count() or 1)
+
+
+class Tokenizer:
+    kind: str
+    vocab_size: int
+    eos_id: int
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        raise NotImplementedError
+
+    def decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def id_to_piece(self, i: int) -> str:
+        raise NotImplementedError
+
+    def save(self, directory: str | Path) -> None:
+        raise NotImplementedError
+
+    def spec(self) -> dict:
+        return {"kind": self.kind, "vocab_size": self.vocab_size, "eos_id": self.eos_id}
+
+
+class SentencePieceTokenizer(Tokenizer):
+    kind = "sentencepiece"
+
+    def __init__(self, model_proto: bytes):
+        import sentencepiece as spm
+
+        self.proto = model_proto
+        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.vocab_size = self.sp.get_piece_size()
+        self.eos_id = self.sp.eos_id()
+
+    def encode_batch(self, texts):
+        return self.sp.encode(texts, num_threads=_ENCODE_THREADS)
+
+    def decode(self, ids):
+        return self.sp.decode([int(i) for i in ids])
+
+    def id_to_piece(self, i):
+        return self.sp.id_to_piece(int(i))
+
+    def save(self, directory):
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        Path(directory, "spiece.model").write_bytes(self.proto)
+        Path(directory, SPEC_FILE).write_text(json.dumps(self.spec(), indent=2))
+
+    @classmethod
+    def train(cls, texts: list[str], cfg, seed: int) -> SentencePieceTokenizer:
+        """Train on `texts` (the train split). `cfg` is the `tokenizer` config group."""
+        import sentencepiece as spm
+
+        min_vocab = 256 + 3 + 1  # byte pieces + unk/bos/eos + at least one merge
+        if cfg.byte_fallback and cfg.vocab_size < min_vocab:
+            raise UserError(
+                f"tokenizer.vocab_size={cfg.vocab_size} is too small for byte fallback (needs at least {min_vocab}) "
+                "— raise it, e.g. tokenizer.vocab_size=8000"
+            )
+        if cfg.vocab_size > 65535 * 4:
+            raise UserError(f"tokenizer.vocab_size={cfg.vocab_size} is unreasonably large — use at most 262140")
+        if len(texts) > cfg.input_sentence_size:
+            # sample here: SentencePiece's own sampling differs from process to process whatever its seed
+            pick = np.random.default_rng(seed).choice(len(texts), cfg.input_sentence_size, replace=False)
+            texts = [texts[i] for i in np.sort(pick)]
+        model = io.BytesIO()
+        spm.set_random_generator_seed(seed)
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(texts),
+                model_writer=model,
+                model_type=cfg.model_type,
+                vocab_size=cfg.vocab_size,
+                character_coverage=cfg.character_coverage,
+                byte_fallback=cfg.byte_fallback,
+                normalization_rule_name="identity",  # NFKC would turn ㅋ into ᄏ; data.py already applied NFC
+                remove_extra_whitespaces=False,
+                input_sentence_size=0,
+                shuffle_input_sentence=False,
+                max_sentence_length=cfg.max_sentence_length,
+                split_digits=True,
+                num_threads=cfg.train_threads,  # part of the result: another count can merge ties differently
+                unk_id=0,
+                bos_id=1,
+                eos_id=2,
+                pad_id=-1,
+                minloglevel=2,
+            )
+        except RuntimeError as e:
+            raise _spm_user_error(e, cfg.vocab_size) from None
+        return cls(model.getvalue())
+
+
+def _spm_user_error(e: RuntimeError, vocab_size: int) -> Exception:
+    msg = str(e)
+    if m := re.search(r"Vocabulary size too high \((\d+)\).*<= (\d+)", msg):
+        return UserError(
+            f"tokenizer.vocab_size={vocab_size} is larger than this corpus supports (at most {m.group(2)}) "
+            f"— use tokenizer.vocab_size={m.group(2)} or less, or a larger corpus"
+        )
+    if m := re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", msg):
+        return UserError(
+            f"tokenizer.vocab_size={vocab_size} is smaller than the {m.group(2)} pieces this corpus needs "
+            "(its characters, bytes and specials) "
+            f"— raise tokenizer.vocab_size above {m.group(2)} or lower tokenizer.character_coverage"
+        )
+    return e
+
+
+class PretrainedTokenizer(Tokenizer):
+    """A Hugging Face `tokenizers` tokenizer (tokenizer.json), e.g. skt/kogpt2-base-v2."""
+
+    kind = "pretrained"
+    FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+    def __init__(self, directory: Path):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.directory = Path(directory)
+        self.tk = HFTokenizer.from_file(str(self.directory / "tokenizer.json"))
+        self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
+        self.eos_id = self._find_eos()
+
+    def _find_eos(self) -> int:
+        names = []
+        for fname in ("special_tokens_map.json", "tokenizer_config.json"):
+            p = self.directory / fname
+            if p.exists():
+                tok = json.loads(p.read_text()).get("eos_token")
+                tok = tok.get("content") if isinstance(tok, dict) else tok
+                if tok:
+                    names.append(tok)
+        for name in [*names, *EOS_CANDIDATES]:
+            if (i := self.tk.token_to_id(name)) is not None:
+                return i
+        raise UserError(
+            f"the tokenizer in {self.directory} has no end-of-text token (looked for {', '.join(EOS_CANDIDATES)}) "
+            "— add eos_token to its special_tokens_map.json"
+        )
+
+    def encode_batch(self, texts):
+        return [e.ids for e in self.tk.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids):
+        return self.tk.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def id_to_piece(self, i):
+        return self.tk.id_to_token(int(i)) or ""
+
+    def save(self, directory):
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        for fname in self.FILES:
+            if (self.directory / fname).exists():
+                shutil.copyfile(self.directory / fname, Path(directory, fname))
+        Path(directory, SPEC_FILE).write_text(json.dumps(self.spec(), indent=2))
+
+    @classmethod
+    def from_name_or_path(cls, name_or_path: str, cache_dir: str | None = None) -> PretrainedTokenizer:
+        path = Path(name_or_path).expanduser()
+        if path.is_dir():
+            if not (path / "tokenizer.json").exists():
+                raise UserError(
+                    f"tokenizer.name_or_path={path} has no tokenizer.json — point it at a folder saved by "
+                    "Hugging Face (tokenizer.save_pretrained) or at a Hub id such as skt/kogpt2-base-v2"
+                )
+            return cls(path)
+        if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+            raise UserError(f"tokenizer.name_or_path={name_or_path} is not a folder with tokenizer.json — check the path")
+        return cls(_download(name_or_path, cache_dir))
+
+
+def _download(repo_id: str, cache_dir: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(repo_id, allow_patterns=list(PretrainedTokenizer.FILES), cache_dir=cache_dir)
+        )
+    except Exception as e:  # offline, unknown repo, gated repo: all user-fixable
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(
+            f"could not download tokenizer {repo_id} from the Hugging Face Hub ({first}) — "
+            "download it where the Hub is reachable and set tokenizer.name_or_path=/path/to/folder"
+        ) from None
+
+
+def build(cfg, train_texts: list[str], seed: int, cache_dir: str | None = None) -> Tokenizer:
+    if cfg.kind == "sentencepiece":
+        return SentencePieceTokenizer.train(train_texts, cfg, seed)
+    if cfg.kind == "pretrained":
+        return PretrainedTokenizer.from_name_or_path(cfg.name_or_path, cache_dir)
+    raise UserError(f"tokenizer.kind={cfg.kind!r} is not known — use tokenizer=sentencepiece or tokenizer=pretrained")
+
+
+def load(directory: str | Path) -> Tokenizer:
+    """Load a tokenizer saved by `Tokenizer.save` (as prepare does next to the token files)."""
+    directory = Path(directory)
+    spec_path = directory / SPEC_FILE
+    if not spec_path.exists():
+        raise UserError(f"no tokenizer saved in {directory} — run stage=prepare first")
+    spec = json.loads(spec_path.read_text())
+    if spec["kind"] == "sentencepiece":
+        tok = SentencePieceTokenizer((directory / "spiece.model").read_bytes())
+    else:
+        tok = PretrainedTokenizer(directory)
+    if tok.eos_id != spec["eos_id"] or tok.vocab_size != spec["vocab_size"]:
+        raise UserError(f"the tokenizer in {directory} does not match its {SPEC_FILE} — re-run stage=prepare prepare.force=true")
+    return tok

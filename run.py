@@ -1,0 +1,40 @@
+"""kr3 entry point: `python run.py stage=prepare|...` (Hydra; see conf/)."""
+
+import importlib
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+from omegaconf.errors import MissingMandatoryValue
+
+from kr3.config import register_resolvers
+from kr3.errors import UserError
+
+register_resolvers()
+
+# stage -> module whose run(cfg) does it; imported lazily so `stage=prepare` never imports torch
+STAGES = {"prepare": "kr3.prepare"}
+
+log = logging.getLogger("kr3")
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig):
+    try:
+        if cfg.stage not in STAGES:
+            raise UserError(f"stage={cfg.stage} is not a stage — use one of: {', '.join(STAGES)}")
+        return importlib.import_module(STAGES[cfg.stage]).run(cfg)
+    except MissingMandatoryValue as e:
+        fail(f"{e.full_key} is required — add {e.full_key}=... to the command")
+    except UserError as e:
+        fail(str(e))
+
+
+def fail(message: str):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

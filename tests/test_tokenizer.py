@@ -1,0 +1,94 @@
+import subprocess
+import sys
+
+import pytest
+from conftest import KOGPT2, compose_cfg, needs_shared
+
+from kr3 import tokenizer as ktok
+from kr3.config import ROOT
+from kr3.errors import UserError
+
+
+def sp_cfg(tmp_path, *overrides):
+    return compose_cfg(tmp_path, ["tokenizer=sentencepiece", *overrides]).tokenizer
+
+
+@pytest.fixture
+def texts(reviews):
+    return [t for _, t in reviews]
+
+
+def test_sentencepiece_round_trip_and_reload(tmp_path, texts):
+    tok = ktok.build(sp_cfg(tmp_path, "tokenizer.vocab_size=400"), texts, seed=0)
+    assert tok.vocab_size == 400 and tok.eos_id == 2
+    for t in [*texts[:50], "처음 보는 글자 龍 🍜"]:  # unseen characters go through byte fallback
+        ids = tok.encode(t)
+        assert tok.eos_id not in ids
+        assert tok.decode(ids) == t
+    tok.save(tmp_path / "tok")
+    again = ktok.load(tmp_path / "tok")
+    assert again.encode_batch(texts[:20]) == tok.encode_batch(texts[:20])
+    assert (again.vocab_size, again.eos_id) == (400, 2)
+
+
+def test_sentencepiece_is_deterministic_across_processes(tmp_path):
+    """Sampling included (input_sentence_size < corpus): a new process must train the same model."""
+    code = (
+        "import sys, hashlib; sys.path.insert(0, 'tests'); from conftest import make_reviews, compose_cfg;"
+        "from kr3 import tokenizer as k; from pathlib import Path;"
+        f"cfg = compose_cfg(Path({str(tmp_path)!r}), ['tokenizer.vocab_size=380', 'tokenizer.input_sentence_size=300']);"
+        "print(hashlib.md5(k.build(cfg.tokenizer, [t for _, t in make_reviews(800)], seed=1).proto).hexdigest())"
+    )
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT) for _ in range(2)]
+    assert runs[0].returncode == 0, runs[0].stderr
+    assert runs[0].stdout == runs[1].stdout
+
+
+def test_unigram(tmp_path, texts):
+    tok = ktok.build(sp_cfg(tmp_path, "tokenizer.vocab_size=370", "tokenizer.model_type=unigram"), texts, seed=0)
+    assert tok.decode(tok.encode(texts[0])) == texts[0]
+
+
+def test_vocab_too_small_for_byte_fallback(tmp_path, texts):
+    with pytest.raises(UserError, match="too small for byte fallback"):
+        ktok.build(sp_cfg(tmp_path, "tokenizer.vocab_size=200"), texts, seed=0)
+
+
+def test_vocab_larger_than_corpus_supports(tmp_path, texts):
+    with pytest.raises(UserError, match=r"larger than this corpus supports \(at most \d+\)"):
+        ktok.build(sp_cfg(tmp_path, "tokenizer.vocab_size=8000"), texts, seed=0)
+
+
+def test_pretrained_folder_without_tokenizer(tmp_path):
+    (tmp_path / "empty").mkdir()
+    cfg = compose_cfg(tmp_path, ["tokenizer=pretrained", f"tokenizer.name_or_path={tmp_path / 'empty'}"]).tokenizer
+    with pytest.raises(UserError, match="has no tokenizer.json"):
+        ktok.build(cfg, [], seed=0)
+
+
+def test_pretrained_hub_unreachable(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    cfg = compose_cfg(tmp_path, ["tokenizer=pretrained"]).tokenizer
+    with pytest.raises(UserError, match=r"could not download tokenizer skt/kogpt2-base-v2 .*tokenizer.name_or_path="):
+        ktok.build(cfg, [], seed=0, cache_dir=str(tmp_path / "hf"))
+
+
+def test_load_without_saved_tokenizer(tmp_path):
+    with pytest.raises(UserError, match="run stage=prepare first"):
+        ktok.load(tmp_path)
+
+
+@needs_shared
+def test_pretrained_kogpt2_from_local_folder(tmp_path, texts):
+    cfg = compose_cfg(tmp_path, ["tokenizer=pretrained", f"tokenizer.name_or_path={KOGPT2}"]).tokenizer
+    tok = ktok.build(cfg, [], seed=0)
+    assert tok.vocab_size > 50_000
+    assert tok.id_to_piece(tok.eos_id) == "</s>"
+    ids = tok.encode("이 집 짜장면은 정말 맛있어요")
+    assert tok.decode(ids) == "이 집 짜장면은 정말 맛있어요"
+    tok.save(tmp_path / "tok")
+    again = ktok.load(tmp_path / "tok")
+    assert again.encode_batch(texts[:20]) == tok.encode_batch(texts[:20])
+    assert again.eos_id == tok.eos_id
