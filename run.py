@@ -1,7 +1,9 @@
 """kr3 entry point: `python run.py stage=prepare|...` (Hydra; see conf/)."""
 
+import atexit
 import importlib
 import logging
+import os
 import sys
 
 import hydra
@@ -14,7 +16,7 @@ from kr3.errors import UserError
 register_resolvers()
 
 # stage -> module whose run(cfg) does it; imported lazily so `stage=prepare` never imports torch
-STAGES = {"prepare": "kr3.prepare"}
+STAGES = {"prepare": "kr3.prepare", "train": "kr3.train"}
 
 log = logging.getLogger("kr3")
 
@@ -37,4 +39,9 @@ def fail(message: str):
 
 
 if __name__ == "__main__":
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # under torchrun: join before Hydra picks the run folder
+        from kr3 import distributed
+
+        distributed.init()
+        atexit.register(distributed.teardown)
     main()

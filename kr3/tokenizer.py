@@ -232,3 +232,17 @@ def load(directory: str | Path) -> Tokenizer:
     if tok.eos_id != spec["eos_id"] or tok.vocab_size != spec["vocab_size"]:
         raise UserError(f"the tokenizer in {directory} does not match its {SPEC_FILE} — re-run stage=prepare prepare.force=true")
     return tok
+
+
+def to_files(directory: str | Path) -> dict[str, bytes]:
+    """A saved tokenizer as {file name: bytes}, to embed in a checkpoint."""
+    return {p.name: p.read_bytes() for p in sorted(Path(directory).iterdir()) if p.is_file()}
+
+
+def from_files(files: dict[str, bytes]) -> Tokenizer:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in files.items():
+            Path(tmp, name).write_bytes(data)
+        return load(tmp)

@@ -1,16 +1,24 @@
-"""Where progress and metrics go: console progress bars, metrics.jsonl, W&B, the loss plot."""
+"""Where progress and metrics go: console progress bars, metrics.jsonl, W&B, the loss-curve PNG.
+Only the main process tracks; the others get a Tracker that does nothing."""
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import sys
+from pathlib import Path
 
+from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+log = logging.getLogger(__name__)
 
-def progress(iterable=None, desc: str = "", total: int | None = None, unit: str = "it", enabled: bool = True):
+
+def progress(iterable=None, desc: str = "", total: int | None = None, unit: str = "it", enabled: bool = True, **kw):
     """A progress bar on stderr; `enabled=False` (non-main ranks) yields silently."""
     return tqdm(iterable, desc=desc, total=total, unit=unit, disable=not enabled, file=sys.stderr,
-                dynamic_ncols=True, mininterval=0.5, leave=False)
+                dynamic_ncols=True, mininterval=0.5, leave=False, **kw)
 
 
 def table(rows: list[tuple[str, object]], title: str = "") -> str:
@@ -19,3 +27,95 @@ def table(rows: list[tuple[str, object]], title: str = "") -> str:
     lines = [title, "-" * max(len(title), width + 20)] if title else []
     lines += [f"{k:<{width}}  {v}" for k, v in rows]
     return "\n".join(lines)
+
+
+class Tracker:
+    """metrics.jsonl (always), W&B (logger=wandb), and the loss plot at `finish`."""
+
+    def __init__(self, cfg, run_dir: Path, enabled: bool, resume_id: str | None = None):
+        self.enabled, self.run_dir = enabled, Path(run_dir)
+        self.wandb = None
+        self.run_id = resume_id
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        if cfg.logger.kind == "wandb":
+            self._init_wandb(cfg, resume_id)
+
+    def _init_wandb(self, cfg, resume_id):
+        import wandb
+
+        mode = os.environ.get("WANDB_MODE") or cfg.logger.mode
+        self.wandb = wandb.init(
+            project=cfg.logger.project,
+            entity=cfg.logger.entity,
+            group=cfg.logger.group,
+            name=cfg.logger.name,
+            tags=list(cfg.logger.tags or []),
+            mode=mode,
+            dir=str(self.run_dir),
+            config=OmegaConf.to_container(cfg, resolve=True),
+            id=resume_id,
+            resume="allow" if resume_id else None,
+            settings=wandb.Settings(silent=True, x_disable_stats=True),
+            reinit="finish_previous",
+        )
+        self.run_id = self.wandb.id
+        log.info(f"W&B run {self.wandb.id} ({mode}) in {self.run_dir / 'wandb'}")
+
+    def log(self, metrics: dict, step: int) -> None:
+        if not self.enabled:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def log_samples(self, rows: list[tuple[str, str]], step: int) -> None:
+        if self.enabled and self.wandb is not None:
+            import wandb
+
+            self.wandb.log({"samples": wandb.Table(columns=["prompt", "completion"], data=rows)}, step=step)
+
+    def finish(self) -> None:
+        if not self.enabled:
+            return
+        if self.metrics_path.exists():
+            plot_losses(self.metrics_path, self.run_dir / "loss.png")
+        if self.wandb is not None:
+            if (self.run_dir / "loss.png").exists():
+                import wandb
+
+                self.wandb.log({"loss_curve": wandb.Image(str(self.run_dir / "loss.png"))})
+            self.wandb.finish()
+            self.wandb = None
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_losses(metrics_path: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+    val = [(r["step"], r["val/loss"]) for r in rows if "val/loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train", lw=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="val", lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, out)

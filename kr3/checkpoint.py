@@ -1,0 +1,84 @@
+"""Self-describing checkpoints: one file holds weights, optimizer, schedule, step, RNG states, data
+position, model config, run config and the tokenizer's own files, so `generate`, `evaluate` and
+`resume` need nothing but its path. Written to a temp file and renamed: never found half-written."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from kr3.errors import UserError
+
+FORMAT_VERSION = 1
+CKPT_DIR = "checkpoints"
+BEST = "best.pt"
+_STEP = re.compile(r"step-(\d+)\.pt$")
+
+
+def save(state: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    buf = io.BytesIO()
+    torch.save({"format_version": FORMAT_VERSION, **state}, buf)
+    with open(tmp, "wb") as f:
+        f.write(buf.getbuffer())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def step_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CKPT_DIR / f"step-{step:07d}.pt"
+
+
+def list_steps(run_dir: Path) -> list[Path]:
+    d = Path(run_dir) / CKPT_DIR
+    return sorted((p for p in d.glob("step-*.pt") if _STEP.search(p.name)), key=lambda p: int(_STEP.search(p.name)[1]))
+
+
+def prune(run_dir: Path, keep: int) -> None:
+    for p in list_steps(run_dir)[:-keep] if keep > 0 else []:
+        p.unlink(missing_ok=True)
+
+
+def resolve(path: str | Path, prefer_best: bool = False) -> Path:
+    """A checkpoint file, or a run folder (its best or newest checkpoint)."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return path
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist — give a .pt file or a run folder with checkpoints/")
+    steps = list_steps(path)
+    best = path / CKPT_DIR / BEST
+    if prefer_best and best.exists():
+        return best
+    if steps:
+        return steps[-1]
+    if best.exists():
+        return best
+    raise UserError(f"no checkpoints in {path} — train first (stage=train), or give a .pt file")
+
+
+def load(path: str | Path, map_location="cpu") -> dict:
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} does not exist — check the path") from None
+    except Exception as e:  # truncated zip, garbage bytes, unpickling refused
+        raise UserError(
+            f"checkpoint {path} is corrupt or not a kr3 checkpoint ({type(e).__name__}) — use another one, "
+            "e.g. an earlier step-*.pt of the same run"
+        ) from None
+    if not isinstance(state, dict) or "format_version" not in state:
+        raise UserError(f"{path} is not a kr3 checkpoint — give a file written by stage=train")
+    if state["format_version"] != FORMAT_VERSION:
+        raise UserError(
+            f"checkpoint {path} has format_version {state['format_version']}, this kr3 reads {FORMAT_VERSION} "
+            "— use the kr3 version that wrote it"
+        )
+    return state

@@ -1,0 +1,67 @@
+"""Process-group setup for `torchrun` (DDP): NCCL on CUDA, gloo on CPU; a plain `python run.py` is rank 0 of 1."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def init() -> None:
+    """Join the process group torchrun describes, once per process (a Hydra multirun reuses it), and
+    agree on one start time so that every rank resolves the same Hydra run folder."""
+    if world_size() == 1 or is_distributed():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+        backend = "cpu:gloo,cuda:nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend)
+    stamp = [time.time()]
+    dist.broadcast_object_list(stamp, src=0)
+    os.environ["KR3_RUN_TIME"] = repr(stamp[0])
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank())
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def teardown() -> None:
+    if is_distributed():
+        dist.destroy_process_group()

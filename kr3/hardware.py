@@ -1,0 +1,93 @@
+"""Device, precision and peak-FLOPs facts, for choosing defaults and reporting MFU."""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+
+import torch
+
+from kr3.errors import UserError
+
+# dense bf16 / fp32 tensor-core peaks in FLOP/s, matched by substring of the CUDA device name
+CUDA_PEAK = {
+    "H200": (989e12, 67e12),
+    "H100 PCIe": (756e12, 51e12),
+    "H100": (989e12, 67e12),
+    "A100": (312e12, 19.5e12),
+    "L40S": (362e12, 91.6e12),
+    "L4": (121e12, 30.3e12),
+    "A10G": (70e12, 31.2e12),
+    "A10": (125e12, 31.2e12),
+    "RTX 4090": (165e12, 82.6e12),
+    "RTX 3090": (71e12, 35.6e12),
+    "V100": (125e12, 15.7e12),
+    "T4": (65e12, 8.1e12),
+}
+
+
+def cpu_has_fast_bf16() -> bool:
+    """bf16 matmuls beat fp32 on CPUs with AVX512-BF16 or AMX; without them oneDNN emulates (much slower)."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    return "AMX" in cap or "AVX512_BF16" in cap or ("AVX512" in cap and _has_flag("avx512_bf16"))
+
+
+def _has_flag(flag: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return flag in f.read()
+    except OSError:
+        return False
+
+
+def resolve_device(name: str) -> torch.device:
+    from kr3 import distributed
+
+    if name == "auto":
+        return distributed.device()
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("trainer.device=cuda but no CUDA device is visible — use trainer.device=auto or cpu")
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"trainer.device={name} is not known — use auto, cpu or cuda")
+    return distributed.device() if name == "cuda" else torch.device("cpu")
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    if name in ("fp32", "float32"):
+        return torch.float32
+    if name in ("bf16", "bfloat16"):
+        return torch.bfloat16
+    raise UserError(f"precision={name} is not known — use auto, fp32 or bf16")
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype, override: float | None = None) -> float:
+    """Per-device peak FLOP/s: a config value, the CUDA table, or a measured CPU matmul peak."""
+    if override:
+        return float(override)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, (bf16, fp32) in CUDA_PEAK.items():
+            if key in name:
+                return bf16 if dtype == torch.bfloat16 else fp32
+        return 0.0  # unknown GPU: MFU not reported
+    return measure_matmul_flops(dtype)
+
+
+def measure_matmul_flops(dtype: torch.dtype, n: int = 1024, seconds: float = 0.3) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * n**3 * count / (time.perf_counter() - start)

@@ -1,0 +1,160 @@
+"""A decoder-only transformer (GPT-2 style, pre-LayerNorm) with an optional KV cache for generation.
+
+Positions are learned embeddings: the context is fixed (`block_size`) and a review fits in it, so
+rotary's extrapolation buys nothing here, while learned positions keep the cache a plain offset.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kr3.errors import UserError
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    n_layers: int = 6
+    n_heads: int = 6
+    d_model: int = 384
+    d_ffn: int = 1536
+    block_size: int = 256
+    dropout: float = 0.0
+    bias: bool = True
+
+    def __post_init__(self):
+        for key in ("vocab_size", "n_layers", "n_heads", "d_model", "d_ffn", "block_size"):
+            if int(getattr(self, key)) < 1:
+                raise UserError(f"model.{key}={getattr(self, key)} must be a positive integer")
+        if self.d_model % self.n_heads:
+            raise UserError(
+                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads} "
+                f"— pick n_heads from {[h for h in range(1, 33) if self.d_model % h == 0]}"
+            )
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"model.dropout={self.dropout} must be in [0, 1)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, one (B, H, T, D) pair per layer, preallocated."""
+
+    def __init__(self, cfg: GPTConfig, batch: int, device, dtype):
+        shape = (batch, cfg.n_heads, cfg.block_size, cfg.d_model // cfg.n_heads)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.length = 0
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_heads, self.dropout = cfg.n_heads, cfg.dropout
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.proj.residual = True
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        else:
+            start = cache.length
+            cache.k[layer][:, :, start : start + T] = k
+            cache.v[layer][:, :, start : start + T] = v
+            k, v = cache.k[layer][:, :, : start + T], cache.v[layer][:, :, : start + T]
+            # new query i may see cached keys 0..start+i
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start) if T > 1 else None
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.d_ffn, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_ffn, cfg.d_model, bias=cfg.bias)
+        self.proj.residual = True
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.drop(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.attn = SelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cache=None, layer=0):
+        x = x + self.attn(self.ln1(x), cache, layer)
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.head.weight = self.tok_emb.weight  # tied
+        self.apply(self._init)
+
+    def _init(self, m):
+        if isinstance(m, nn.Linear):
+            # GPT-2: residual projections scaled down by depth so the residual stream starts small
+            std = 0.02 / math.sqrt(2 * self.cfg.n_layers) if getattr(m, "residual", False) else 0.02
+            nn.init.normal_(m.weight, 0.0, std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+
+    def forward(self, idx, targets=None, cache: KVCache | None = None):
+        """Logits (B, T, V), or the mean cross-entropy when `targets` is given (then logits are not kept).
+        With a cache, `idx` holds only the new tokens and positions continue from `cache.length`."""
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.cfg.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.cfg.block_size}")
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.length += T
+        logits = self.head(self.ln_f(x))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+
+    def num_params(self, embeddings: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n if embeddings else n - self.pos_emb.weight.numel()
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token (forward + backward): 6 per weight plus attention's score/value matmuls."""
+        c = self.cfg
+        return 6 * self.num_params(embeddings=False) + 12 * c.n_layers * c.d_model * c.block_size
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Matrices decay; biases, LayerNorm gains and embeddings' positions do not."""
+        decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -1,0 +1,279 @@
+"""stage=train: GPT on the prepared token files, one process or many under torchrun (DDP)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from kr3 import checkpoint, distributed, hardware, prepare
+from kr3 import tokenizer as ktok
+from kr3.errors import UserError
+from kr3.evaluate import metrics, token_loss
+from kr3.generate import sample_tokens
+from kr3.model import GPT, GPTConfig
+from kr3.tracking import Tracker, progress, table
+
+log = logging.getLogger(__name__)
+
+
+class Batches:
+    """Windows of `block_size + 1` tokens from a flat token file. Each epoch cuts the file at a random
+    offset into non-overlapping windows in a random order (both fixed by seed and epoch). Optimizer step
+    s uses windows [s·G, (s+1)·G) of that order, G = batch × accumulation × world size; rank r's micro-
+    batch m takes B consecutive ones at (m·W + r)·B. So the data of a step depends only on the step
+    (resume is exact) and on the global batch, not on how it is split across processes."""
+
+    def __init__(self, path: Path, dtype: str, block_size: int, batch_size: int, accum: int, seed: int):
+        self.data = np.memmap(path, dtype=np.dtype(dtype), mode="r")
+        self.block, self.B, self.accum, self.seed = block_size, batch_size, accum, seed
+        self.W, self.rank = distributed.world_size(), distributed.rank()
+        self.per_step = batch_size * accum * self.W
+        self.windows = (len(self.data) - 1 - block_size) // block_size  # leaves room for any offset
+        self.steps_per_epoch = self.windows // self.per_step
+        self._epoch, self._order = -1, None
+
+    def _epoch_order(self, epoch: int):
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            offset = int(rng.integers(self.block))
+            self._order = offset + rng.permutation(self.windows) * self.block
+            self._epoch = epoch
+        return self._order
+
+    def get(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, in_epoch = divmod(step, self.steps_per_epoch)
+        order = self._epoch_order(epoch)
+        first = in_epoch * self.per_step + (micro * self.W + self.rank) * self.B
+        starts = order[first : first + self.B]
+        chunk = torch.from_numpy(np.stack([self.data[s : s + self.block + 1] for s in starts]).astype(np.int64))
+        return chunk[:, :-1], chunk[:, 1:]
+
+    def position(self, step: int) -> dict:
+        epoch, in_epoch = divmod(step, self.steps_per_epoch)
+        return {"epoch": epoch, "step_in_epoch": in_epoch, "windows_per_step": self.per_step, "seed": self.seed}
+
+
+def lr_at(step: int, total: int, cfg) -> float:
+    """Linear warmup, then cosine decay to min_lr_ratio × lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress_ = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress_)))
+
+
+def find_resume(cfg, run_dir: Path) -> Path | None:
+    r = cfg.trainer.resume
+    if not r:
+        return None
+    if r == "auto":
+        steps = checkpoint.list_steps(run_dir)
+        return steps[-1] if steps else None
+    return checkpoint.resolve(r)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()[1][:625]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(int(x) for x in state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def model_config(cfg, vocab_size: int) -> GPTConfig:
+    m = cfg.model
+    return GPTConfig(vocab_size=vocab_size, n_layers=m.n_layers, n_heads=m.n_heads, d_model=m.d_model, d_ffn=m.d_ffn,
+                     block_size=m.block_size, dropout=m.dropout, bias=m.bias)
+
+
+def run(cfg) -> dict:
+    distributed.init()
+    t = cfg.trainer
+    run_dir = Path(cfg.paths.output_dir)
+    main = distributed.is_main()
+    if t.threads:
+        torch.set_num_threads(int(t.threads))
+    dev = hardware.resolve_device(t.device)
+    dtype = hardware.resolve_precision(t.precision, dev)
+
+    # prepared data: rank 0 prepares (or reuses) it, the others wait
+    data_dir = prepare.run(cfg) if main else prepare.prepared_dir(cfg)
+    distributed.barrier()
+    meta = prepare.read_meta(data_dir)
+
+    resume_path = find_resume(cfg, run_dir)
+    state = checkpoint.load(resume_path) if resume_path else None
+    if state and state["data"]["fingerprint"] != meta["fingerprint"]:
+        raise UserError(
+            f"checkpoint {resume_path} was trained on other data or another tokenizer "
+            f"({state['data']['name']}, vocab {state['model_config']['vocab_size']}) than {meta['name']} "
+            f"(vocab {meta['vocab_size']}) — resume with the data/tokenizer config it was trained with"
+        )
+    mcfg = GPTConfig(**state["model_config"]) if state else model_config(cfg, meta["vocab_size"])
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    model = GPT(mcfg).to(dev)
+    opt = torch.optim.AdamW(model.param_groups(t.weight_decay), lr=t.lr, betas=tuple(t.betas),
+                            fused=dev.type == "cuda")
+    batches = Batches(data_dir / meta["splits"]["train"]["file"], meta["dtype"], mcfg.block_size, t.batch_size,
+                      t.grad_accum, cfg.seed)
+    if batches.steps_per_epoch < 1:
+        raise UserError(
+            f"train.bin has {len(batches.data):,} tokens: not one step of {batches.per_step} windows of "
+            f"{mcfg.block_size + 1} — lower trainer.batch_size or model.block_size"
+        )
+    total_steps = int(t.max_steps) if t.max_steps else int(t.epochs * batches.steps_per_epoch)
+    step, best = 0, float("inf")
+    if state:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step, best = state["step"], state.get("best_val_loss", float("inf"))
+        if state["data"]["position"]["windows_per_step"] != batches.per_step and main:
+            log.warning("the global batch changed since the checkpoint: the data order after it will differ")
+        if main:
+            log.info(f"resumed from {resume_path} at step {step}")
+
+    tok_dir = data_dir / meta["tokenizer"]["dir"]
+    tracker = Tracker(cfg, run_dir, enabled=main, resume_id=state.get("wandb_run_id") if state else None)
+    train_model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None) \
+        if distributed.is_distributed() else model
+    if t.compile:
+        train_model = torch.compile(train_model)
+
+    tokens_per_step = batches.per_step * mcfg.block_size
+    peak = hardware.peak_flops(dev, dtype, t.peak_flops)
+    flops_per_token = model.flops_per_token()
+    val_tokens = np.memmap(data_dir / meta["splits"]["val"]["file"], dtype=np.dtype(meta["dtype"]), mode="r")
+    val_split = meta["splits"]["val"]
+    tokenizer = ktok.load(tok_dir)
+    if main:
+        log.info("\n" + table([
+            ("data", f"{data_dir} ({meta['splits']['train']['tokens']:,} train tokens)"),
+            ("model", f"{model.num_params() / 1e6:.2f}M parameters, {mcfg.n_layers} layers, d_model {mcfg.d_model}"),
+            ("device", f"{dev} × {distributed.world_size()} process(es), {str(dtype).replace('torch.', '')}"
+                       f"{', compiled' if t.compile else ''}, {torch.get_num_threads()} threads"),
+            ("steps", f"{step} → {total_steps} ({batches.steps_per_epoch} per epoch, {tokens_per_step:,} tokens each)"),
+            ("run folder", str(run_dir)),
+        ], "train"))
+
+    def evaluate(final: bool) -> dict:
+        limit = None if final or not t.eval_tokens else int(t.eval_tokens)
+        nats, n = token_loss(model, val_tokens[:limit], meta["eos_id"], mcfg.block_size, t.eval_batch_size, dev,
+                             dtype, show_progress=final)
+        return metrics(nats, n, val_split["tokens"], val_split["chars"])
+
+    def samples() -> list[tuple[str, str]]:
+        rows = []
+        for prompt in t.sample_prompts or []:
+            ids = list(sample_tokens(model, tokenizer.encode(prompt), t.sample_tokens, tokenizer.eos_id,
+                                     temperature=0.8, top_k=50, generator=torch.Generator().manual_seed(cfg.seed)))
+            rows.append((prompt, tokenizer.decode(ids)))
+        return rows
+
+    def save(kind: str, val: dict | None = None):
+        if not main:
+            return
+        ckpt = {
+            "model_config": mcfg.to_dict(), "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": {"kind": "warmup_cosine", "total_steps": total_steps, "warmup_steps": t.warmup_steps},
+            "step": step, "best_val_loss": best, "val": val, "rng": rng_state(),
+            "data": {"dir": str(data_dir), "name": meta["name"], "fingerprint": meta["fingerprint"],
+                     "position": batches.position(step), "splits": meta["splits"], "eos_id": meta["eos_id"]},
+            "tokenizer": {"dir": str(tok_dir), "spec": meta["tokenizer"], "files": ktok.to_files(tok_dir)},
+            "config": OmegaConf.to_container(cfg, resolve=True), "wandb_run_id": tracker.run_id,
+            "torch_version": str(torch.__version__),
+        }
+        if kind == "best":
+            checkpoint.save(ckpt, run_dir / checkpoint.CKPT_DIR / checkpoint.BEST)
+        else:
+            checkpoint.save(ckpt, checkpoint.step_path(run_dir, step))
+            checkpoint.prune(run_dir, t.keep_last)
+
+    def eval_and_log(final=False):
+        nonlocal best
+        val = evaluate(final)
+        is_best = val["loss"] < best
+        best = min(best, val["loss"])
+        tracker.log({f"val/{k}": v for k, v in val.items()}, step)
+        if main:
+            log.info(f"step {step}: val loss {val['loss']:.4f}, ppl {val['ppl']:.2f}, bpc {val['bpc']:.4f}")
+            if t.sample_prompts:
+                rows = samples()
+                tracker.log_samples(rows, step)
+                for p, c in rows:
+                    log.info(f"  {p} → {c}")
+        if is_best:
+            save("best", val)
+        return val
+
+    if state:
+        set_rng_state(state["rng"])  # last: the setup above (peak-FLOPs measurement) draws random numbers
+    model.train()
+    bar = progress(total=total_steps, initial=step, desc="train", unit="step", enabled=main)
+    window_loss, window_steps, t_log = torch.zeros((), device=dev), 0, time.perf_counter()
+    val = None
+    try:
+        while step < total_steps:
+            lr = lr_at(step, total_steps, t)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            for micro in range(t.grad_accum):
+                x, y = (a.to(dev, non_blocking=True) for a in batches.get(step, micro))
+                sync = micro == t.grad_accum - 1 or not isinstance(train_model, DDP)
+                with (train_model.no_sync() if not sync else nullcontext()), hardware.autocast(dev, dtype):
+                    loss = train_model(x, y) / t.grad_accum
+                loss.backward()
+                window_loss += loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            window_steps += 1
+            bar.update(1)
+            if step % t.log_interval == 0 or step == total_steps:
+                loss_avg = distributed.all_reduce_sum(window_loss.clone()).item() / window_steps / distributed.world_size()
+                dt = time.perf_counter() - t_log
+                tps = tokens_per_step * window_steps / dt
+                row = {"train/loss": loss_avg, "train/lr": lr, "train/grad_norm": float(grad_norm),
+                       "train/tokens_per_s": tps, "train/epoch": step / batches.steps_per_epoch}
+                if peak:
+                    row["train/mfu"] = flops_per_token * tps / (peak * distributed.world_size())
+                tracker.log(row, step)
+                bar.set_postfix(loss=f"{loss_avg:.3f}", tok_s=f"{tps:,.0f}")
+                window_loss.zero_()
+                window_steps, t_log = 0, time.perf_counter()
+            if t.eval_interval and step % t.eval_interval == 0 and step < total_steps:
+                eval_and_log()
+                t_log = time.perf_counter()
+            if t.ckpt_interval and step % t.ckpt_interval == 0 and step < total_steps:
+                save("step")
+        bar.close()
+        val = eval_and_log(final=True)
+        save("step", val)
+    except KeyboardInterrupt:
+        if main and step > 0:
+            save("step")
+            log.warning(f"interrupted: saved step {step}; continue with trainer.resume={run_dir}")
+        raise
+    finally:
+        tracker.finish()
+    if main:
+        log.info(f"done: step {step}, val loss {val['loss']:.4f}, bpc {val['bpc']:.4f}; checkpoints in "
+                 f"{run_dir / checkpoint.CKPT_DIR}")
+    return val
+

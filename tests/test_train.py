@@ -1,0 +1,204 @@
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import compose_cfg, make_reviews
+
+from kr3 import checkpoint, distributed
+from kr3.config import ROOT
+from kr3.errors import UserError
+from kr3.tracking import read_metrics
+from kr3.train import Batches, lr_at
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    import pandas as pd
+
+    d = tmp_path_factory.mktemp("train_corpus")
+    rows = make_reviews(3000, seed=1)
+    pd.DataFrame({"Rating": [r for r, _ in rows], "Review": [t for _, t in rows]}).to_parquet(d / "kr3.parquet")
+    return d
+
+
+def base(corpus, tmp_path):
+    return [f"paths.root_dir={tmp_path}", f"paths.data_dir={corpus / 'data'}", "data=local",
+            f"data.path={corpus / 'kr3.parquet'}", "tokenizer.vocab_size=500", "model=tiny", "logger=none",
+            "trainer.log_interval=1", "trainer.eval_tokens=1024", "trainer.sample_prompts=[]", "trainer.warmup_steps=5"]
+
+
+def cli(args, env=None, torchrun=0, timeout=300):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] \
+        if torchrun else [sys.executable]
+    return subprocess.run([*launcher, str(ROOT / "run.py"), *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def train_in_process(corpus, tmp_path, *overrides):
+    from kr3 import train
+
+    cfg = compose_cfg(tmp_path, [*base(corpus, tmp_path)[1:], "stage=train", f"paths.output_dir={tmp_path / 'run'}",
+                                 *overrides])
+    return train.run(cfg), tmp_path / "run"
+
+
+def losses(run_dir, key="train/loss"):
+    return {r["step"]: r[key] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if key in r}
+
+
+def test_lr_schedule():
+    class C:
+        lr, warmup_steps, min_lr_ratio = 1.0, 10, 0.1
+
+    assert lr_at(0, 100, C) == pytest.approx(0.1)
+    assert lr_at(9, 100, C) == pytest.approx(1.0)
+    assert lr_at(100, 100, C) == pytest.approx(0.1)
+    assert 0.1 < lr_at(55, 100, C) < 1.0
+
+
+def test_batches_split_the_global_batch_across_ranks(tmp_path, monkeypatch):
+    path = tmp_path / "t.bin"
+    np.arange(5000, dtype=np.uint16).tofile(path)
+    one = Batches(path, "uint16", 16, batch_size=8, accum=1, seed=0)
+    for step in (0, 3, one.steps_per_epoch + 1):  # the next epoch too
+        x1, y1 = one.get(step, 0)
+        parts = []
+        for r in range(2):
+            monkeypatch.setenv("WORLD_SIZE", "2")
+            monkeypatch.setenv("RANK", str(r))
+            parts.append(Batches(path, "uint16", 16, batch_size=4, accum=1, seed=0).get(step, 0))
+        monkeypatch.delenv("WORLD_SIZE")
+        monkeypatch.delenv("RANK")
+        assert np.array_equal(np.concatenate([p[0] for p in parts]), x1)
+        assert np.array_equal(y1[:, :-1], x1[:, 1:])
+    accum = Batches(path, "uint16", 16, batch_size=4, accum=2, seed=0)
+    assert np.array_equal(np.concatenate([accum.get(3, 0)[0], accum.get(3, 1)[0]]), one.get(3, 0)[0])
+    seen = np.concatenate([one.get(s, 0)[0][:, 0].numpy() for s in range(one.steps_per_epoch)])
+    assert len(set(seen.tolist())) == len(seen)  # an epoch never repeats a window
+
+
+def test_train_end_to_end(corpus, tmp_path):
+    val, run_dir = train_in_process(corpus, tmp_path, "trainer.max_steps=40", "trainer.eval_interval=20",
+                                    "trainer.ckpt_interval=10", "trainer.keep_last=2")
+    train_loss = losses(run_dir)
+    assert sorted(train_loss) == list(range(1, 41))
+    assert np.mean([train_loss[s] for s in range(36, 41)]) < np.mean([train_loss[s] for s in range(1, 6)]) - 0.5
+    assert [p.name for p in checkpoint.list_steps(run_dir)] == ["step-0000030.pt", "step-0000040.pt"]
+    assert (run_dir / "checkpoints" / "best.pt").exists() and (run_dir / "loss.png").stat().st_size > 1000
+    state = checkpoint.load(checkpoint.list_steps(run_dir)[-1])
+    assert state["step"] == 40 and state["model_config"]["n_layers"] == 2 and "spiece.model" in state["tokenizer"]["files"]
+    split = state["data"]["splits"]["val"]
+    assert val["bpc"] == pytest.approx(val["loss"] * split["tokens"] / split["chars"] / math.log(2))
+    assert losses(run_dir, "val/loss")[40] == pytest.approx(val["loss"])
+
+
+def test_resume_with_other_tokenizer_is_refused(corpus, tmp_path):
+    _, run_dir = train_in_process(corpus, tmp_path, "trainer.max_steps=3")
+    with pytest.raises(UserError, match="trained on other data or another tokenizer"):
+        train_in_process(corpus, tmp_path / "b", "trainer.max_steps=6", "tokenizer.vocab_size=450",
+                         f"trainer.resume={run_dir}")
+
+
+def test_resume_after_sigkill_gives_the_same_losses(corpus, tmp_path):
+    common = [*base(corpus, tmp_path), "stage=train", "trainer.max_steps=60", "trainer.ckpt_interval=10",
+              "trainer.eval_interval=20", "model.dropout=0.1"]  # dropout: the RNG state must come back too
+    ref = cli([*common, f"hydra.run.dir={tmp_path / 'ref'}"])
+    assert ref.returncode == 0, ref.stderr
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *common, f"hydra.run.dir={run_dir}",
+                             "trainer.threads=1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not any(int(p.stem.split("-")[1]) >= 30 for p in checkpoint.list_steps(run_dir)) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = checkpoint.list_steps(run_dir)
+    assert saved and max(int(p.stem.split("-")[1]) for p in saved) < 60, "the run finished before it was killed"
+    for p in saved:  # every checkpoint on disk is whole
+        checkpoint.load(p)
+    resumed = cli([*common, f"hydra.run.dir={run_dir}", "trainer.resume=auto"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    a, b = losses(tmp_path / "ref"), losses(run_dir)  # b: the last value logged for each step
+    assert sorted(b) == sorted(a) == list(range(1, 61))
+    np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(losses(run_dir, "val/loss")[60], losses(tmp_path / "ref", "val/loss")[60], rtol=1e-5)
+    assert not list(run_dir.rglob("*.tmp-*"))
+
+
+def test_two_processes_match_one(corpus, tmp_path):
+    """2 ranks × batch 4 (gloo) must follow the same losses as 1 process × batch 8: same global batch."""
+    common = [*base(corpus, tmp_path), "stage=train", "trainer.max_steps=12", "trainer.eval_interval=0"]
+    one = cli([*common, "trainer.batch_size=8", f"hydra.run.dir={tmp_path / 'one'}"])
+    assert one.returncode == 0, one.stderr
+    two = cli([*common, "trainer.batch_size=4", f"paths.log_dir={tmp_path / 'two'}"], torchrun=2)
+    assert two.returncode == 0, two.stderr
+    runs = list((tmp_path / "two" / "outputs").glob("*/*"))
+    assert len(runs) == 1, runs  # both ranks wrote into ONE Hydra run folder
+    a, b = losses(tmp_path / "one"), losses(runs[0])
+    assert sorted(a) == sorted(b) == list(range(1, 13))  # rank 0 alone logged
+    np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(losses(runs[0], "val/loss")[12], losses(tmp_path / "one", "val/loss")[12], rtol=2e-4)
+
+
+def test_multirun_gives_each_job_its_folder_and_wandb_run(corpus, tmp_path):
+    proc = cli(["-m", *base(corpus, tmp_path), "stage=train", "logger=wandb", "trainer.max_steps=3",
+                "trainer.lr=1e-3,3e-4"], env={"WANDB_MODE": "offline"})
+    assert proc.returncode == 0, proc.stderr
+    jobs = sorted((tmp_path / "multirun").glob("*/*/[0-9]"))
+    assert [j.name for j in jobs] == ["0", "1"]
+    lrs = [yaml.safe_load((j / ".hydra" / "config.yaml").read_text())["trainer"]["lr"] for j in jobs]
+    assert lrs == [1e-3, 3e-4]
+    for j in jobs:
+        assert len(losses(j)) == 3 and (j / "checkpoints" / "step-0000003.pt").exists()
+        assert len(list((j / "wandb").glob("offline-run-*"))) == 1  # one W&B run per job, inside its folder
+
+
+@pytest.mark.slow
+def test_multirun_under_torchrun(corpus, tmp_path):
+    proc = cli(["-m", *base(corpus, tmp_path), "stage=train", "trainer.max_steps=3", "trainer.lr=1e-3,3e-4"],
+               torchrun=2)
+    assert proc.returncode == 0, proc.stderr
+    jobs = sorted((tmp_path / "multirun").glob("*/*/[0-9]"))
+    assert [j.name for j in jobs] == ["0", "1"] and all(len(losses(j)) == 3 for j in jobs)
+
+
+def test_wandb_sweep_command_is_accepted(corpus, tmp_path):
+    """Build the command line a W&B agent runs from conf/sweep/wandb.yaml, then run it (offline)."""
+    sweep = yaml.safe_load((ROOT / "conf" / "sweep" / "wandb.yaml").read_text())
+    params = {"trainer.lr": 0.002, "model.n_layers": 4, "trainer.batch_size": 16}
+    assert set(params) == set(sweep["parameters"])
+    cmd = []
+    for part in sweep["command"]:
+        if part == "${env}":
+            continue
+        cmd += {"${interpreter}": [sys.executable], "${program}": [str(ROOT / sweep["program"])],
+                "${args_no_hyphens}": [f"{k}={v}" for k, v in params.items()]}.get(part, [part])
+    cmd += [a for a in base(corpus, tmp_path) if a != "logger=none"] + ["trainer.max_steps=2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "offline"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    run = next((tmp_path / "outputs").glob("*/*"))
+    assert checkpoint.load(checkpoint.list_steps(run)[-1])["model_config"]["n_layers"] == 4
+
+
+def test_experiment_original(tmp_path):
+    cfg = compose_cfg(tmp_path, ["experiment=original"])
+    assert (cfg.model.n_layers, cfg.model.d_ffn, cfg.model.block_size) == (6, 1024, 256)
+    assert (cfg.trainer.batch_size, cfg.trainer.lr, cfg.trainer.epochs) == (64, 1e-3, 1)
+
+
+def test_bad_model_override_is_one_line(corpus, tmp_path):
+    proc = cli([*base(corpus, tmp_path), "stage=train", "model.n_heads=3"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "error: model.d_model=64 is not divisible by model.n_heads=3" in proc.stderr
+
+
+def test_single_process_is_rank_zero():
+    assert distributed.world_size() == 1 and distributed.is_main()
