@@ -172,7 +172,8 @@ def run(cfg) -> dict:
         ], "train"))
 
     def evaluate(final: bool) -> dict:
-        limit = None if final or not t.eval_tokens else int(t.eval_tokens)
+        limit = t.final_eval_tokens if final else t.eval_tokens
+        limit = int(limit) if limit else None
         nats, n = token_loss(model, val_tokens[:limit], meta["eos_id"], mcfg.block_size, t.eval_batch_size, dev,
                              dtype, show_progress=final)
         return metrics(nats, n, val_split["tokens"], val_split["chars"])
