@@ -15,9 +15,12 @@ def run(groups, clip, n=6):
     ts = []
     for _ in range(n):
         t = time.perf_counter()
-        loss = m(x[:, :-1], x[:, 1:]); loss.backward()
-        if clip: torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-        opt.step(); opt.zero_grad(set_to_none=True)
+        loss = m(x[:, :-1], x[:, 1:])
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
         ts.append(time.perf_counter() - t)
     return statistics.median(ts[1:])
 for g, c in [(False, False), (True, False), (False, True), (True, True), (False, False)]:
