@@ -165,3 +165,16 @@ def test_real_corpus_loads_with_no_options(tmp_path):
     assert len(corpus.texts) == 675_798
     assert set(corpus.labels) == {0, 1, 2}
     assert OmegaConf.select(cfg, "text_column") == "Review"
+
+
+def test_mixed_file_types(tmp_path, reviews):
+    write(tmp_path / "d" / "a.parquet", reviews[:5], "parquet")
+    write(tmp_path / "d" / "b.csv", reviews[5:10], "csv")
+    with pytest.raises(UserError, match="mixes file types"):
+        data.load(data_cfg(tmp_path, "data=local", f"data.path={tmp_path / 'd'}"))
+
+
+def test_malformed_file(tmp_path):
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(UserError, match="could not read .* as parquet"):
+        data.load(data_cfg(tmp_path, "data=local", f"data.path={tmp_path / 'bad.parquet'}"))

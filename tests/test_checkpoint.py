@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from kr3 import checkpoint, hardware
+from kr3.errors import UserError
+
+
+def test_save_load_round_trip_and_resolve(tmp_path):
+    path = checkpoint.step_path(tmp_path, 5)
+    checkpoint.save({"step": 5, "w": torch.ones(3)}, path)
+    assert checkpoint.load(path)["step"] == 5
+    assert checkpoint.resolve(tmp_path) == path
+    assert not list(tmp_path.rglob("*.tmp-*"))
+
+
+def test_truncated_checkpoint(tmp_path):
+    path = checkpoint.step_path(tmp_path, 1)
+    checkpoint.save({"step": 1, "w": torch.ones(1000)}, path)
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(UserError, match="is corrupt or not a kr3 checkpoint"):
+        checkpoint.load(path)
+
+
+def test_other_version_and_foreign_file(tmp_path):
+    torch.save({"format_version": 99}, tmp_path / "new.pt")
+    with pytest.raises(UserError, match="format_version 99"):
+        checkpoint.load(tmp_path / "new.pt")
+    torch.save({"weights": torch.ones(1)}, tmp_path / "foreign.pt")
+    with pytest.raises(UserError, match="not a kr3 checkpoint"):
+        checkpoint.load(tmp_path / "foreign.pt")
+
+
+def test_missing_paths(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        checkpoint.resolve(tmp_path / "nope")
+    with pytest.raises(UserError, match="no checkpoints in"):
+        checkpoint.resolve(tmp_path)
+
+
+def test_bad_device_and_precision():
+    with pytest.raises(UserError, match="precision=fp8 is not known"):
+        hardware.resolve_precision("fp8", torch.device("cpu"))
+    with pytest.raises(UserError, match="trainer.device=tpu is not known"):
+        hardware.resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA device is visible"):
+            hardware.resolve_device("cuda")
