@@ -2,7 +2,6 @@
 
 import atexit
 import importlib
-import logging
 import os
 import sys
 
@@ -16,9 +15,7 @@ from kr3.errors import UserError
 register_resolvers()
 
 # stage -> module whose run(cfg) does it; imported lazily so `stage=prepare` never imports torch
-STAGES = {"prepare": "kr3.prepare", "train": "kr3.train"}
-
-log = logging.getLogger("kr3")
+STAGES = {"prepare": "kr3.prepare", "train": "kr3.train", "generate": "kr3.generate", "evaluate": "kr3.evaluate"}
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
@@ -31,6 +28,9 @@ def main(cfg: DictConfig):
         fail(f"{e.full_key} is required — add {e.full_key}=... to the command")
     except UserError as e:
         fail(str(e))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 def fail(message: str):

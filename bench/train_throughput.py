@@ -26,7 +26,10 @@ NSMC = ROOT.parent / "shared" / "data" / "nsmc_reviews.parquet"
 MODEL = ["model=small", "model.n_layers=6", "model.n_heads=6", "model.d_model=384", "model.d_ffn=1536",
          "model.block_size=256"]
 VARIANTS = {"fp32": ["trainer.precision=fp32"], "compile": ["trainer.precision=fp32", "trainer.compile=true"],
-            "bf16": ["trainer.precision=bf16"]}
+            "bf16": ["trainer.precision=bf16"],
+            # DDP overhead: 2 processes x 1 thread x batch 8 against "fp32" (1 process x 2 threads x batch 16)
+            "ddp2x1": ["trainer.precision=fp32", "trainer.threads=1", "trainer.batch_size=8"]}
+TORCHRUN = {"ddp2x1": ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]}
 
 
 def run_py(*args):
@@ -55,15 +58,17 @@ def plain_loop(data_dir: Path, steps: int) -> float:
     return 16 * 256 / statistics.median(times[2:])
 
 
-def ours(variant: list[str], steps: int) -> dict:
+def ours(name: str, steps: int) -> dict:
+    """A real `run.py stage=train`; peak RSS is the launcher's largest child (per process under torchrun)."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, str(ROOT / "run.py"), "stage=train", "data=local", f"data.path={NSMC}", *MODEL,
-               "trainer.batch_size=16", f"trainer.max_steps={steps}", "trainer.log_interval=1", "trainer.eval_interval=0",
-               "trainer.eval_tokens=4096", "trainer.final_eval_tokens=4096", "trainer.sample_prompts=[]", "logger=none",
-               f"hydra.run.dir={tmp}/run",
-               "trainer.ckpt_interval=0", *variant]
+        cmd = [sys.executable, *TORCHRUN.get(name, []), str(ROOT / "run.py"), "stage=train", "data=local",
+               f"data.path={NSMC}", *MODEL, "trainer.batch_size=16", f"trainer.max_steps={steps}", "trainer.log_interval=1",
+               "trainer.eval_interval=0", "trainer.eval_tokens=4096", "trainer.final_eval_tokens=4096",
+               "trainer.sample_prompts=[]", "logger=none", f"hydra.run.dir={tmp}/run", "trainer.ckpt_interval=0",
+               *VARIANTS[name]]
         with open(Path(tmp, "log"), "w") as f:
-            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT,
+                                    env={**os.environ, "OMP_NUM_THREADS": "1"} if name in TORCHRUN else None)
             _, status, usage = os.wait4(proc.pid, 0)
         if status:
             sys.exit(Path(tmp, "log").read_text()[-3000:])
@@ -93,7 +98,7 @@ def main():
     base = plain_loop(data_dir, args.steps)
     print(f"| plain eager fp32 loop | {base:,.0f} | 1.00x | | |", flush=True)
     for name in args.variants.split(","):
-        r = ours(VARIANTS[name], args.steps)
+        r = ours(name, args.steps)
         print(f"| kr3 stage=train, {name} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / base:.2f}x | "
               f"{r['mfu']:.1%} | {r['peak_rss_mib']:,.0f} |", flush=True)
 

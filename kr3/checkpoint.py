@@ -82,3 +82,30 @@ def load(path: str | Path, map_location="cpu") -> dict:
             "— use the kr3 version that wrote it"
         )
     return state
+
+
+def find_latest_run(log_dir: str | Path) -> Path:
+    """The run folder (under outputs/ or multirun/) whose newest checkpoint was written last."""
+    log_dir = Path(log_dir)
+    candidates = [p for pattern in ("outputs/*/*/checkpoints/*.pt", "outputs/*/checkpoints/*.pt",
+                                    "multirun/*/*/*/checkpoints/*.pt") for p in log_dir.glob(pattern)]
+    if not candidates:
+        raise UserError(f"checkpoint=latest found no checkpoints under {log_dir}/outputs — train first, or give a path")
+    return max(candidates, key=lambda p: p.stat().st_mtime).parent.parent
+
+
+def load_model(path: str | Path, device, dtype=None, log_dir: str | Path | None = None):
+    """(model, tokenizer, checkpoint dict) from a checkpoint file, a run folder (its best, else newest
+    checkpoint) or `latest`; the model is in eval mode on `device`."""
+    from kr3 import tokenizer as ktok
+    from kr3.model import GPT, GPTConfig
+
+    if path is None:
+        raise UserError("this stage needs a checkpoint — add checkpoint=PATH (a .pt file or run folder) or checkpoint=latest")
+    if str(path) == "latest":
+        path = find_latest_run(log_dir)
+    state = load(resolve(path, prefer_best=True))
+    model = GPT(GPTConfig(**state["model_config"]))
+    model.load_state_dict(state["model"])
+    model.to(device=device, dtype=dtype).eval()
+    return model, ktok.from_files(state["tokenizer"]["files"]), state

@@ -44,3 +44,55 @@ def metrics(nats: float, n_tokens: int, split_tokens: int, split_chars: int) -> 
     with the split's token and character counts from meta.json (exact when the whole split is scored)."""
     loss = nats / max(1, n_tokens)
     return {"loss": loss, "ppl": math.exp(min(loss, 50)), "bpc": loss * split_tokens / split_chars / math.log(2)}
+
+
+def run(cfg) -> dict:
+    """stage=evaluate: loss, perplexity and bits per character of a checkpoint on a prepared split of the
+    data it was trained on, or on any file given with `data=local data.path=...` (cleaned as in training,
+    encoded with the checkpoint's tokenizer). Writes eval.json into the run folder."""
+    import json
+    import logging
+    import os
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from kr3 import checkpoint
+    from kr3 import data as kdata
+    from kr3.errors import UserError
+    from kr3.tracking import table
+
+    log = logging.getLogger(__name__)
+    e = cfg.evaluate
+    dev = hardware.resolve_device(e.device)
+    dtype = hardware.resolve_precision(e.precision, dev)
+    model, tok, state = checkpoint.load_model(cfg.checkpoint, dev, log_dir=cfg.paths.log_dir)
+    if cfg.data.source == "local":
+        dcfg = OmegaConf.merge(cfg.data, {"clean": state["config"]["data"]["clean"], "ratings": None})
+        corpus = kdata.clean(kdata.load(dcfg), dcfg)
+        ids = tok.encode_batch(corpus.texts)
+        tokens = np.fromiter((t for doc in ids for t in (*doc, tok.eos_id)), dtype=np.int64)
+        source, chars = corpus.source, sum(map(len, corpus.texts))
+    else:
+        split = state["data"]["splits"].get(e.split)
+        path = Path(state["data"]["dir"]) / split["file"] if split else None
+        if path is None or not path.exists():
+            raise UserError(
+                f"split {e.split!r} of {state['data']['dir']} is not there — re-run stage=prepare with the training "
+                "config, or evaluate a file with data=local data.path=..."
+            )
+        tokens = np.memmap(path, dtype=np.dtype(state["data"]["dtype"]), mode="r")
+        source, chars = str(path), split["chars"]
+    n_all = len(tokens)
+    if e.max_tokens:
+        tokens = tokens[: int(e.max_tokens)]
+    nats, n = token_loss(model, tokens, tok.eos_id, model.cfg.block_size, e.batch_size, dev, dtype, show_progress=True)
+    result = {"checkpoint": str(cfg.checkpoint), "step": state["step"], "source": source, "tokens": n,
+              **metrics(nats, n, n_all, chars)}
+    out = Path(cfg.paths.output_dir) / "eval.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False))
+    os.replace(tmp, out)
+    log.info("\n" + table([(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in result.items()], "evaluate"))
+    return result

@@ -1,10 +1,24 @@
-"""Sampling with a KV cache."""
+"""stage=generate: complete reviews from a checkpoint alone — interactive (a prompt, the completion
+streamed token by token), one-shot (`generate.prompt`), or a file of prompts to JSONL. KV-cached."""
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
 import torch
 
+from kr3 import checkpoint, hardware
+from kr3.data import clean_text
+from kr3.errors import UserError
 from kr3.model import GPT, KVCache
+
+log = logging.getLogger(__name__)
+EXIT_WORDS = {"exit", "quit"}
 
 
 @torch.no_grad()
@@ -12,12 +26,14 @@ def sample_tokens(model: GPT, prompt_ids: list[int], max_new_tokens: int, eos_id
                   top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
                   generator: torch.Generator | None = None):
     """Yield new token ids one at a time, stopping at EOS or `max_new_tokens`. The prompt is left-truncated
-    to leave room in the context; temperature 0 is greedy."""
+    to leave room in the context; temperature 0 is greedy. When the context fills up, the cache restarts
+    on the most recent half-context."""
     cfg = model.cfg
     device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
     room = cfg.block_size - 1
     ids = list(prompt_ids)[-room:] or [eos_id]
-    cache = KVCache(cfg, 1, device, next(model.parameters()).dtype)
+    cache = KVCache(cfg, 1, device, dtype)
     logits = model(torch.tensor([ids], device=device), cache=cache)[0, -1]
     seen = list(ids)
     for _ in range(max_new_tokens):
@@ -26,9 +42,9 @@ def sample_tokens(model: GPT, prompt_ids: list[int], max_new_tokens: int, eos_id
             return
         yield nxt
         seen.append(nxt)
-        if cache.length >= cfg.block_size:  # context full: restart the cache on the most recent tokens
-            cache = KVCache(cfg, 1, device, cache.k[0].dtype)
-            logits = model(torch.tensor([seen[-room:]], device=device), cache=cache)[0, -1]
+        if cache.length >= cfg.block_size:
+            cache = KVCache(cfg, 1, device, dtype)
+            logits = model(torch.tensor([seen[-(cfg.block_size // 2) :]], device=device), cache=cache)[0, -1]
         else:
             logits = model(torch.tensor([[nxt]], device=device), cache=cache)[0, -1]
 
@@ -47,7 +63,139 @@ def pick(logits, seen, temperature, top_k, top_p, repetition_penalty, generator)
     probs = torch.softmax(logits, dim=-1)
     if top_p and top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
-        drop = sorted_p.cumsum(0) - sorted_p > top_p  # keep the smallest prefix reaching top_p
-        sorted_p[drop] = 0
+        sorted_p[sorted_p.cumsum(0) - sorted_p > top_p] = 0  # keep the smallest prefix reaching top_p
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+class Completer:
+    """A loaded model + tokenizer + decoding settings; completes one prompt at a time."""
+
+    def __init__(self, model, tokenizer, g, clean_cfg):
+        self.model, self.tok, self.g = model, tokenizer, g
+        self.clean = (bool(clean_cfg.get("nfc", True)), bool(clean_cfg.get("strip_control", True)),
+                      bool(clean_cfg.get("collapse_whitespace", True)))
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        ids = self.tok.encode(clean_text(prompt, *self.clean))  # the same normalization as the training data
+        room = self.model.cfg.block_size - 1
+        if len(ids) > room:
+            log.warning(f"the prompt has {len(ids)} tokens; keeping its last {room} (model.block_size)")
+            ids = ids[-room:]
+        return ids
+
+    def stream(self, prompt: str, sample: int = 0):
+        """Yield pieces of completion text as they are decoded; the last item is a stats dict."""
+        g = self.g
+        ids = self.encode_prompt(prompt)
+        generator = torch.Generator().manual_seed(int(g.seed) + sample)
+        start = time.perf_counter()
+        prefix = self.tok.decode(ids)
+        shown, new, first = "", [], None
+        for t in sample_tokens(self.model, ids, g.max_new_tokens, self.tok.eos_id, g.temperature, g.top_k, g.top_p,
+                               g.repetition_penalty, generator):
+            new.append(t)
+            first = first or time.perf_counter() - start
+            text = self.tok.decode(ids + new)[len(prefix) :]  # decode with the prompt: keeps the joining space
+            if text.endswith("\ufffd"):
+                continue  # half of a multi-byte character: wait for the rest
+            stop = next((text.index(s) for s in g.stop or [] if s in text), None)
+            if stop is not None:
+                text = text[:stop]
+            if len(text) > len(shown):
+                yield text[len(shown) :]
+                shown = text
+            if stop is not None:
+                break
+        seconds = time.perf_counter() - start
+        yield {"completion": shown, "tokens": len(new), "seconds": round(seconds, 4),
+               "first_token_s": round(first or seconds, 4), "tokens_per_s": round(len(new) / seconds, 2) if new else 0.0}
+
+    def complete(self, prompt: str, sample: int = 0) -> dict:
+        *_, stats = self.stream(prompt, sample)
+        return {"prompt": prompt, "sample": sample, **stats}
+
+    def next_tokens(self, prompt: str, k: int) -> list[tuple[str, float]]:
+        ids = self.encode_prompt(prompt) or [self.tok.eos_id]
+        with torch.no_grad():
+            logits = self.model(torch.tensor([ids], device=next(self.model.parameters()).device))[0, -1].float()
+        probs = torch.softmax(logits, -1)
+        top = torch.topk(probs, min(k, probs.numel()))
+        return [(self.tok.id_to_piece(int(i)), float(p)) for p, i in zip(top.values, top.indices)]
+
+
+def run(cfg):
+    g = cfg.generate
+    dev = hardware.resolve_device(g.device)
+    dtype = hardware.resolve_precision(g.precision, dev)
+    model, tok, state = checkpoint.load_model(cfg.checkpoint, dev, dtype, log_dir=cfg.paths.log_dir)
+    completer = Completer(model, tok, g, state["config"]["data"]["clean"])
+    log.info(f"model: step {state['step']}, {model.num_params() / 1e6:.2f}M parameters, {dev}, "
+             f"{str(dtype).replace('torch.', '')}; vocabulary {tok.vocab_size:,}")
+    if g.prompts_file:
+        return batch(cfg, completer)
+    if g.prompt is not None:
+        if not str(g.prompt).strip():
+            raise UserError("generate.prompt is empty — give the start of a review, e.g. generate.prompt='이 집 짜장면은'")
+        return answer(completer, str(g.prompt), sys.stdout)
+    return repl(completer, sys.stdin, sys.stdout)
+
+
+def answer(completer: Completer, prompt: str, out) -> None:
+    g = completer.g
+    if g.show_next:
+        for piece, p in completer.next_tokens(prompt, int(g.show_next)):
+            out.write(f"  {p:6.1%}  {piece}\n")
+    for sample in range(int(g.num_samples)):
+        out.write(prompt)
+        for piece in completer.stream(prompt, sample):
+            if isinstance(piece, str):
+                out.write(piece)
+                out.flush()
+        out.write("\n")
+        out.flush()
+
+
+def repl(completer: Completer, stdin, out) -> None:
+    """Read prompts until `exit`/`quit`, end of input (Ctrl-D) or Ctrl-C. Works on a terminal and on a pipe."""
+    interactive = stdin.isatty()
+    if interactive:
+        out.write("Type the start of a review; `exit` or Ctrl-D quits.\n")
+    try:
+        while True:
+            if interactive:
+                out.write("> ")
+                out.flush()
+            line = stdin.readline()
+            if not line:
+                break
+            prompt = line.strip()
+            if not prompt:
+                continue
+            if prompt.lower() in EXIT_WORDS:
+                break
+            answer(completer, prompt, out)
+    except KeyboardInterrupt:
+        out.write("\n")
+
+
+def batch(cfg, completer: Completer) -> Path:
+    g = cfg.generate
+    src = Path(g.prompts_file).expanduser()
+    if not src.is_file():
+        raise UserError(f"generate.prompts_file={src} does not exist — give a text file with one prompt per line")
+    prompts = [line.strip() for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise UserError(f"{src} has no prompts — write one prompt per line")
+    out = Path(g.output) if g.output else Path(cfg.paths.output_dir) / "generations.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    from kr3.tracking import progress
+
+    with open(tmp, "w", encoding="utf-8") as f:
+        for prompt in progress(prompts, desc="generate", unit="prompt"):
+            for sample in range(int(g.num_samples)):
+                f.write(json.dumps(completer.complete(prompt, sample), ensure_ascii=False) + "\n")
+    os.replace(tmp, out)
+    log.info(f"{len(prompts)} prompts × {g.num_samples} → {out}")
+    return out

@@ -23,7 +23,8 @@ def assert_one_line_error(proc, pattern):
 
 
 def test_unknown_stage(tmp_path):
-    assert_one_line_error(run_cli(tmp_path, "stage=bogus"), r"stage=bogus is not a stage — use one of: prepare, train")
+    proc = run_cli(tmp_path, "stage=bogus")
+    assert_one_line_error(proc, r"stage=bogus is not a stage — use one of: prepare, train, generate, evaluate")
 
 
 def test_missing_data_path(tmp_path):

@@ -1,0 +1,154 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import compose_cfg, make_reviews
+
+from kr3 import checkpoint
+from kr3.config import ROOT
+from kr3.generate import Completer, sample_tokens
+from kr3.tracking import read_metrics
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model trained for a few seconds on synthetic reviews: (run folder, root)."""
+    import pandas as pd
+
+    from kr3 import train
+
+    root = tmp_path_factory.mktemp("gen")
+    rows = make_reviews(3000, seed=2)
+    pd.DataFrame({"Rating": [r for r, _ in rows], "Review": [t for _, t in rows]}).to_parquet(root / "kr3.parquet")
+    cfg = compose_cfg(root, ["data=local", f"data.path={root / 'kr3.parquet'}", "tokenizer.vocab_size=500", "model=tiny",
+                             "logger=none", "trainer.max_steps=150", "trainer.eval_interval=0", "trainer.sample_prompts=[]",
+                             "trainer.lr=3e-3", "trainer.warmup_steps=10", f"paths.output_dir={root / 'outputs/a/b'}"])
+    train.run(cfg)
+    return root / "outputs/a/b", root
+
+
+def gen_cfg(root, *overrides):
+    return compose_cfg(root, ["stage=generate", *overrides]).generate
+
+
+def loaded(run_dir):
+    return checkpoint.load_model(run_dir, "cpu")
+
+
+def cli(root, *args, stdin=None):
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), f"paths.root_dir={root}", *args], capture_output=True,
+                          text=True, input=stdin, timeout=300)
+
+
+def test_cached_sampling_equals_full_forward_greedy(trained):
+    model, tok, _ = loaded(trained[0])
+    prompt = tok.encode("이 집 짜장면은")
+    fast = list(sample_tokens(model, prompt, 20, eos_id=-1, temperature=0))
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(20):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert fast == ids[len(prompt) :]
+
+
+def test_greedy_stops_at_eos(trained):
+    model, tok, _ = loaded(trained[0])
+    prompt = tok.encode("여기 냉면")
+    out = list(sample_tokens(model, prompt, 200, tok.eos_id, temperature=0))
+    assert 0 < len(out) < 200
+    with torch.no_grad():
+        assert int(model(torch.tensor([prompt + out]))[0, -1].argmax()) == tok.eos_id
+
+
+def test_same_seed_same_sample(trained):
+    model, tok, state = loaded(trained[0])
+    c = Completer(model, tok, gen_cfg(trained[1], "generate.temperature=1.0"), state["config"]["data"]["clean"])
+    a, b = c.complete("이 가게", 0), c.complete("이 가게", 0)
+    assert a["completion"] == b["completion"] and a["tokens"] == b["tokens"]
+    assert len({c.complete("이 가게", s)["completion"] for s in range(6)}) > 1
+
+
+def test_long_and_odd_prompts(trained, caplog):
+    model, tok, state = loaded(trained[0])
+    c = Completer(model, tok, gen_cfg(trained[1], "generate.max_new_tokens=8"), state["config"]["data"]["clean"])
+    c.complete("맛있어요 " * 100)
+    assert "keeping its last 63" in caplog.text
+    for odd in ["🍜🍜 龍 \x07\x1b[31m", "ㅋㅋㅋㅋ", "a"]:
+        assert isinstance(c.complete(odd)["completion"], str)
+    assert abs(sum(p for _, p in c.next_tokens("이 집", 500)) - 1) < 1e-3
+
+
+def test_pipe_and_exit(trained):
+    proc = cli(trained[1], "stage=generate", f"checkpoint={trained[0]}", "generate.max_new_tokens=10",
+               stdin="이 집 짜장면은\n\n사장님\nexit\n이건 읽지 않아요\n")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[-2].startswith("이 집 짜장면은") and lines[-1].startswith("사장님")
+    assert "이건" not in proc.stdout
+
+
+def test_terminal_session(trained):
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(sys.executable, [str(ROOT / "run.py"), f"paths.root_dir={trained[1]}", "stage=generate",
+                                           "checkpoint=latest", "generate.max_new_tokens=10"], encoding="utf-8",
+                          timeout=120)
+    child.expect("> ")
+    child.sendline("이 집 짜장면은")
+    child.expect("이 집 짜장면은.*\r\n> ")
+    child.sendline("exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_one_shot_show_next_and_batch(trained, tmp_path):
+    proc = cli(trained[1], "stage=generate", f"checkpoint={trained[0] / 'checkpoints' / 'best.pt'}",
+               "generate.prompt='여기 치킨'", "generate.show_next=3", "generate.num_samples=2")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len([line for line in lines if "%" in line]) == 3 and sum(line.startswith("여기 치킨") for line in lines) == 2
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("이 집\n\n사장님 정말\n", encoding="utf-8")
+    out = tmp_path / "gen.jsonl"
+    proc = cli(trained[1], "stage=generate", f"checkpoint={trained[0]}", f"generate.prompts_file={prompts}",
+               f"generate.output={out}")
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["이 집", "사장님 정말"]
+    assert all({"completion", "tokens", "seconds", "first_token_s", "tokens_per_s"} <= r.keys() for r in rows)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate.prompt=' '"], "generate.prompt is empty"),
+    (["checkpoint=/nope/x.pt"], "checkpoint /nope/x.pt does not exist"),
+    ([], "this stage needs a checkpoint"),
+])
+def test_generate_errors(trained, args, message):
+    if args and args[0].startswith("generate"):
+        args = [f"checkpoint={trained[0]}", *args]
+    proc = cli(trained[1], "stage=generate", *args)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and f"error: {message}" in proc.stderr
+
+
+def test_corrupt_checkpoint_is_one_line(trained, tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(checkpoint.list_steps(trained[0])[-1].read_bytes()[:1000])
+    proc = cli(trained[1], "stage=evaluate", f"checkpoint={bad}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "is corrupt or not a kr3 checkpoint" in proc.stderr
+
+
+def test_evaluate_matches_trainer_and_reads_files(trained, tmp_path):
+    from kr3 import evaluate
+
+    run_dir, root = trained
+    logged = [r["val/loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "val/loss" in r][-1]
+    result = evaluate.run(compose_cfg(root, ["stage=evaluate", f"checkpoint={run_dir}", f"paths.output_dir={tmp_path / 'e'}"]))
+    assert result["loss"] == pytest.approx(logged, rel=1e-5)
+    assert json.loads((tmp_path / "e" / "eval.json").read_text())["bpc"] == pytest.approx(result["bpc"])
+    (tmp_path / "reviews.txt").write_text("\n".join(t for _, t in make_reviews(50, seed=9)), encoding="utf-8")
+    on_file = evaluate.run(compose_cfg(root, ["stage=evaluate", f"checkpoint={run_dir}", "data=local",
+                                              f"data.path={tmp_path / 'reviews.txt'}", f"paths.output_dir={tmp_path / 'f'}",
+                                              "evaluate.max_tokens=300"]))
+    assert on_file["tokens"] == 300 and 0 < on_file["bpc"] < 10
