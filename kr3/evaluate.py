@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
-from kr3 import distributed, hardware
-from kr3.tracking import progress
+from kr3 import checkpoint, distributed, hardware
+from kr3 import data as kdata
+from kr3.errors import UserError
+from kr3.tracking import progress, table
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -50,19 +59,6 @@ def run(cfg) -> dict:
     """stage=evaluate: loss, perplexity and bits per character of a checkpoint on a prepared split of the
     data it was trained on, or on any file given with `data=local data.path=...` (cleaned as in training,
     encoded with the checkpoint's tokenizer). Writes eval.json into the run folder."""
-    import json
-    import logging
-    import os
-    from pathlib import Path
-
-    from omegaconf import OmegaConf
-
-    from kr3 import checkpoint
-    from kr3 import data as kdata
-    from kr3.errors import UserError
-    from kr3.tracking import table
-
-    log = logging.getLogger(__name__)
     e = cfg.evaluate
     dev = hardware.resolve_device(e.device)
     dtype = hardware.resolve_precision(e.precision, dev)
