@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from kr3.atomic import replacing
 from kr3.errors import UserError
 
 FORMAT_VERSION = 1
@@ -20,15 +21,12 @@ _STEP = re.compile(r"step-(\d+)\.pt$")
 
 
 def save(state: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     buf = io.BytesIO()
     torch.save({"format_version": FORMAT_VERSION, **state}, buf)
-    with open(tmp, "wb") as f:
+    with replacing(path) as tmp, open(tmp, "wb") as f:
         f.write(buf.getbuffer())
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def step_path(run_dir: Path, step: int) -> Path:

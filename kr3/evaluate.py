@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ from omegaconf import OmegaConf
 
 from kr3 import checkpoint, distributed, hardware
 from kr3 import data as kdata
+from kr3.atomic import replacing
 from kr3.errors import UserError
 from kr3.tracking import progress, table
 
@@ -85,10 +85,7 @@ def run(cfg) -> dict:
     nats, n = token_loss(model, tokens, tok.eos_id, model.cfg.block_size, e.batch_size, dev, dtype, show_progress=True)
     result = {"checkpoint": str(cfg.checkpoint), "step": state["step"], "source": source, "tokens": n,
               **metrics(nats, n, n_all, chars)}
-    out = Path(cfg.paths.output_dir) / "eval.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False))
-    os.replace(tmp, out)
+    with replacing(Path(cfg.paths.output_dir) / "eval.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False))
     log.info("\n" + table([(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in result.items()], "evaluate"))
     return result

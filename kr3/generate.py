@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -13,9 +12,11 @@ from pathlib import Path
 import torch
 
 from kr3 import checkpoint, hardware
+from kr3.atomic import replacing
 from kr3.data import clean_text
 from kr3.errors import UserError
 from kr3.model import GPT, KVCache
+from kr3.tracking import progress
 
 log = logging.getLogger(__name__)
 EXIT_WORDS = {"exit", "quit"}
@@ -188,14 +189,9 @@ def batch(cfg, completer: Completer) -> Path:
     if not prompts:
         raise UserError(f"{src} has no prompts — write one prompt per line")
     out = Path(g.output) if g.output else Path(cfg.paths.output_dir) / "generations.jsonl"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    from kr3.tracking import progress
-
-    with open(tmp, "w", encoding="utf-8") as f:
+    with replacing(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for prompt in progress(prompts, desc="generate", unit="prompt"):
             for sample in range(int(g.num_samples)):
                 f.write(json.dumps(completer.complete(prompt, sample), ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
     log.info(f"{len(prompts)} prompts × {g.num_samples} → {out}")
     return out
