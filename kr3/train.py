@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -81,7 +80,8 @@ def find_resume(cfg, run_dir: Path) -> Path | None:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()[1][:625]}
+    # the only randomness in a step is torch's (dropout); the data order is a function of seed and epoch
+    state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -89,7 +89,6 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(int(x) for x in state["python"]), None))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -126,7 +125,6 @@ def run(cfg) -> dict:
     mcfg = GPTConfig(**state["model_config"]) if state else model_config(cfg, meta["vocab_size"])
 
     torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
     model = GPT(mcfg).to(dev)
     opt = torch.optim.AdamW(model.param_groups(t.weight_decay), lr=t.lr, betas=tuple(t.betas),
                             fused=dev.type == "cuda")

@@ -1,0 +1,97 @@
+"""User-facing error paths added by train/generate/evaluate that other tests do not feed."""
+
+import pytest
+from conftest import compose_cfg, make_reviews
+
+from kr3 import checkpoint, data, prepare
+from kr3 import tokenizer as ktok
+from kr3.errors import UserError
+
+
+def test_test_ratio_out_of_range():
+    with pytest.raises(UserError, match=r"data.test_ratio=0.6 must be in \[0, 1\)"):
+        data.split(data.Corpus(["a", "b", "c"], None, "t", "f"), 0.5, 0.6, seed=0)
+
+
+def test_vocab_smaller_than_required_characters(tmp_path):
+    texts = ["".join(chr(0xAC00 + i + j) for j in range(20)) for i in range(0, 2000, 20)]  # 2,000 distinct syllables
+    cfg = compose_cfg(tmp_path, ["tokenizer.vocab_size=600", "tokenizer.character_coverage=1.0"]).tokenizer
+    with pytest.raises(UserError, match=r"smaller than the \d+ pieces this corpus needs"):
+        ktok.build(cfg, texts, seed=0)
+
+
+def test_pretrained_without_eos(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>")).save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(UserError, match="has no end-of-text token"):
+        ktok.PretrainedTokenizer(tmp_path)
+
+
+def test_saved_tokenizer_that_does_not_match_its_spec(tmp_path, reviews):
+    cfg = compose_cfg(tmp_path, ["tokenizer.vocab_size=400"]).tokenizer
+    ktok.build(cfg, [t for _, t in reviews], seed=0).save(tmp_path / "tok")
+    (tmp_path / "tok" / ktok.SPEC_FILE).write_text('{"kind": "sentencepiece", "vocab_size": 999, "eos_id": 2}')
+    with pytest.raises(UserError, match="does not match its kr3_tokenizer.json"):
+        ktok.load(tmp_path / "tok")
+
+
+def test_prepared_meta_of_another_version(tmp_path):
+    (tmp_path / "meta.json").write_text('{"format_version": 99}')
+    with pytest.raises(UserError, match="format_version 99"):
+        prepare.read_meta(tmp_path)
+    with pytest.raises(UserError, match="no prepared data in"):
+        prepare.read_meta(tmp_path / "nothing")
+
+
+def test_train_split_too_small_for_one_step(tmp_path):
+    import pandas as pd
+
+    from kr3 import train
+
+    rows = make_reviews(60)
+    pd.DataFrame({"Rating": [r for r, _ in rows], "Review": [t for _, t in rows]}).to_parquet(tmp_path / "r.parquet")
+    cfg = compose_cfg(tmp_path, ["data=local", f"data.path={tmp_path / 'r.parquet'}", "tokenizer.vocab_size=380",
+                                 "model=tiny", "logger=none", "trainer.batch_size=512",
+                                 f"paths.output_dir={tmp_path / 'run'}", "stage=train"])
+    with pytest.raises(UserError, match="not one step of 512 windows"):
+        train.run(cfg)
+
+
+def test_latest_without_runs(tmp_path):
+    with pytest.raises(UserError, match="checkpoint=latest found no checkpoints"):
+        checkpoint.load_model("latest", "cpu", log_dir=tmp_path)
+
+
+def _fake_checkpoint(tmp_path):
+    from kr3.model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(vocab_size=300, n_layers=1, n_heads=1, d_model=8, d_ffn=8, block_size=8))
+    path = tmp_path / "run" / "checkpoints" / "best.pt"
+    checkpoint.save({"model_config": model.cfg.to_dict(), "model": model.state_dict(), "step": 0,
+                     "config": {"data": {"clean": {}}}, "tokenizer": {"files": {}},
+                     "data": {"dir": str(tmp_path / "gone"), "splits": {}, "dtype": "uint16"}}, path)
+    return path
+
+
+def test_evaluate_split_that_is_gone(tmp_path, monkeypatch):
+    from kr3 import evaluate
+
+    path = _fake_checkpoint(tmp_path)
+    monkeypatch.setattr(ktok, "from_files", lambda files: None)
+    cfg = compose_cfg(tmp_path, ["stage=evaluate", f"checkpoint={path}", f"paths.output_dir={tmp_path / 'e'}"])
+    with pytest.raises(UserError, match=r"split 'val' of .* is not there"):
+        evaluate.run(cfg)
+
+
+@pytest.mark.parametrize("content, message", [(None, "does not exist"), ("\n  \n", "has no prompts")])
+def test_prompts_file_errors(tmp_path, content, message):
+    from kr3 import generate
+
+    prompts = tmp_path / "prompts.txt"
+    if content is not None:
+        prompts.write_text(content)
+    cfg = compose_cfg(tmp_path, ["stage=generate", f"generate.prompts_file={prompts}", f"paths.output_dir={tmp_path}"])
+    with pytest.raises(UserError, match=message):
+        generate.batch(cfg, completer=None)
+    assert not (tmp_path / "generations.jsonl").exists()
