@@ -62,6 +62,8 @@ def run(cfg) -> dict:
     e = cfg.evaluate
     dev = hardware.resolve_device(e.device)
     dtype = hardware.resolve_precision(e.precision, dev)
+    if dev.type == "cpu":
+        hardware.keep_freed_memory()
     model, tok, state = checkpoint.load_model(cfg.checkpoint, dev, log_dir=cfg.paths.log_dir)
     if cfg.data.source == "local":
         dcfg = OmegaConf.merge(cfg.data, {"clean": state["config"]["data"]["clean"], "ratings": None})

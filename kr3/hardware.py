@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import time
 from contextlib import nullcontext
 
@@ -37,6 +38,21 @@ def _has_flag(flag: str) -> bool:
         with open("/proc/cpuinfo") as f:
             return flag in f.read()
     except OSError:
+        return False
+
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc mallopt parameters
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse instead of handing large blocks back to the OS: by default
+    every step's logits and activations are fresh mmaps, faulted in page by page (a third of a small
+    model's CPU time went to the kernel here; BENCHMARKS.md). jemalloc/tcmalloc do the same. Returns
+    False, changing nothing, where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**30))
+    except (OSError, AttributeError):
         return False
 
 

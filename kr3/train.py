@@ -108,6 +108,8 @@ def run(cfg) -> dict:
         torch.set_num_threads(int(t.threads))
     dev = hardware.resolve_device(t.device)
     dtype = hardware.resolve_precision(t.precision, dev)
+    if dev.type == "cpu":
+        hardware.keep_freed_memory()
 
     # prepared data: rank 0 prepares (or reuses) it, the others wait
     data_dir = prepare.run(cfg) if main else prepare.prepared_dir(cfg)
@@ -126,8 +128,10 @@ def run(cfg) -> dict:
 
     torch.manual_seed(cfg.seed)
     model = GPT(mcfg).to(dev)
-    opt = torch.optim.AdamW(model.param_groups(t.weight_decay), lr=t.lr, betas=tuple(t.betas),
+    emb_scale = 1.0 if t.embedding_lr is None else t.embedding_lr / t.lr
+    opt = torch.optim.AdamW(model.param_groups(t.weight_decay, emb_scale), lr=t.lr, betas=tuple(t.betas),
                             fused=dev.type == "cuda")
+    lr_scales = [g["lr_scale"] for g in opt.param_groups]  # from this run's config, also after a resume
     batches = Batches(data_dir / meta["splits"]["train"]["file"], meta["dtype"], mcfg.block_size, t.batch_size,
                       t.grad_accum, cfg.seed)
     if batches.steps_per_epoch < 1:
@@ -230,8 +234,8 @@ def run(cfg) -> dict:
     try:
         while step < total_steps:
             lr = lr_at(step, total_steps, t)
-            for g in opt.param_groups:
-                g["lr"] = lr
+            for g, scale in zip(opt.param_groups, lr_scales):
+                g["lr"] = lr * scale
             for micro in range(t.grad_accum):
                 x, y = (a.to(dev, non_blocking=True) for a in batches.get(step, micro))
                 sync = micro == t.grad_accum - 1 or not isinstance(train_model, DDP)
@@ -253,6 +257,8 @@ def run(cfg) -> dict:
                        "train/tokens_per_s": tps, "train/epoch": step / batches.steps_per_epoch}
                 if peak:
                     row["train/mfu"] = flops_per_token * tps / (peak * distributed.world_size())
+                if dev.type == "cuda":
+                    row["train/peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
                 tracker.log(row, step)
                 bar.set_postfix(loss=f"{loss_avg:.3f}", tok_s=f"{tps:,.0f}")
                 window_loss.zero_()

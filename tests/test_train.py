@@ -99,6 +99,21 @@ def test_train_end_to_end(corpus, tmp_path):
     assert losses(run_dir, "val/loss")[40] == pytest.approx(val["loss"])
 
 
+def test_embedding_lr_moves_only_the_token_table(corpus, tmp_path):
+    """trainer.embedding_lr reaches the token table's group: at 0 the table (and tied output layer) keeps its
+    initial values while every other matrix trains."""
+    import torch
+
+    from kr3.model import GPT, GPTConfig
+
+    train_in_process(corpus, tmp_path, "trainer.max_steps=5", "trainer.embedding_lr=0.0")
+    state = checkpoint.load(checkpoint.list_steps(tmp_path / "run")[-1])
+    torch.manual_seed(1337)  # the trainer's seed, so this is the run's initial model
+    init = GPT(GPTConfig(**state["model_config"])).state_dict()
+    assert torch.equal(state["model"]["tok_emb.weight"], init["tok_emb.weight"])
+    assert not torch.equal(state["model"]["blocks.0.mlp.fc.weight"], init["blocks.0.mlp.fc.weight"])
+
+
 def test_resume_with_other_tokenizer_is_refused(corpus, tmp_path):
     _, run_dir = train_in_process(corpus, tmp_path, "trainer.max_steps=3")
     with pytest.raises(UserError, match="trained on other data or another tokenizer"):

@@ -1,0 +1,76 @@
+"""Does the trainer's input path slow a CUDA step? The model=small shape (batch 256, bf16 autocast, eager)
+timed on: random tokens already on the GPU, real tokens already on the GPU, `kr3.train.Batches` windows
+copied each step, and the same from pinned memory. Writes and prepares a synthetic corpus (bench/gpu.py).
+
+    python bench/gpu_input_path.py
+"""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+from gpu import corpus  # noqa: E402
+
+from kr3.model import GPT, GPTConfig  # noqa: E402
+from kr3.train import Batches  # noqa: E402
+
+out = Path("/tmp/p")
+out.mkdir(exist_ok=True)
+corpus(out / "c.parquet", 200_000)
+subprocess.run(
+    [
+        sys.executable,
+        str(ROOT / "run.py"),
+        "stage=prepare",
+        "data=local",
+        f"data.path={out}/c.parquet",
+        f"paths.data_dir={out}/data",
+    ],
+    check=True,
+    capture_output=True,
+)
+d = next((out / "data").glob("*/meta.json")).parent
+dev = "cuda"
+B = 256
+cfg = GPTConfig(vocab_size=8000, n_layers=6, n_heads=6, d_model=384, d_ffn=1536, block_size=256)
+torch.manual_seed(0)
+m = GPT(cfg).to(dev)
+opt = torch.optim.AdamW(m.param_groups(0.1), lr=1e-4, fused=True)
+bt = Batches(d / "train.bin", "uint16", 256, B, 1, 0)
+rnd = torch.randint(0, 8000, (B, 257), device=dev)
+real = torch.cat([torch.cat(bt.get(0, 0), 1)[:, :1], bt.get(0, 0)[1]], 1).to(dev)
+
+
+def step(x, y):
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = m(x, y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def variant(name, get):
+    for i in range(5):
+        step(*get(i))
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for i in range(5, 15):
+        step(*get(i))
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t) / 10
+    print(f"{name}: {dt * 1e3:.1f} ms/step {B * 256 / dt:,.0f} tok/s", flush=True)
+
+
+variant("A random on gpu", lambda i: (rnd[:, :-1], rnd[:, 1:]))
+variant("B real on gpu", lambda i: (real[:, :-1], real[:, 1:]))
+variant("C Batches + to", lambda i: tuple(a.to(dev, non_blocking=True) for a in bt.get(i, 0)))
+variant("D Batches pinned", lambda i: tuple(a.pin_memory().to(dev, non_blocking=True) for a in bt.get(i, 0)))
+t = time.perf_counter()
+[bt.get(i, 0) for i in range(20)]
+print(f"Batches.get alone {(time.perf_counter() - t) / 20 * 1e3:.1f} ms", flush=True)
