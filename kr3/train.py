@@ -143,6 +143,9 @@ def run(cfg) -> dict:
     step, best = 0, float("inf")
     if state:
         model.load_state_dict(state["model"])
+        if len(state["optimizer"]["param_groups"]) != len(opt.param_groups):
+            raise UserError(f"checkpoint {resume_path} holds optimizer state from an older kr3 (other parameter "
+                            "groups) — it still works with stage=generate/evaluate; start a new run to train")
         opt.load_state_dict(state["optimizer"])
         step, best = state["step"], state.get("best_val_loss", float("inf"))
         if state["data"]["position"]["windows_per_step"] != batches.per_step and main:

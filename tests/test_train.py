@@ -114,6 +114,16 @@ def test_embedding_lr_moves_only_the_token_table(corpus, tmp_path):
     assert not torch.equal(state["model"]["blocks.0.mlp.fc.weight"], init["blocks.0.mlp.fc.weight"])
 
 
+def test_resume_of_an_older_optimizer_layout_is_refused(corpus, tmp_path):
+    train_in_process(corpus, tmp_path, "trainer.max_steps=3")
+    path = checkpoint.list_steps(tmp_path / "run")[-1]
+    state = checkpoint.load(path)
+    state["optimizer"]["param_groups"] = state["optimizer"]["param_groups"][:2]  # before embedding_lr
+    checkpoint.save(state, path)
+    with pytest.raises(UserError, match="older kr3"):
+        train_in_process(corpus, tmp_path / "b", "trainer.max_steps=6", f"trainer.resume={path}")
+
+
 def test_resume_with_other_tokenizer_is_refused(corpus, tmp_path):
     _, run_dir = train_in_process(corpus, tmp_path, "trainer.max_steps=3")
     with pytest.raises(UserError, match="trained on other data or another tokenizer"):
