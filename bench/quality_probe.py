@@ -1,7 +1,7 @@
 """Short fixed-wall-time training probes, to choose a 15-minute recipe (BENCHMARKS.md, quality): a plain
 loop of kr3's GPT on the prepared nsmc data (random windows, AdamW, warmup then cosine over the time
-budget), with the token table in its own group at `--emb` × the learning rate (no weight decay there when
-`--emb` is not 1). Prints one JSON line: steps, tokens/s, final train loss, val loss and bpc on the first
+budget), with the optimizer groups of `GPT.param_groups` (the token table at `--emb` × the learning rate, no
+weight decay there). Prints one JSON line: steps, tokens/s, final train loss, val loss and bpc on the first
 131,072 val tokens.
 
     uv run python bench/quality_probe.py --minutes 3 --L 2 --H 2 --d 128 --ffn 512 --block 64 --batch 64 --lr 1e-2 --emb 30
@@ -10,50 +10,35 @@ budget), with the token table in its own group at `--emb` × the learning rate (
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from kr3.evaluate import token_loss
-from kr3.model import GPT, GPTConfig
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_throughput import nsmc_data_dir  # noqa: E402
+
+from kr3.evaluate import token_loss  # noqa: E402
+from kr3.model import GPT, GPTConfig  # noqa: E402
 
 p = argparse.ArgumentParser()
-for k, v in dict(
-    L=4,
-    H=4,
-    d=256,
-    ffn=1024,
-    block=128,
-    batch=32,
-    lr=3e-3,
-    emb=1.0,
-    wd=0.1,
-    minutes=3.0,
-    warm=50,
-    minr=0.1,
-    b2=0.95,
-    clip=1.0,
-).items():
+defaults = dict(L=4, H=4, d=256, ffn=1024, block=128, batch=32, lr=3e-3, emb=1.0, wd=0.1, minutes=3.0, warm=50, minr=0.1,
+                b2=0.95, clip=1.0)
+for k, v in defaults.items():
     p.add_argument("--" + k, type=type(v), default=v)
 a = p.parse_args()
 torch.manual_seed(0)
 torch.set_num_threads(2)
-d = str(next(p for p in (Path(__file__).resolve().parents[1] / "data").glob("local-spbpe8000-*") if (p / "meta.json").exists()))
-tr = np.memmap(d + "/train.bin", dtype=np.uint16, mode="r")
-va = np.memmap(d + "/val.bin", dtype=np.uint16, mode="r")
-cfg = GPTConfig(vocab_size=8000, n_layers=a.L, n_heads=a.H, d_model=a.d, d_ffn=a.ffn, block_size=a.block, dropout=0.0, bias=True)
+d = nsmc_data_dir()
+meta = json.loads((d / "meta.json").read_text())
+tr = np.memmap(d / "train.bin", dtype=np.uint16, mode="r")
+va = np.memmap(d / "val.bin", dtype=np.uint16, mode="r")
+cfg = GPTConfig(vocab_size=meta["vocab_size"], n_layers=a.L, n_heads=a.H, d_model=a.d, d_ffn=a.ffn, block_size=a.block,
+                dropout=0.0, bias=True)
 m = GPT(cfg)
-emb = m.tok_emb.weight
-decay = [q for q in m.parameters() if q.dim() >= 2 and q is not emb]
-nod = [q for q in m.parameters() if q.dim() < 2]
-groups = [
-    dict(params=decay, weight_decay=a.wd, mult=1.0),
-    dict(params=nod, weight_decay=0.0, mult=1.0),
-    dict(params=[emb], weight_decay=a.wd if a.emb == 1 else 0.0, mult=a.emb),
-]
-opt = torch.optim.AdamW(groups, lr=a.lr, betas=(0.9, a.b2))
+opt = torch.optim.AdamW(m.param_groups(a.wd, a.emb), lr=a.lr, betas=(0.9, a.b2))
 rng = np.random.default_rng(0)
 budget = a.minutes * 60
 t0 = time.time()
@@ -67,7 +52,7 @@ while True:
     frac = el / budget
     lr = a.lr * min(1, (step + 1) / a.warm) * (a.minr + (1 - a.minr) * 0.5 * (1 + math.cos(math.pi * frac)))
     for g in opt.param_groups:
-        g["lr"] = lr * g["mult"]
+        g["lr"] = lr * g["lr_scale"]
     s = rng.integers(0, len(tr) - a.block - 1, a.batch)
     c = torch.from_numpy(np.stack([tr[i : i + a.block + 1] for i in s]).astype(np.int64))
     loss = m(c[:, :-1], c[:, 1:])

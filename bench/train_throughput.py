@@ -36,26 +36,36 @@ def run_py(*args):
     return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], capture_output=True, text=True)
 
 
-def plain_loop(data_dir: Path, steps: int) -> float:
-    """nanoGPT-style: random windows from the memmap, eager fp32 forward/backward, AdamW."""
+def nsmc_data_dir() -> Path:
+    """The prepared nsmc_reviews folder with the default tokenizer (`run.py stage=prepare data=local ...`)."""
+    return next(p for p in (ROOT / "data").glob("local-spbpe8000-*") if (p / "meta.json").exists())
+
+
+SHAPE = dict(n_layers=6, n_heads=6, d_model=384, d_ffn=1536, block_size=256)
+
+
+def plain_loop(data_dir: Path, steps: int, shape: dict = SHAPE, batch: int = 16) -> float:
+    """nanoGPT-style: random windows from the memmap, eager fp32 forward/backward, AdamW. Tokens/s, the
+    median over steps after the first two."""
     from kr3.model import GPT, GPTConfig
 
     meta = json.loads((data_dir / "meta.json").read_text())
     data = np.memmap(data_dir / "train.bin", dtype=np.uint16, mode="r")
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=meta["vocab_size"], n_layers=6, n_heads=6, d_model=384, d_ffn=1536, block_size=256))
+    model = GPT(GPTConfig(vocab_size=meta["vocab_size"], **shape))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    T = shape["block_size"]
     times = []
     for _ in range(steps):
         t = time.perf_counter()
-        ix = np.random.randint(0, len(data) - 257, 16)
-        chunk = torch.from_numpy(np.stack([data[i : i + 257] for i in ix]).astype(np.int64))
+        ix = np.random.randint(0, len(data) - T - 1, batch)
+        chunk = torch.from_numpy(np.stack([data[i : i + T + 1] for i in ix]).astype(np.int64))
         loss = model(chunk[:, :-1], chunk[:, 1:])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)
-    return 16 * 256 / statistics.median(times[2:])
+    return batch * T / statistics.median(times[2:])
 
 
 def ours(name: str, steps: int) -> dict:
@@ -89,7 +99,7 @@ def main():
     from kr3.config import register_resolvers
 
     register_resolvers()
-    data_dir = next(p for p in (ROOT / "data").glob("local-spbpe8000-*") if (p / "meta.json").exists())
+    data_dir = nsmc_data_dir()
     from kr3.hardware import measure_matmul_flops
 
     fp32, bf16 = measure_matmul_flops(torch.float32) / 1e9, measure_matmul_flops(torch.bfloat16) / 1e9
