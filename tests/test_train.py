@@ -219,6 +219,12 @@ def test_experiment_original(tmp_path):
     assert (cfg.trainer.batch_size, cfg.trainer.lr, cfg.trainer.epochs) == (64, 1e-3, 1)
 
 
+def test_experiment_cpu_15min_is_the_benchmarked_recipe(tmp_path):
+    cfg = compose_cfg(tmp_path, ["experiment=cpu_15min"])
+    assert (cfg.model.n_layers, cfg.model.d_model, cfg.model.d_ffn, cfg.model.block_size) == (2, 96, 384, 64)
+    assert (cfg.trainer.lr, cfg.trainer.embedding_lr, cfg.trainer.grad_clip, cfg.trainer.max_steps) == (1e-2, 0.3, 0, 2900)
+
+
 def test_bad_model_override_is_one_line(corpus, tmp_path):
     proc = cli([*base(corpus, tmp_path), "stage=train", "model.n_heads=3"])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
