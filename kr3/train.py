@@ -128,6 +128,9 @@ def run(cfg) -> dict:
 
     torch.manual_seed(cfg.seed)
     model = GPT(mcfg).to(dev)
+    if t.embedding_lr is not None and not (t.lr > 0 and t.embedding_lr >= 0):
+        raise UserError(f"trainer.embedding_lr={t.embedding_lr} with trainer.lr={t.lr}: the table's rate is a "
+                        "multiple of lr, so lr must be > 0 and embedding_lr >= 0 (or embedding_lr=null)")
     emb_scale = 1.0 if t.embedding_lr is None else t.embedding_lr / t.lr
     opt = torch.optim.AdamW(model.param_groups(t.weight_decay, emb_scale), lr=t.lr, betas=tuple(t.betas),
                             fused=dev.type == "cuda")

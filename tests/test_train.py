@@ -231,5 +231,11 @@ def test_bad_model_override_is_one_line(corpus, tmp_path):
     assert "error: model.d_model=64 is not divisible by model.n_heads=3" in proc.stderr
 
 
+def test_bad_embedding_lr_is_one_line(corpus, tmp_path):
+    proc = cli([*base(corpus, tmp_path), "stage=train", "trainer.lr=0", "trainer.embedding_lr=0.3"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "error: trainer.embedding_lr=0.3 with trainer.lr=0" in proc.stderr
+
+
 def test_single_process_is_rank_zero():
     assert distributed.world_size() == 1 and distributed.is_main()
