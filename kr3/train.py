@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from kr3 import checkpoint, distributed, hardware, prepare
+from kr3 import checkpoint, distributed, hardware, optim, prepare
 from kr3 import tokenizer as ktok
 from kr3.errors import UserError
 from kr3.evaluate import metrics, token_loss
@@ -128,12 +128,7 @@ def run(cfg) -> dict:
 
     torch.manual_seed(cfg.seed)
     model = GPT(mcfg).to(dev)
-    if t.embedding_lr is not None and not (t.lr > 0 and t.embedding_lr >= 0):
-        raise UserError(f"trainer.embedding_lr={t.embedding_lr} with trainer.lr={t.lr}: the table's rate is a "
-                        "multiple of lr, so lr must be > 0 and embedding_lr >= 0 (or embedding_lr=null)")
-    emb_scale = 1.0 if t.embedding_lr is None else t.embedding_lr / t.lr
-    opt = torch.optim.AdamW(model.param_groups(t.weight_decay, emb_scale), lr=t.lr, betas=tuple(t.betas),
-                            fused=dev.type == "cuda")
+    opt = optim.build(model, t, dev)
     lr_scales = [g["lr_scale"] for g in opt.param_groups]  # from this run's config, also after a resume
     batches = Batches(data_dir / meta["splits"]["train"]["file"], meta["dtype"], mcfg.block_size, t.batch_size,
                       t.grad_accum, cfg.seed)
@@ -147,8 +142,9 @@ def run(cfg) -> dict:
     if state:
         model.load_state_dict(state["model"])
         if len(state["optimizer"]["param_groups"]) != len(opt.param_groups):
-            raise UserError(f"checkpoint {resume_path} holds optimizer state from an older kr3 (other parameter "
-                            "groups) — it still works with stage=generate/evaluate; start a new run to train")
+            raise UserError(f"checkpoint {resume_path} holds optimizer state of other parameter groups (another "
+                            "trainer.optimizer, or an older kr3) — resume with the trainer.optimizer it was trained "
+                            "with; it still works with stage=generate/evaluate")
         opt.load_state_dict(state["optimizer"])
         step, best = state["step"], state.get("best_val_loss", float("inf"))
         if state["data"]["position"]["windows_per_step"] != batches.per_step and main:

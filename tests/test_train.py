@@ -124,6 +124,22 @@ def test_resume_of_an_older_optimizer_layout_is_refused(corpus, tmp_path):
         train_in_process(corpus, tmp_path / "b", "trainer.max_steps=6", f"trainer.resume={path}")
 
 
+def test_muon_run_resumes_exactly(corpus, tmp_path):
+    """optimizer=muon keeps its momentum and AdamW moments in the checkpoint: resuming from step 4 gives
+    the uninterrupted run's losses."""
+    common = ["trainer.optimizer=muon", "trainer.lr=1e-2", "trainer.max_steps=8", "trainer.ckpt_interval=4",
+              "trainer.eval_interval=0"]
+    _, ref_dir = train_in_process(corpus, tmp_path / "a", *common)
+    state = checkpoint.load(checkpoint.step_path(ref_dir, 4))
+    assert state["optimizer"]["param_groups"][-1]["muon"] and state["config"]["trainer"]["optimizer"] == "muon"
+    _, run_dir = train_in_process(corpus, tmp_path / "b", *common, f"trainer.resume={checkpoint.step_path(ref_dir, 4)}")
+    a, b = losses(ref_dir), losses(run_dir)
+    assert sorted(b) == [5, 6, 7, 8]
+    np.testing.assert_allclose([b[s] for s in b], [a[s] for s in b], rtol=1e-5, atol=1e-6)
+    with pytest.raises(UserError, match="another trainer.optimizer"):
+        train_in_process(corpus, tmp_path / "c", "trainer.max_steps=10", f"trainer.resume={ref_dir}")
+
+
 def test_resume_with_other_tokenizer_is_refused(corpus, tmp_path):
     _, run_dir = train_in_process(corpus, tmp_path, "trainer.max_steps=3")
     with pytest.raises(UserError, match="trained on other data or another tokenizer"):
@@ -158,9 +174,11 @@ def test_resume_after_sigkill_gives_the_same_losses(corpus, tmp_path):
     assert not list(run_dir.rglob("*.tmp-*"))
 
 
-def test_two_processes_match_one(corpus, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_two_processes_match_one(corpus, tmp_path, optimizer):
     """2 ranks × batch 4 (gloo) must follow the same losses as 1 process × batch 8: same global batch."""
-    common = [*base(corpus, tmp_path), "stage=train", "trainer.max_steps=12", "trainer.eval_interval=0"]
+    common = [*base(corpus, tmp_path), "stage=train", "trainer.max_steps=12", "trainer.eval_interval=0",
+              f"trainer.optimizer={optimizer}"]
     one = cli([*common, "trainer.batch_size=8", f"hydra.run.dir={tmp_path / 'one'}"])
     assert one.returncode == 0, one.stderr
     two = cli([*common, "trainer.batch_size=4", f"paths.log_dir={tmp_path / 'two'}"], torchrun=2)
@@ -222,7 +240,8 @@ def test_experiment_original(tmp_path):
 def test_experiment_cpu_15min_is_the_benchmarked_recipe(tmp_path):
     cfg = compose_cfg(tmp_path, ["experiment=cpu_15min"])
     assert (cfg.model.n_layers, cfg.model.d_model, cfg.model.d_ffn, cfg.model.block_size) == (2, 96, 384, 64)
-    assert (cfg.trainer.lr, cfg.trainer.embedding_lr, cfg.trainer.grad_clip, cfg.trainer.max_steps) == (1e-2, 0.3, 0, 2900)
+    assert (cfg.trainer.lr, cfg.trainer.embedding_lr, cfg.trainer.grad_clip, cfg.trainer.max_steps) == (1e-2, 0.3, 0, 2640)
+    assert (cfg.trainer.optimizer, cfg.trainer.muon_lr) == ("muon", 0.05)
 
 
 def test_bad_model_override_is_one_line(corpus, tmp_path):
