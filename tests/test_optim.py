@@ -33,7 +33,10 @@ def test_adamw_groups_step_like_torch_adamw():
     torch.manual_seed(0)
     a = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(4))]
     b = [torch.nn.Parameter(p.detach().clone()) for p in a]
-    groups = lambda ps: [{"params": [ps[0]], "weight_decay": 0.1}, {"params": [ps[1]], "weight_decay": 0.0, "lr": 3e-2}]
+
+    def groups(ps):
+        return [{"params": [ps[0]], "weight_decay": 0.1}, {"params": [ps[1]], "weight_decay": 0.0, "lr": 3e-2}]
+
     ref = torch.optim.AdamW(groups(a), lr=1e-2, betas=(0.9, 0.95))
     ours = optim.MuonAdamW(groups(b), lr=1e-2, betas=(0.9, 0.95))
     for _ in range(20):
