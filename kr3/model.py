@@ -153,13 +153,20 @@ class GPT(nn.Module):
         c = self.cfg
         return 6 * self.num_params(embeddings=False) + 12 * c.n_layers * c.d_model * c.block_size
 
-    def param_groups(self, weight_decay: float, embedding_lr_scale: float = 1.0) -> list[dict]:
+    def param_groups(self, weight_decay: float, embedding_lr_scale: float = 1.0,
+                     muon_lr_scale: float | None = None) -> list[dict]:
         """Matrices decay; biases and LayerNorm gains do not. The token table (also the output layer) is a
         group of its own, without decay and with `lr_scale` × the learning rate (the trainer applies it):
         a row moves only when its token is seen, and small models learn far faster with a larger step
-        there (BENCHMARKS.md, quality)."""
+        there (BENCHMARKS.md, quality). With `muon_lr_scale`, the blocks' matrices form a last group marked
+        `muon` (no decay, as measured) for kr3.optim.MuonAdamW; the position table stays with AdamW."""
         emb = self.tok_emb.weight
-        params = [p for p in self.parameters() if p.requires_grad and p is not emb]
-        return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, "lr_scale": 1.0},
-                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0},
-                {"params": [emb], "weight_decay": 0.0, "lr_scale": embedding_lr_scale}]
+        mats = [p for p in self.blocks.parameters() if p.dim() == 2] if muon_lr_scale is not None else []
+        taken = {id(emb)} | {id(p) for p in mats}
+        params = [p for p in self.parameters() if p.requires_grad and id(p) not in taken]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, "lr_scale": 1.0},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0},
+                  {"params": [emb], "weight_decay": 0.0, "lr_scale": embedding_lr_scale}]
+        if mats:
+            groups.append({"params": mats, "weight_decay": 0.0, "lr_scale": muon_lr_scale, "muon": True})
+        return groups

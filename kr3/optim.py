@@ -68,11 +68,8 @@ def build(model, t, device: torch.device) -> torch.optim.Optimizer:
             raise UserError(f"trainer.{key}={rate} with trainer.lr={t.lr}: it is applied as a multiple of lr, so lr "
                             f"must be > 0 and {key} >= 0")
     emb_scale = 1.0 if t.embedding_lr is None else t.embedding_lr / t.lr
-    groups = model.param_groups(t.weight_decay, emb_scale)
     if t.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), fused=device.type == "cuda")
-    # Muon for the blocks' matrices, without decay (as it was measured); embeddings, gains, biases: AdamW
-    mats = {id(p): p for p in model.blocks.parameters() if p.dim() == 2}
-    groups[0]["params"] = [p for p in groups[0]["params"] if id(p) not in mats]
-    groups.append({"params": list(mats.values()), "weight_decay": 0.0, "lr_scale": t.muon_lr / t.lr, "muon": True})
+        return torch.optim.AdamW(model.param_groups(t.weight_decay, emb_scale), lr=t.lr, betas=tuple(t.betas),
+                                 fused=device.type == "cuda")
+    groups = model.param_groups(t.weight_decay, emb_scale, muon_lr_scale=t.muon_lr / t.lr)
     return MuonAdamW(groups, lr=t.lr, betas=tuple(t.betas))
