@@ -1,8 +1,10 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
+import kr3.model
 from kr3.errors import UserError
-from kr3.model import GPT, GPTConfig, KVCache
+from kr3.model import GPT, GPTConfig, KVCache, linear_cross_entropy
 
 
 def tiny(**kw):
@@ -38,6 +40,42 @@ def test_tied_embeddings_and_param_groups():
     assert groups[2]["params"] == [model.tok_emb.weight] and groups[2]["weight_decay"] == 0.0
     assert [g["lr_scale"] for g in model.param_groups(0.1, 30.0)] == [1.0, 1.0, 30.0]
     assert model.flops_per_token() > 6 * model.num_params(embeddings=False)
+
+
+@pytest.mark.parametrize("chunk_elements", [2**24, 97 * 7])  # one chunk; 7-row chunks, the last one ragged
+def test_linear_cross_entropy_matches_torch(monkeypatch, chunk_elements):
+    monkeypatch.setattr(kr3.model, "CE_CHUNK_ELEMENTS", chunk_elements)
+    torch.manual_seed(0)
+    h = torch.randn(45, 32, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(97, 32, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 97, (45,))
+    ref = F.cross_entropy(h @ w.t(), y)
+    ref_grads = torch.autograd.grad(3 * ref, (h, w))  # a non-unit upstream gradient
+    loss = linear_cross_entropy(h, w, y)
+    torch.testing.assert_close(loss, ref)
+    for got, want in zip(torch.autograd.grad(3 * loss, (h, w)), ref_grads):
+        torch.testing.assert_close(got, want)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(h, w, y), ref.detach())
+
+
+def test_model_loss_is_cross_entropy_of_its_logits():
+    torch.manual_seed(0)
+    model = GPT(tiny())
+    x, y = torch.randint(0, 97, (3, 16)), torch.randint(0, 97, (3, 16))
+    loss = model(x, y)
+    grads = torch.autograd.grad(loss, list(model.parameters()))  # the tied table gets both paths' gradients
+    want = F.cross_entropy(model(x).view(-1, 97), y.view(-1))
+    torch.testing.assert_close(loss, want)
+    for got, ref in zip(grads, torch.autograd.grad(want, list(model.parameters()))):
+        torch.testing.assert_close(got, ref)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the same bf16 logits, the softmax in fp32 in both
+        bf16 = model(x, y)
+        want = F.cross_entropy(model(x).float().view(-1, 97), y.view(-1))
+    assert bf16.dtype == torch.float32
+    torch.testing.assert_close(bf16, want, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="targets of shape"):
+        linear_cross_entropy(torch.zeros(5, 32), model.head.weight, torch.zeros(4, dtype=torch.long))
 
 
 @pytest.mark.parametrize("kw, msg", [({"d_model": 30, "n_heads": 4}, "not divisible"), ({"n_layers": 0}, "positive"),
