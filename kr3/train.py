@@ -154,10 +154,8 @@ def run(cfg) -> dict:
 
     tok_dir = data_dir / meta["tokenizer"]["dir"]
     tracker = Tracker(cfg, run_dir, enabled=main, resume_id=state.get("wandb_run_id") if state else None)
-    train_model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None) \
-        if distributed.is_distributed() else model
-    if t.compile:
-        train_model = torch.compile(train_model)
+    ddp = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None) if distributed.is_distributed() else None
+    train_model = torch.compile(ddp or model) if t.compile else ddp or model
 
     tokens_per_step = batches.per_step * mcfg.block_size
     peak = hardware.peak_flops(dev, dtype, t.peak_flops)
@@ -240,8 +238,9 @@ def run(cfg) -> dict:
                 g["lr"] = lr * scale
             for micro in range(t.grad_accum):
                 x, y = (a.to(dev, non_blocking=True) for a in batches.get(step, micro))
-                sync = micro == t.grad_accum - 1 or not isinstance(train_model, DDP)
-                with (train_model.no_sync() if not sync else nullcontext()), hardware.autocast(dev, dtype):
+                # all-reduce the gradients on the last micro-step only (also when compiled: ddp is the inner module)
+                sync = ddp is None or micro == t.grad_accum - 1
+                with (nullcontext() if sync else ddp.no_sync()), hardware.autocast(dev, dtype):
                     loss = train_model(x, y) / t.grad_accum
                 loss.backward()
                 window_loss += loss.detach()

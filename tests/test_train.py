@@ -84,6 +84,17 @@ def test_batches_split_the_global_batch_across_ranks(tmp_path, monkeypatch):
     assert len(set(seen.tolist())) == len(seen)  # an epoch never repeats a window
 
 
+def test_compiled_training_matches_eager(corpus, tmp_path):
+    """trainer.compile=true traces the model and its chunked loss (an autograd.Function) into the same math."""
+    common = ["trainer.max_steps=4", "trainer.eval_interval=0", "trainer.final_eval_tokens=1024"]
+    eager, eager_dir = train_in_process(corpus, tmp_path / "eager", *common)
+    compiled, compiled_dir = train_in_process(corpus, tmp_path / "compiled", *common, "trainer.compile=true")
+    a, b = losses(eager_dir), losses(compiled_dir)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-4)
+    assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-4)
+
+
 def test_train_end_to_end(corpus, tmp_path):
     val, run_dir = train_in_process(corpus, tmp_path, "trainer.max_steps=40", "trainer.eval_interval=20",
                                     "trainer.ckpt_interval=10", "trainer.keep_last=2")
@@ -174,14 +185,16 @@ def test_resume_after_sigkill_gives_the_same_losses(corpus, tmp_path):
     assert not list(run_dir.rglob("*.tmp-*"))
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_two_processes_match_one(corpus, tmp_path, optimizer):
-    """2 ranks × batch 4 (gloo) must follow the same losses as 1 process × batch 8: same global batch."""
+@pytest.mark.parametrize("optimizer, split", [("adamw", ["trainer.batch_size=4"]),
+                                              ("muon", ["trainer.batch_size=2", "trainer.grad_accum=2"])])
+def test_two_processes_match_one(corpus, tmp_path, optimizer, split):
+    """2 ranks × batch 4 (gloo), or 2 ranks × 2 micro-steps of 2, must follow the same losses as 1 process ×
+    batch 8: the same global batch."""
     common = [*base(corpus, tmp_path), "stage=train", "trainer.max_steps=12", "trainer.eval_interval=0",
               f"trainer.optimizer={optimizer}"]
     one = cli([*common, "trainer.batch_size=8", f"hydra.run.dir={tmp_path / 'one'}"])
     assert one.returncode == 0, one.stderr
-    two = cli([*common, "trainer.batch_size=4", f"paths.log_dir={tmp_path / 'two'}"], torchrun=2)
+    two = cli([*common, *split, f"paths.log_dir={tmp_path / 'two'}"], torchrun=2)
     assert two.returncode == 0, two.stderr
     runs = list((tmp_path / "two" / "outputs").glob("*/*"))
     assert len(runs) == 1, runs  # both ranks wrote into ONE Hydra run folder
