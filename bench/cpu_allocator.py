@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import SHAPE, nsmc_data_dir, plain_loop  # noqa: E402
+from train_throughput import SHAPE, plain_loop  # noqa: E402
 
 from kr3.hardware import keep_freed_memory  # noqa: E402
 
@@ -23,7 +23,7 @@ mode, steps, tiny = sys.argv[1], int(sys.argv[2]), len(sys.argv) > 3
 if mode == "mallopt":
     print("keep_freed_memory:", keep_freed_memory())
 r0 = resource.getrusage(resource.RUSAGE_SELF)
-tps = plain_loop(nsmc_data_dir(), steps, TINY, 64) if tiny else plain_loop(nsmc_data_dir(), steps, SHAPE, 16)
+tps = plain_loop(steps, TINY, 64)["tokens_per_s"] if tiny else plain_loop(steps, SHAPE, 16)["tokens_per_s"]
 r1 = resource.getrusage(resource.RUSAGE_SELF)
 print(f"{mode}: {tps:,.0f} tok/s, minor faults {r1.ru_minflt - r0.ru_minflt:,}, "
       f"sys {r1.ru_stime - r0.ru_stime:.1f} s, user {r1.ru_utime - r0.ru_utime:.1f} s")

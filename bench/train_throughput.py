@@ -1,7 +1,7 @@
 """Training throughput on this machine: our `stage=train` step against a plain eager fp32 PyTorch loop of
 the same model (6 layers, 6 heads, d_model 384, block 256, batch 16, 8k vocab), in the same run.
 
-    uv run python bench/train_throughput.py [--steps 12] [--variants fp32,compile,bf16]
+    uv run python bench/train_throughput.py [--steps 12] [--rounds 2] [--variants fp32,compile,bf16,ddp2x1,ddp2x1-compile]
 
 Needs ../shared (prepares nsmc_reviews.parquet with the default tokenizer first, or reuses it).
 Tokens/s are medians over logged steps after the first few (warm-up, compilation).
@@ -10,6 +10,7 @@ Tokens/s are medians over logged steps after the first few (warm-up, compilation
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -18,7 +19,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -28,8 +28,11 @@ MODEL = ["model=small", "model.n_layers=6", "model.n_heads=6", "model.d_model=38
 VARIANTS = {"fp32": ["trainer.precision=fp32"], "compile": ["trainer.precision=fp32", "trainer.compile=true"],
             "bf16": ["trainer.precision=bf16"],
             # DDP overhead: 2 processes x 1 thread x batch 8 against "fp32" (1 process x 2 threads x batch 16)
-            "ddp2x1": ["trainer.precision=fp32", "trainer.threads=1", "trainer.batch_size=8"]}
-TORCHRUN = {"ddp2x1": ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]}
+            "ddp2x1": ["trainer.precision=fp32", "trainer.threads=1", "trainer.batch_size=8"],
+            "ddp2x1-compile": ["trainer.precision=fp32", "trainer.threads=1", "trainer.batch_size=8",
+                               "trainer.compile=true"]}
+TORCHRUN = {name: ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] for name in VARIANTS
+            if name.startswith("ddp")}
 
 
 def run_py(*args):
@@ -44,11 +47,16 @@ def nsmc_data_dir() -> Path:
 SHAPE = dict(n_layers=6, n_heads=6, d_model=384, d_ffn=1536, block_size=256)
 
 
-def plain_loop(data_dir: Path, steps: int, shape: dict = SHAPE, batch: int = 16) -> float:
-    """nanoGPT-style: random windows from the memmap, eager fp32 forward/backward, AdamW. Tokens/s, the
-    median over steps after the first two."""
+def plain_loop(steps: int, shape: dict = SHAPE, batch: int = 16) -> dict:
+    """nanoGPT-style: random windows from the memmap, eager fp32 forward/backward with torch's cross-entropy
+    of the logits, AdamW. Tokens/s, the median over steps after the first two. Run in a process of its own
+    (`--plain`), so that its memory does not count in the kr3 runs' peak RSS."""
+    import torch
+    import torch.nn.functional as F
+
     from kr3.model import GPT, GPTConfig
 
+    data_dir = nsmc_data_dir()
     meta = json.loads((data_dir / "meta.json").read_text())
     data = np.memmap(data_dir / "train.bin", dtype=np.uint16, mode="r")
     torch.manual_seed(0)
@@ -60,12 +68,30 @@ def plain_loop(data_dir: Path, steps: int, shape: dict = SHAPE, batch: int = 16)
         t = time.perf_counter()
         ix = np.random.randint(0, len(data) - T - 1, batch)
         chunk = torch.from_numpy(np.stack([data[i : i + T + 1] for i in ix]).astype(np.int64))
-        loss = model(chunk[:, :-1], chunk[:, 1:])
+        logits = model(chunk[:, :-1])
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), chunk[:, 1:].reshape(-1))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)
-    return batch * T / statistics.median(times[2:])
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"tokens_per_s": batch * T / statistics.median(times[2:]), "peak_rss_mib": peak_rss}
+
+
+def in_process(flag: str, steps: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, flag, "--steps", str(steps)], capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(out.stderr[-3000:])
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def matmul_peaks() -> dict:
+    import torch
+
+    from kr3.hardware import measure_matmul_flops
+
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(),
+            "fp32": measure_matmul_flops(torch.float32) / 1e9, "bf16": measure_matmul_flops(torch.bfloat16) / 1e9}
 
 
 def ours(name: str, steps: int) -> dict:
@@ -92,25 +118,34 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--variants", default="fp32,compile")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat plain loop + variants, interleaved: median tokens/s and MFU, largest peak RSS")
+    ap.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)  # internal: one plain loop, JSON out
+    ap.add_argument("--peaks", action="store_true", help=argparse.SUPPRESS)  # internal: matmul peaks, JSON out
     args = ap.parse_args()
+    if args.plain or args.peaks:
+        print(json.dumps(plain_loop(args.steps) if args.plain else matmul_peaks()))
+        return
+    if unknown := set(args.variants.split(",")) - set(VARIANTS):
+        sys.exit(f"unknown --variants {sorted(unknown)}: choose from {', '.join(VARIANTS)}")
     prep = run_py("stage=prepare", "data=local", f"data.path={NSMC}")
     if prep.returncode:
         sys.exit(prep.stderr)
-    from kr3.config import register_resolvers
-
-    register_resolvers()
-    data_dir = nsmc_data_dir()
-    from kr3.hardware import measure_matmul_flops
-
-    fp32, bf16 = measure_matmul_flops(torch.float32) / 1e9, measure_matmul_flops(torch.bfloat16) / 1e9
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"matmul peak fp32 {fp32:.0f} GFLOP/s, bf16 {bf16:.1f} GFLOP/s")
-    base = plain_loop(data_dir, args.steps)
-    print(f"| plain eager fp32 loop | {base:,.0f} | 1.00x | | |", flush=True)
-    for name in args.variants.split(","):
-        r = ours(name, args.steps)
-        print(f"| kr3 stage=train, {name} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / base:.2f}x | "
-              f"{r['mfu']:.1%} | {r['peak_rss_mib']:,.0f} |", flush=True)
+    peaks = in_process("--peaks", 0)
+    print(f"torch {peaks['torch']}, {peaks['threads']} threads; matmul peak fp32 {peaks['fp32']:.0f} GFLOP/s, "
+          f"bf16 {peaks['bf16']:.1f} GFLOP/s", flush=True)
+    names = ["plain", *args.variants.split(",")]
+    runs = {name: [] for name in names}
+    for i in range(args.rounds):  # this machine's speed drifts by minutes: every round measures everything
+        for name in names:
+            runs[name].append(in_process("--plain", args.steps) if name == "plain" else ours(name, args.steps))
+            print(f"round {i + 1}, {name}: {runs[name][-1]['tokens_per_s']:,.0f} tokens/s", flush=True)
+    med = {name: statistics.median(r["tokens_per_s"] for r in rs) for name, rs in runs.items()}
+    print(f"| plain eager fp32 loop | {med['plain']:,.0f} | 1.00x | | {max(r['peak_rss_mib'] for r in runs['plain']):,.0f} |")
+    for name in names[1:]:
+        mfu = statistics.median(r["mfu"] for r in runs[name])
+        rss = max(r["peak_rss_mib"] for r in runs[name])
+        print(f"| kr3 stage=train, {name} | {med[name]:,.0f} | {med[name] / med['plain']:.2f}x | {mfu:.1%} | {rss:,.0f} |")
 
 
 if __name__ == "__main__":

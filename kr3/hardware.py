@@ -99,9 +99,10 @@ def peak_flops(device: torch.device, dtype: torch.dtype, override: float | None 
     return measure_matmul_flops(dtype)
 
 
-def measure_matmul_flops(dtype: torch.dtype, n: int = 1024, seconds: float = 0.6, trials: int = 3) -> float:
+def measure_matmul_flops(dtype: torch.dtype, n: int = 1024, seconds: float = 1.0, trials: int = 5) -> float:
     """Best of `trials` timed windows after a warm-up: a peak, so a window slowed by a neighbour or by threads
-    still waking up does not count (one 0.3 s window once gave MFU above 100 %)."""
+    still waking up does not count (one 0.3 s window, and later best of three 0.2 s windows, gave MFU above
+    100 % on a shared machine; BENCHMARKS.md)."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     best = 0.0
