@@ -33,9 +33,13 @@ def step_path(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / CKPT_DIR / f"step-{step:07d}.pt"
 
 
+def step_of(path: Path) -> int:
+    return int(_STEP.search(Path(path).name)[1])
+
+
 def list_steps(run_dir: Path) -> list[Path]:
     d = Path(run_dir) / CKPT_DIR
-    return sorted((p for p in d.glob("step-*.pt") if _STEP.search(p.name)), key=lambda p: int(_STEP.search(p.name)[1]))
+    return sorted((p for p in d.glob("step-*.pt") if _STEP.search(p.name)), key=step_of)
 
 
 def prune(run_dir: Path, keep: int) -> None:

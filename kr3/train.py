@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,51 @@ class Batches:
         return {"epoch": epoch, "step_in_epoch": in_epoch, "windows_per_step": self.per_step, "seed": self.seed}
 
 
+class Interrupts:
+    """Ctrl-C and SIGTERM (how torchrun and schedulers stop a job) raise KeyboardInterrupt, so the trainer
+    saves where it is; never inside `update()`, since a checkpoint of a half-applied optimizer step would
+    not resume exactly: the signal waits for its end. `ignore()` while saving on the way out: `uv run` and
+    torchrun forward a second signal, which must not kill the save."""
+
+    def __init__(self):
+        self.in_update = self.pending = False
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame):
+        if not self.in_update:
+            raise KeyboardInterrupt
+        self.pending = True
+
+    @contextmanager
+    def update(self):
+        self.in_update = True
+        try:
+            yield
+        finally:
+            self.in_update = False
+        if self.pending:
+            raise KeyboardInterrupt
+
+    def ignore(self):
+        for s in self.previous:
+            signal.signal(s, signal.SIG_IGN)
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def check_trainer(t) -> None:
+    """One-line errors for trainer values that would otherwise fail deep inside the loop."""
+    for key, least in (("batch_size", 1), ("grad_accum", 1), ("log_interval", 1), ("eval_batch_size", 1),
+                       ("warmup_steps", 0), ("keep_last", 0)):
+        value = t[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise UserError(f"trainer.{key}={value} must be an integer ≥ {least}")
+    if not (isinstance(t.lr, (int, float)) and t.lr > 0):
+        raise UserError(f"trainer.lr={t.lr} must be a number > 0")
+
+
 def lr_at(step: int, total: int, cfg) -> float:
     """Linear warmup, then cosine decay to min_lr_ratio × lr."""
     if step < cfg.warmup_steps:
@@ -102,6 +148,7 @@ def model_config(cfg, vocab_size: int) -> GPTConfig:
 def run(cfg) -> dict:
     distributed.init()
     t = cfg.trainer
+    check_trainer(t)
     run_dir = Path(cfg.paths.output_dir)
     main = distributed.is_main()
     if t.threads:
@@ -147,6 +194,11 @@ def run(cfg) -> dict:
                             "with; it still works with stage=generate/evaluate")
         opt.load_state_dict(state["optimizer"])
         step, best = state["step"], state.get("best_val_loss", float("inf"))
+        newer = [p.name for p in checkpoint.list_steps(run_dir) if checkpoint.step_of(p) > step]
+        if newer:
+            raise UserError(f"{run_dir} already holds checkpoints after step {step} ({', '.join(newer)}): resuming "
+                            "here would mix two histories — resume from the newest (trainer.resume=auto) or into a new "
+                            "run folder (hydra.run.dir=...)")
         if state["data"]["position"]["windows_per_step"] != batches.per_step and main:
             log.warning("the global batch changed since the checkpoint: the data order after it will differ")
         if main:
@@ -182,10 +234,12 @@ def run(cfg) -> dict:
 
     def samples() -> list[tuple[str, str]]:
         rows = []
+        model.eval()  # no dropout, and no draws from the training RNG (resume stays exact)
         for prompt in t.sample_prompts or []:
             ids = list(sample_tokens(model, tokenizer.encode(prompt), t.sample_tokens, tokenizer.eos_id,
                                      temperature=0.8, top_k=50, generator=torch.Generator().manual_seed(cfg.seed)))
             rows.append((prompt, tokenizer.decode(ids)))
+        model.train()
         return rows
 
     def save(kind: str, val: dict | None = None):
@@ -231,6 +285,7 @@ def run(cfg) -> dict:
     bar = progress(total=total_steps, initial=step, desc="train", unit="step", enabled=main)
     window_loss, window_steps, t_log = torch.zeros((), device=dev), 0, time.perf_counter()
     val = None
+    interrupts = Interrupts()
     try:
         while step < total_steps:
             lr = lr_at(step, total_steps, t)
@@ -245,9 +300,10 @@ def run(cfg) -> dict:
                 loss.backward()
                 window_loss += loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
+            with interrupts.update():
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
             window_steps += 1
             bar.update(1)
             if step % t.log_interval == 0 or step == total_steps:
@@ -273,11 +329,13 @@ def run(cfg) -> dict:
         val = eval_and_log(final=True)
         save("step", val)
     except KeyboardInterrupt:
+        interrupts.ignore()
         if main and step > 0:
             save("step")
             log.warning(f"interrupted: saved step {step}; continue with trainer.resume={run_dir}")
         raise
     finally:
+        interrupts.restore()
         tracker.finish()
     if main:
         log.info(f"done: step {step}, val loss {val['loss']:.4f}, bpc {val['bpc']:.4f}; checkpoints in "

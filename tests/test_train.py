@@ -1,5 +1,6 @@
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -183,6 +184,47 @@ def test_resume_after_sigkill_gives_the_same_losses(corpus, tmp_path):
     np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(losses(run_dir, "val/loss")[60], losses(tmp_path / "ref", "val/loss")[60], rtol=1e-5)
     assert not list(run_dir.rglob("*.tmp-*"))
+
+
+def test_interrupt_saves_where_it_stopped(corpus, tmp_path):
+    """torchrun's SIGTERM, then a second signal (`uv run` and torchrun forward Ctrl-C too) while saving: one
+    checkpoint of the step reached, whole, and exit status 130."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *base(corpus, tmp_path), "stage=train",
+                             "trainer.max_steps=100000", f"hydra.run.dir={run_dir}"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run_dir / "metrics.jsonl").exists() or max(losses(run_dir), default=0) < 3:
+        assert time.time() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else "no progress"
+        time.sleep(0.05)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        proc.send_signal(sig)
+        time.sleep(0.05)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    saved = checkpoint.list_steps(run_dir)
+    assert len(saved) == 1 and f"interrupted: saved step {checkpoint.step_of(saved[0])}" in out + err
+    assert checkpoint.load(saved[0])["step"] == checkpoint.step_of(saved[0]) >= 3
+
+
+def test_resume_into_a_folder_with_later_checkpoints_is_refused(corpus, tmp_path):
+    _, run_dir = train_in_process(corpus, tmp_path, "trainer.max_steps=6", "trainer.ckpt_interval=2",
+                                  "trainer.eval_interval=0")
+    with pytest.raises(UserError, match="already holds checkpoints after step 4"):
+        train_in_process(corpus, tmp_path, "trainer.max_steps=8", "trainer.eval_interval=0",
+                         f"trainer.resume={checkpoint.step_path(run_dir, 4)}")
+    assert [checkpoint.step_of(p) for p in checkpoint.list_steps(run_dir)] == [2, 4, 6]  # nothing deleted
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.batch_size=0", "trainer.batch_size=0 must be an integer ≥ 1"),
+    ("trainer.log_interval=0", "trainer.log_interval=0 must be an integer ≥ 1"),
+    ("trainer.keep_last=null", "trainer.keep_last=None must be an integer ≥ 0"),
+    ("trainer.lr=-1", "trainer.lr=-1 must be a number > 0"),
+])
+def test_bad_trainer_values_are_user_errors(corpus, tmp_path, override, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        train_in_process(corpus, tmp_path, override)
 
 
 @pytest.mark.parametrize("optimizer, split", [("adamw", ["trainer.batch_size=4"]),
