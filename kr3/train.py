@@ -103,8 +103,8 @@ def check_trainer(t) -> None:
         value = t[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise UserError(f"trainer.{key}={value} must be an integer ≥ {least}")
-    if not (isinstance(t.lr, (int, float)) and t.lr > 0):
-        raise UserError(f"trainer.lr={t.lr} must be a number > 0")
+    if not (isinstance(t.lr, (int, float)) and t.lr >= 0):
+        raise UserError(f"trainer.lr={t.lr} must be a number ≥ 0")
 
 
 def lr_at(step: int, total: int, cfg) -> float:

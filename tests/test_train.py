@@ -220,7 +220,7 @@ def test_resume_into_a_folder_with_later_checkpoints_is_refused(corpus, tmp_path
     ("trainer.batch_size=0", "trainer.batch_size=0 must be an integer ≥ 1"),
     ("trainer.log_interval=0", "trainer.log_interval=0 must be an integer ≥ 1"),
     ("trainer.keep_last=null", "trainer.keep_last=None must be an integer ≥ 0"),
-    ("trainer.lr=-1", "trainer.lr=-1 must be a number > 0"),
+    ("trainer.lr=-1", "trainer.lr=-1 must be a number ≥ 0"),
 ])
 def test_bad_trainer_values_are_user_errors(corpus, tmp_path, override, message):
     with pytest.raises(UserError, match=re.escape(message)):
