@@ -192,7 +192,10 @@ def run(cfg) -> dict:
             raise UserError(f"checkpoint {resume_path} holds optimizer state of other parameter groups (another "
                             "trainer.optimizer, or an older kr3) — resume with the trainer.optimizer it was trained "
                             "with; it still works with stage=generate/evaluate")
-        opt.load_state_dict(state["optimizer"])
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+        opt.load_state_dict(state["optimizer"])  # moments and step counts; the settings are this run's config's
+        for g, own in zip(opt.param_groups, settings):
+            g.update(own)
         step, best = state["step"], state.get("best_val_loss", float("inf"))
         newer = [p.name for p in checkpoint.list_steps(run_dir) if checkpoint.step_of(p) > step]
         if newer:

@@ -207,6 +207,15 @@ def test_interrupt_saves_where_it_stopped(corpus, tmp_path):
     assert checkpoint.load(saved[0])["step"] == checkpoint.step_of(saved[0]) >= 3
 
 
+def test_resume_takes_optimizer_settings_from_the_config(corpus, tmp_path):
+    _, run_dir = train_in_process(corpus, tmp_path, "trainer.max_steps=4", "trainer.eval_interval=0")
+    train_in_process(corpus, tmp_path, "trainer.max_steps=5", "trainer.eval_interval=0", "trainer.resume=auto",
+                     "trainer.weight_decay=0.0", "trainer.betas=[0.8,0.9]")
+    groups = checkpoint.load(checkpoint.step_path(run_dir, 5))["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.0, 0.0, 0.0] and all(g["betas"] == (0.8, 0.9) for g in groups)
+    assert checkpoint.load(checkpoint.step_path(run_dir, 4))["optimizer"]["param_groups"][0]["weight_decay"] == 0.1
+
+
 def test_resume_into_a_folder_with_later_checkpoints_is_refused(corpus, tmp_path):
     _, run_dir = train_in_process(corpus, tmp_path, "trainer.max_steps=6", "trainer.ckpt_interval=2",
                                   "trainer.eval_interval=0")
