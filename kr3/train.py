@@ -176,7 +176,6 @@ def run(cfg) -> dict:
     torch.manual_seed(cfg.seed)
     model = GPT(mcfg).to(dev)
     opt = optim.build(model, t, dev)
-    lr_scales = [g["lr_scale"] for g in opt.param_groups]  # from this run's config, also after a resume
     batches = Batches(data_dir / meta["splits"]["train"]["file"], meta["dtype"], mcfg.block_size, t.batch_size,
                       t.grad_accum, cfg.seed)
     if batches.steps_per_epoch < 1:
@@ -193,7 +192,7 @@ def run(cfg) -> dict:
                             "trainer.optimizer, or an older kr3) — resume with the trainer.optimizer it was trained "
                             "with; it still works with stage=generate/evaluate")
         settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-        opt.load_state_dict(state["optimizer"])  # moments and step counts; the settings are this run's config's
+        opt.load_state_dict(state["optimizer"])  # moments and step counts; settings (lr_scale too) are this run's
         for g, own in zip(opt.param_groups, settings):
             g.update(own)
         step, best = state["step"], state.get("best_val_loss", float("inf"))
@@ -292,8 +291,8 @@ def run(cfg) -> dict:
     try:
         while step < total_steps:
             lr = lr_at(step, total_steps, t)
-            for g, scale in zip(opt.param_groups, lr_scales):
-                g["lr"] = lr * scale
+            for g in opt.param_groups:
+                g["lr"] = lr * g["lr_scale"]
             for micro in range(t.grad_accum):
                 x, y = (a.to(dev, non_blocking=True) for a in batches.get(step, micro))
                 # all-reduce the gradients on the last micro-step only (also when compiled: ddp is the inner module)
