@@ -47,6 +47,12 @@ def prune(run_dir: Path, keep: int) -> None:
         p.unlink(missing_ok=True)
 
 
+def remove_temps(run_dir: Path) -> None:
+    """Temp files of saves killed before their rename (SIGKILL, a lost machine): never a checkpoint."""
+    for p in (Path(run_dir) / CKPT_DIR).glob(".*.tmp-*"):
+        p.unlink(missing_ok=True)
+
+
 def resolve(path: str | Path, prefer_best: bool = False) -> Path:
     """A checkpoint file, or a run folder (its best or newest checkpoint)."""
     path = Path(path).expanduser()

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from kr3.errors import UserError
 
 
 def world_size() -> int:
@@ -51,9 +55,31 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
+@contextmanager
+def main_first():
+    """Rank 0 runs the body first while the other ranks wait, then they run it. Its one-off work (preparing
+    the data: a Hub download, a tokenizer) may outlast the process group's timeout (30 minutes), so they
+    wait on a gloo group of their own, made before it starts, with a long one; if rank 0 fails, they stop
+    at once (a Hydra multirun would otherwise go on to its next job while they still wait)."""
+    if not is_distributed():
+        yield
+        return
+    group = dist.new_group(backend="gloo", timeout=timedelta(hours=6))
+    done = [False]
+    try:
+        if is_main():
+            try:
+                yield
+                done[0] = True
+            finally:
+                dist.broadcast_object_list(done, src=0, group=group)
+        else:
+            dist.broadcast_object_list(done, src=0, group=group)
+            if not done[0]:
+                raise UserError("rank 0 failed before training (its error is above)")
+            yield
+    finally:
+        dist.destroy_process_group(group)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -22,11 +22,12 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def token_loss(model, tokens: np.ndarray, eos_id: int, block_size: int, batch_size: int, device, dtype,
-               show_progress: bool = False) -> tuple[float, int]:
+               show_progress: bool = False, context: int | None = None) -> tuple[float, int]:
     """Sum of next-token losses (nats) and the number of tokens scored: every token of `tokens` once,
-    the first one predicted from an end-of-review token, in windows of `block_size`. Under DDP each
-    rank scores a disjoint share of the windows and the sums are all-reduced."""
-    stream = np.concatenate([[eos_id], np.asarray(tokens, dtype=np.int64)])
+    the first one predicted from `context` (default: an end-of-review token), in windows of `block_size`.
+    Scoring t[:k·block_size] and then t[k·block_size:] with context t[k·block_size - 1] gives the windows
+    of one pass over t. Under DDP each rank scores a disjoint share of the windows; the sums are all-reduced."""
+    stream = np.concatenate([[eos_id if context is None else context], np.asarray(tokens, dtype=np.int64)])
     starts = list(range(0, len(stream) - 1, block_size))[distributed.rank() :: distributed.world_size()]
     was_training = model.training
     model.eval()

@@ -103,6 +103,10 @@ def check_trainer(t) -> None:
         value = t[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise UserError(f"trainer.{key}={value} must be an integer ≥ {least}")
+    for key in ("eval_tokens", "final_eval_tokens"):
+        value = t[key]
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise UserError(f"trainer.{key}={value} must be an integer ≥ 0, or null for all of val")
     if not (isinstance(t.lr, (int, float)) and t.lr >= 0):
         raise UserError(f"trainer.lr={t.lr} must be a number ≥ 0")
 
@@ -159,8 +163,8 @@ def run(cfg) -> dict:
         hardware.keep_freed_memory()
 
     # prepared data: rank 0 prepares (or reuses) it, the others wait
-    data_dir = prepare.run(cfg) if main else prepare.prepared_dir(cfg)
-    distributed.barrier()
+    with distributed.main_first():
+        data_dir = prepare.run(cfg) if main else prepare.prepared_dir(cfg)
     meta = prepare.read_meta(data_dir)
 
     resume_path = find_resume(cfg, run_dir)
@@ -171,7 +175,14 @@ def run(cfg) -> dict:
             f"({state['data']['name']}, vocab {state['model_config']['vocab_size']}) than {meta['name']} "
             f"(vocab {meta['vocab_size']}) — resume with the data/tokenizer config it was trained with"
         )
-    mcfg = GPTConfig(**state["model_config"]) if state else model_config(cfg, meta["vocab_size"])
+    if state:
+        ignored = [f"model.{k}={cfg.model[k]} (checkpoint: {v})" for k, v in state["model_config"].items()
+                   if k in cfg.model and cfg.model[k] != v]
+        if ignored and main:
+            log.warning(f"resuming keeps the checkpoint's model; ignored: {', '.join(ignored)}")
+        mcfg = GPTConfig(**state["model_config"])
+    else:
+        mcfg = model_config(cfg, meta["vocab_size"])
 
     torch.manual_seed(cfg.seed)
     model = GPT(mcfg).to(dev)
@@ -201,13 +212,29 @@ def run(cfg) -> dict:
             raise UserError(f"{run_dir} already holds checkpoints after step {step} ({', '.join(newer)}): resuming "
                             "here would mix two histories — resume from the newest (trainer.resume=auto) or into a new "
                             "run folder (hydra.run.dir=...)")
-        if state["data"]["position"]["windows_per_step"] != batches.per_step and main:
-            log.warning("the global batch changed since the checkpoint: the data order after it will differ")
+        finished = state["val"] is not None and step >= state["scheduler"]["total_steps"]  # its final evaluation
+        if finished and step >= total_steps:
+            if main:
+                log.info(f"{resume_path} finished at step {step} (val loss {state['val']['loss']:.4f}, bpc "
+                         f"{state['val']['bpc']:.4f}): nothing to train — raise trainer.max_steps (or trainer.epochs) to go on")
+            return state["val"]
+        if step > total_steps:
+            raise UserError(f"checkpoint {resume_path} is at step {step}, past this run's {total_steps} steps — raise "
+                            "trainer.max_steps (or trainer.epochs)")
         if main:
+            if state["data"]["position"]["windows_per_step"] != batches.per_step:
+                log.warning("the global batch changed since the checkpoint: the data order after it will differ")
+            if state["scheduler"]["total_steps"] != total_steps:
+                log.warning(f"the schedule now ends at step {total_steps}, not {state['scheduler']['total_steps']}: "
+                            f"from step {step} the learning rate follows the cosine to step {total_steps}")
             log.info(f"resumed from {resume_path} at step {step}")
 
+    if main:
+        checkpoint.remove_temps(run_dir)
     tok_dir = data_dir / meta["tokenizer"]["dir"]
-    tracker = Tracker(cfg, run_dir, enabled=main, resume_id=state.get("wandb_run_id") if state else None)
+    # one run folder, one history, one W&B run: resumed elsewhere (a branch, a multirun's jobs) a new W&B run
+    in_place = state is not None and resume_path.resolve().parent.parent == run_dir.resolve()
+    tracker = Tracker(cfg, run_dir, enabled=main, resume_id=state.get("wandb_run_id") if in_place else None)
     ddp = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None) if distributed.is_distributed() else None
     train_model = torch.compile(ddp or model) if t.compile else ddp or model
 
@@ -216,6 +243,12 @@ def run(cfg) -> dict:
     flops_per_token = model.flops_per_token()
     val_tokens = np.memmap(data_dir / meta["splits"]["val"]["file"], dtype=np.dtype(meta["dtype"]), mode="r")
     val_split = meta["splits"]["val"]
+    # periodic evaluations score the same whole windows at val's start, so their losses compare (best.pt);
+    # the final one scores them again as the start of its pass, then the rest
+    final_n = min(len(val_tokens), int(t.final_eval_tokens)) if t.final_eval_tokens else len(val_tokens)
+    share_n = min(final_n, -(-int(t.eval_tokens) // mcfg.block_size) * mcfg.block_size) if t.eval_tokens else final_n
+    if state and state.get("best_val_tokens") != share_n:
+        best = float("inf")  # its best was measured on other val tokens
     tokenizer = ktok.load(tok_dir)
     if main:
         log.info("\n" + table([
@@ -227,12 +260,19 @@ def run(cfg) -> dict:
             ("run folder", str(run_dir)),
         ], "train"))
 
-    def evaluate(final: bool) -> dict:
-        limit = t.final_eval_tokens if final else t.eval_tokens
-        limit = int(limit) if limit else None
-        nats, n = token_loss(model, val_tokens[:limit], meta["eos_id"], mcfg.block_size, t.eval_batch_size, dev,
-                             dtype, show_progress=final)
-        return metrics(nats, n, val_split["tokens"], val_split["chars"])
+    def evaluate(final: bool) -> tuple[dict, dict]:
+        """(metrics of the periodic share, metrics of this evaluation)"""
+        def score(start, end):
+            context = int(val_tokens[start - 1]) if start else None
+            return token_loss(model, val_tokens[start:end], meta["eos_id"], mcfg.block_size, t.eval_batch_size, dev,
+                              dtype, show_progress=final, context=context)
+
+        nats, n = score(0, share_n)
+        share = metrics(nats, n, val_split["tokens"], val_split["chars"])
+        if not final or share_n == final_n:
+            return share, share
+        rest_nats, rest_n = score(share_n, final_n)
+        return share, metrics(nats + rest_nats, n + rest_n, val_split["tokens"], val_split["chars"])
 
     def samples() -> list[tuple[str, str]]:
         rows = []
@@ -250,7 +290,7 @@ def run(cfg) -> dict:
         ckpt = {
             "model_config": mcfg.to_dict(), "model": model.state_dict(), "optimizer": opt.state_dict(),
             "scheduler": {"kind": "warmup_cosine", "total_steps": total_steps, "warmup_steps": t.warmup_steps},
-            "step": step, "best_val_loss": best, "val": val, "rng": rng_state(),
+            "step": step, "best_val_loss": best, "best_val_tokens": share_n, "val": val, "rng": rng_state(),
             "data": {"dir": str(data_dir), "name": meta["name"], "fingerprint": meta["fingerprint"],
                      "position": batches.position(step), "splits": meta["splits"], "eos_id": meta["eos_id"],
                      "dtype": meta["dtype"]},
@@ -266,9 +306,9 @@ def run(cfg) -> dict:
 
     def eval_and_log(final=False):
         nonlocal best
-        val = evaluate(final)
-        is_best = val["loss"] < best
-        best = min(best, val["loss"])
+        share, val = evaluate(final)
+        is_best = share["loss"] < best
+        best = min(best, share["loss"])
         tracker.log({f"val/{k}": v for k, v in val.items()}, step)
         if main:
             log.info(f"step {step}: val loss {val['loss']:.4f}, ppl {val['ppl']:.2f}, bpc {val['bpc']:.4f}")

@@ -176,6 +176,7 @@ def test_resume_after_sigkill_gives_the_same_losses(corpus, tmp_path):
     assert saved and max(int(p.stem.split("-")[1]) for p in saved) < 60, "the run finished before it was killed"
     for p in saved:  # every checkpoint on disk is whole
         checkpoint.load(p)
+    (run_dir / "checkpoints" / ".step-0000050.pt.tmp-99999.pt").write_bytes(b"PK")  # as a save killed mid-way leaves
     resumed = cli([*common, f"hydra.run.dir={run_dir}", "trainer.resume=auto"])
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout + resumed.stderr
@@ -230,6 +231,7 @@ def test_resume_into_a_folder_with_later_checkpoints_is_refused(corpus, tmp_path
     ("trainer.log_interval=0", "trainer.log_interval=0 must be an integer ≥ 1"),
     ("trainer.keep_last=null", "trainer.keep_last=None must be an integer ≥ 0"),
     ("trainer.lr=-1", "trainer.lr=-1 must be a number ≥ 0"),
+    ("trainer.eval_tokens=-5", "trainer.eval_tokens=-5 must be an integer ≥ 0, or null for all of val"),
 ])
 def test_bad_trainer_values_are_user_errors(corpus, tmp_path, override, message):
     with pytest.raises(UserError, match=re.escape(message)):
@@ -255,17 +257,94 @@ def test_two_processes_match_one(corpus, tmp_path, optimizer, split):
     np.testing.assert_allclose(losses(runs[0], "val/loss")[12], losses(tmp_path / "one", "val/loss")[12], rtol=2e-4)
 
 
-def test_multirun_gives_each_job_its_folder_and_wandb_run(corpus, tmp_path):
-    proc = cli(["-m", *base(corpus, tmp_path), "stage=train", "logger=wandb", "trainer.max_steps=3",
-                "trainer.lr=1e-3,3e-4"], env={"WANDB_MODE": "offline"})
+def wandb_ids(run_dir) -> list[str]:
+    return [p.name.rsplit("-", 1)[1] for p in (Path(run_dir) / "wandb").glob("offline-run-*")]
+
+
+def test_multirun_gives_each_job_its_folder_and_wandb_run(corpus, tmp_path, monkeypatch):
+    """Each job of a sweep gets its folder and its own W&B run, also when all jobs resume one checkpoint."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    _, start = train_in_process(corpus, tmp_path, "logger=wandb", "trainer.max_steps=2", "trainer.eval_interval=0")
+    proc = cli(["-m", *base(corpus, tmp_path), "stage=train", "logger=wandb", "trainer.max_steps=4",
+                "trainer.lr=1e-3,3e-4", f"trainer.resume={start}"])
     assert proc.returncode == 0, proc.stderr
     jobs = sorted((tmp_path / "multirun").glob("*/*/[0-9]"))
     assert [j.name for j in jobs] == ["0", "1"]
     lrs = [yaml.safe_load((j / ".hydra" / "config.yaml").read_text())["trainer"]["lr"] for j in jobs]
     assert lrs == [1e-3, 3e-4]
+    ids = [*wandb_ids(start), *(i for j in jobs for i in wandb_ids(j))]
+    assert len(ids) == len(set(ids)) == 3  # one W&B run per job, inside its folder, none the start's
     for j in jobs:
-        assert len(losses(j)) == 3 and (j / "checkpoints" / "step-0000003.pt").exists()
-        assert len(list((j / "wandb").glob("offline-run-*"))) == 1  # one W&B run per job, inside its folder
+        assert sorted(losses(j)) == [3, 4] and (j / "checkpoints" / "step-0000004.pt").exists()
+
+
+def test_resume_in_place_continues_the_wandb_run_elsewhere_starts_one(corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    common = ["logger=wandb", "trainer.eval_interval=0"]
+    _, start = train_in_process(corpus, tmp_path, *common, "trainer.max_steps=2")
+    train_in_process(corpus, tmp_path, *common, "trainer.max_steps=4", "trainer.resume=auto")
+    ids = wandb_ids(start)
+    assert len(ids) == 2 and len(set(ids)) == 1  # one folder, one history, one W&B run
+    _, branch = train_in_process(corpus, tmp_path / "b", *common, "trainer.max_steps=4",
+                                 f"trainer.resume={checkpoint.step_path(start, 2)}")
+    assert len(wandb_ids(branch)) == 1 and wandb_ids(branch)[0] not in ids
+
+
+def test_resume_of_a_finished_run_trains_nothing(corpus, tmp_path, caplog):
+    caplog.set_level("INFO", logger="kr3")
+    common = ["trainer.eval_interval=0", "trainer.ckpt_interval=2", "trainer.keep_last=0"]
+    val, run_dir = train_in_process(corpus, tmp_path, *common, "trainer.max_steps=4")
+    rows = (run_dir / "metrics.jsonl").read_text()
+    again, _ = train_in_process(corpus, tmp_path, *common, "trainer.max_steps=4", "trainer.resume=auto")
+    assert again == val and (run_dir / "metrics.jsonl").read_text() == rows  # no second evaluation, no new rows
+    assert "finished at step 4" in caplog.text
+    # best.pt of a periodic evaluation (lr 0: step 4 is no better) holds a val, but not the run's last
+    _, periodic = train_in_process(corpus, tmp_path / "p", *common, "trainer.max_steps=4", "trainer.eval_interval=2",
+                                   "trainer.lr=0")
+    assert checkpoint.load(periodic / "checkpoints" / "best.pt")["step"] == 2
+    _, rerun = train_in_process(corpus, tmp_path / "q", *common, "trainer.max_steps=2",
+                                f"trainer.resume={periodic / 'checkpoints' / 'best.pt'}")
+    assert sorted(losses(rerun, "val/loss")) == [2]  # evaluated, as a run that stops at step 2 does
+    with pytest.raises(UserError, match="at step 2, past this run's 1 steps"):
+        train_in_process(corpus, tmp_path / "b", *common, "trainer.max_steps=1",
+                         f"trainer.resume={checkpoint.step_path(run_dir, 2)}")
+    _, more = train_in_process(corpus, tmp_path / "c", *common, "trainer.max_steps=6", f"trainer.resume={run_dir}",
+                               "model.n_layers=3")
+    assert sorted(losses(more)) == [5, 6] and checkpoint.load(checkpoint.step_path(more, 6))["model_config"]["n_layers"] == 2
+    assert "the schedule now ends at step 6, not 4" in caplog.text
+    assert "ignored: model.n_layers=3 (checkpoint: 2)" in caplog.text
+
+
+def test_best_checkpoint_compares_the_same_val_tokens(corpus, tmp_path):
+    """Periodic evaluations score whole windows at val's start; the final one scores those again inside its
+    pass over all of val (exactly: split at a window boundary, the second part's context is the token
+    before it), and best.pt is chosen on that share alone."""
+    import torch
+
+    from kr3.evaluate import token_loss
+
+    _, run_dir = train_in_process(corpus, tmp_path, "trainer.max_steps=4", "trainer.eval_interval=2",
+                                  "trainer.eval_tokens=100", "trainer.ckpt_interval=2", "trainer.keep_last=0")
+    state = checkpoint.load(checkpoint.step_path(run_dir, 4))
+    val = np.memmap(Path(state["data"]["dir"]) / "val.bin", dtype=state["data"]["dtype"], mode="r")
+    eos = state["data"]["eos_id"]
+    block = state["model_config"]["block_size"]
+    share = -(-100 // block) * block
+    assert state["best_val_tokens"] == share < len(val)
+
+    def score(tokens, step=4, **kw):
+        model, _, _ = checkpoint.load_model(checkpoint.step_path(run_dir, step), "cpu")
+        return token_loss(model, tokens, eos, block, 4, "cpu", torch.float32, **kw)
+
+    at_2 = score(val[:share], step=2)
+    assert losses(run_dir, "val/loss")[2] == pytest.approx(at_2[0] / at_2[1], rel=1e-5)  # whole windows
+    whole = score(val)
+    head, tail = score(val[:share]), score(val[share:], context=int(val[share - 1]))
+    assert head[1] + tail[1] == whole[1] == len(val)
+    assert head[0] + tail[0] == pytest.approx(whole[0], rel=1e-6)
+    assert losses(run_dir, "val/loss")[4] == pytest.approx(whole[0] / whole[1], rel=1e-5)
+    # best: the lower of step 2's share (what it logged) and step 4's share — not step 4's whole val
+    assert state["best_val_loss"] == pytest.approx(min(losses(run_dir, "val/loss")[2], head[0] / head[1]), rel=1e-5)
 
 
 @pytest.mark.slow
@@ -322,3 +401,30 @@ def test_bad_embedding_lr_is_one_line(corpus, tmp_path):
 
 def test_single_process_is_rank_zero():
     assert distributed.world_size() == 1 and distributed.is_main()
+
+
+def test_ranks_wait_for_rank_zero_beyond_the_collective_timeout(tmp_path):
+    """The other ranks wait for rank 0's data preparation on a group of its own: here rank 0 takes longer
+    than the default group's timeout (5 s), which a plain barrier would not survive, and rank 1 runs after it;
+    when rank 0 fails there, rank 1 stops at once with a one-line error."""
+    script = tmp_path / "wait.py"
+    script.write_text(
+        "import sys, time\nfrom datetime import timedelta\nimport torch.distributed as dist\nfrom kr3 import distributed\n"
+        "dist.init_process_group('gloo', timeout=timedelta(seconds=5))\n"
+        "with distributed.main_first():\n"
+        "    if dist.get_rank() == 0:\n"
+        "        time.sleep(7) if sys.argv[1] == 'wait' else sys.exit('rank 0 fails')\n"
+        "    print('rank', dist.get_rank(), 'after', open('done').read() if dist.get_rank() else 'nothing', flush=True)\n"
+        "    open('done', 'w').write('rank 0')\n"
+        "dist.destroy_process_group()\n"
+    )
+    def launch(mode):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               str(script), mode], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+    proc = launch("wait")
+    assert proc.returncode == 0, proc.stderr
+    assert "rank 0 after nothing" in proc.stdout and "rank 1 after rank 0" in proc.stdout
+    proc = launch("fail")
+    assert proc.returncode != 0 and "UserError: rank 0 failed before training" in proc.stderr
