@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import re
 import unicodedata
 from dataclasses import dataclass, field
@@ -65,6 +66,14 @@ def _load_hub(cfg, cache_dir):
     return _from_dataset(ds, cfg, source=f"hub:{cfg.hub_id}", fingerprint=f"{cfg.hub_id}@{cfg.revision}:{fp}")
 
 
+def source_files(path: Path) -> list[Path]:
+    """The file, or a folder's files, leaving out hidden files and folders (.git, .ipynb_checkpoints, ...)."""
+    if not path.is_dir():
+        return [path]
+    return sorted(p for p in path.rglob("*")
+                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+
+
 def _load_local(cfg, cache_dir):
     import datasets
 
@@ -73,11 +82,10 @@ def _load_local(cfg, cache_dir):
     path = Path(cfg.path).expanduser()
     if not path.exists():
         raise UserError(f"data.path={path} does not exist — check the path")
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    files = [p for p in files if not p.name.startswith(".")]
+    files = source_files(path)
     exts = {p.suffix.lower() for p in files}
     if not files or not exts <= FORMATS.keys():
-        bad = ", ".join(sorted(exts - FORMATS.keys())) or "no files"
+        bad = ", ".join(sorted(e or "a file without extension" for e in exts - FORMATS.keys())) or "no files"
         raise UserError(f"data.path={path}: unsupported file type ({bad}) — use {', '.join(FORMATS)}")
     builders = {FORMATS[e][0] for e in exts}
     if len(builders) > 1 or len({e for e in exts if e in (".csv", ".tsv")}) > 1:
@@ -98,6 +106,24 @@ def _load_local(cfg, cache_dir):
     return _from_dataset(ds, cfg, source=str(path), fingerprint=digest.hexdigest(), text_default=builder == "text")
 
 
+def _ratings(values: list, column: str, source: str) -> list[int]:
+    """Integer ratings (-1: missing); 2.0 is 2, but 1.5 or "pos" is not a rating."""
+    out = []
+    for x in values:
+        if x is None or (isinstance(x, float) and math.isnan(x)):
+            out.append(-1)
+            continue
+        try:
+            r = float(x)
+        except (TypeError, ValueError):
+            r = math.nan
+        if not r.is_integer():
+            raise UserError(f"{source}: column {column!r} is not integer ratings (e.g. {x!r}) — set "
+                            "data.label_column=null to ignore it, or data.label_column=<the rating column>")
+        out.append(int(r))
+    return out
+
+
 def _from_dataset(ds, cfg, source, fingerprint, text_default=False) -> Corpus:
     ds = ds.remove_columns([c for c in cfg.drop_columns if c in ds.column_names])
     cols = ds.column_names
@@ -109,7 +135,7 @@ def _from_dataset(ds, cfg, source, fingerprint, text_default=False) -> Corpus:
     table = ds.with_format("arrow")  # column access through arrow: row-by-row python access is 10x slower
     labels = None
     if cfg.label_column and cfg.label_column in cols:
-        labels = [int(x) if x is not None else -1 for x in table[cfg.label_column].to_pylist()]
+        labels = _ratings(table[cfg.label_column].to_pylist(), cfg.label_column, source)
     elif cfg.ratings is not None:
         raise UserError(
             f"data.ratings filters on {cfg.label_column!r}, which {source} does not have "

@@ -1,2 +1,20 @@
 class UserError(Exception):
     """A mistake the user can fix: shown as one line ("what is wrong — what to do"), no traceback."""
+
+
+def check_values(section: str, values, rules: dict) -> None:
+    """One-line errors for config values that would otherwise fail deep inside a stage. `rules` maps a key to
+    (kind, low, high, null_ok): kind "int" or "number"; low is inclusive, or exclusive as ("above", x);
+    high (inclusive) and null_ok optional."""
+    for key, (kind, low, high, null_ok) in rules.items():
+        value = values[key]
+        if value is None and null_ok:
+            continue
+        above = isinstance(low, tuple)
+        low = low[1] if above else low
+        ok = (isinstance(value, int if kind == "int" else (int, float)) and not isinstance(value, bool)
+              and (value > low if above else value >= low) and (high is None or value <= high))
+        if not ok:
+            bound = f"{'>' if above else '≥'} {low}" + (f" and ≤ {high}" if high is not None else "")
+            raise UserError(f"{section}.{key}={value} must be {'an integer' if kind == 'int' else 'a number'} {bound}"
+                            + (", or null" if null_ok else ""))

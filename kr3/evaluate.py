@@ -11,10 +11,10 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from kr3 import checkpoint, distributed, hardware
+from kr3 import checkpoint, distributed, hardware, prepare
 from kr3 import data as kdata
 from kr3.atomic import replacing
-from kr3.errors import UserError
+from kr3.errors import UserError, check_values
 from kr3.tracking import progress, table
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ def run(cfg) -> dict:
     data it was trained on, or on any file given with `data=local data.path=...` (cleaned as in training,
     encoded with the checkpoint's tokenizer). Writes eval.json into the run folder."""
     e = cfg.evaluate
+    check_values("evaluate", e, {"batch_size": ("int", 1, None, False), "max_tokens": ("int", 1, None, True)})
     dev = hardware.resolve_device(e.device)
     dtype = hardware.resolve_precision(e.precision, dev)
     if dev.type == "cpu":
@@ -77,6 +78,11 @@ def run(cfg) -> dict:
             raise UserError(
                 f"split {e.split!r} of {state['data']['dir']} is not there — re-run stage=prepare with the training "
                 "config, or evaluate a file with data=local data.path=..."
+            )
+        if prepare.read_meta(path.parent)["fingerprint"] != state["data"]["fingerprint"]:
+            raise UserError(
+                f"{path.parent} was prepared again (other data or tokenizer) since this checkpoint was trained on it "
+                "— evaluate a file with data=local data.path=..., or prepare the data it was trained on again"
             )
         tokens = np.memmap(path, dtype=np.dtype(state["data"]["dtype"]), mode="r")
         source, chars = str(path), split["chars"]

@@ -10,11 +10,12 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from kr3 import checkpoint, hardware
 from kr3.atomic import replacing
 from kr3.data import clean_text
-from kr3.errors import UserError
+from kr3.errors import UserError, check_values
 from kr3.model import GPT, KVCache
 from kr3.tracking import progress
 
@@ -74,6 +75,7 @@ class Completer:
 
     def __init__(self, model, tokenizer, g, clean_cfg):
         self.model, self.tok, self.g = model, tokenizer, g
+        self.stops = stop_strings(g)
         self.clean = (bool(clean_cfg.get("nfc", True)), bool(clean_cfg.get("strip_control", True)),
                       bool(clean_cfg.get("collapse_whitespace", True)))
 
@@ -92,24 +94,28 @@ class Completer:
         generator = torch.Generator().manual_seed(int(g.seed) + sample)
         start = time.perf_counter()
         prefix = self.tok.decode(ids)
-        shown, new, first = "", [], None
+        text, shown, new, first = "", "", [], None
         for t in sample_tokens(self.model, ids, g.max_new_tokens, self.tok.eos_id, g.temperature, g.top_k, g.top_p,
                                g.repetition_penalty, generator):
             new.append(t)
             first = first or time.perf_counter() - start
-            text = self.tok.decode(ids + new)[len(prefix) :]  # decode with the prompt: keeps the joining space
-            if text.endswith("\ufffd"):
+            decoded = self.tok.decode(ids + new)[len(prefix) :]  # decode with the prompt: keeps the joining space
+            if decoded.endswith("\ufffd"):
                 continue  # half of a multi-byte character: wait for the rest
-            stop = next((text.index(s) for s in g.stop or [] if s in text), None)
+            text = decoded
+            stop = min((text.index(s) for s in self.stops if s in text), default=None)
             if stop is not None:
                 text = text[:stop]
-            if len(text) > len(shown):
-                yield text[len(shown) :]
-                shown = text
-            if stop is not None:
                 break
+            # hold back an end that may be the start of a stop string, so none of one is ever shown
+            held = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            if len(text) - held > len(shown):
+                yield text[len(shown) : len(text) - held]
+                shown = text[: len(text) - held]
+        if len(text) > len(shown):
+            yield text[len(shown) :]
         seconds = time.perf_counter() - start
-        yield {"completion": shown, "tokens": len(new), "seconds": round(seconds, 4),
+        yield {"completion": text, "tokens": len(new), "seconds": round(seconds, 4),
                "first_token_s": round(first or seconds, 4), "tokens_per_s": round(len(new) / seconds, 2) if new else 0.0}
 
     def complete(self, prompt: str, sample: int = 0) -> dict:
@@ -125,8 +131,27 @@ class Completer:
         return [(self.tok.id_to_piece(int(i)), float(p)) for p, i in zip(top.values, top.indices)]
 
 
+def check_generate(g) -> None:
+    check_values("generate", g, {
+        "max_new_tokens": ("int", 1, None, False), "num_samples": ("int", 1, None, False),
+        "temperature": ("number", 0, None, False), "top_k": ("int", 0, None, True),
+        "top_p": ("number", ("above", 0), 1, True), "repetition_penalty": ("number", ("above", 0), None, False),
+        "show_next": ("int", 0, None, False),
+    })
+    if not all(isinstance(s, str) and s for s in stop_strings(g)):
+        raise UserError(f"generate.stop={g.stop} must be non-empty strings, e.g. generate.stop='[\"!\",\"다\"]'")
+
+
+def stop_strings(g) -> list:
+    """generate.stop as a list: one string is one stop string (not its characters)."""
+    if g.stop is None:
+        return []
+    return list(g.stop) if OmegaConf.is_list(g.stop) or isinstance(g.stop, list) else [g.stop]
+
+
 def run(cfg):
     g = cfg.generate
+    check_generate(g)
     dev = hardware.resolve_device(g.device)
     dtype = hardware.resolve_precision(g.precision, dev)
     model, tok, state = checkpoint.load_model(cfg.checkpoint, dev, dtype, log_dir=cfg.paths.log_dir)
@@ -173,6 +198,11 @@ def repl(completer: Completer, stdin, out) -> None:
             prompt = line.strip()
             if not prompt:
                 continue
+            try:
+                prompt.encode("utf-8")  # undecodable input bytes arrive as surrogates
+            except UnicodeEncodeError:
+                out.write("(that line is not UTF-8 text: set your terminal to UTF-8)\n")
+                continue
             if prompt.lower() in EXIT_WORDS:
                 break
             answer(completer, prompt, out)
@@ -185,7 +215,10 @@ def batch(cfg, completer: Completer) -> Path:
     src = Path(g.prompts_file).expanduser()
     if not src.is_file():
         raise UserError(f"generate.prompts_file={src} does not exist — give a text file with one prompt per line")
-    prompts = [line.strip() for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        prompts = [line.strip() for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise UserError(f"{src} is not UTF-8 text — save it as UTF-8") from None
     if not prompts:
         raise UserError(f"{src} has no prompts — write one prompt per line")
     out = Path(g.output) if g.output else Path(cfg.paths.output_dir) / "generations.jsonl"

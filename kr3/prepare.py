@@ -51,7 +51,7 @@ def source_stamp(dcfg) -> str:
     """Cheap identity of the source, to decide whether a prepared folder is still current."""
     if dcfg.source == "local" and dcfg.path and Path(dcfg.path).expanduser().exists():
         p = Path(dcfg.path).expanduser().resolve()
-        files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
+        files = kdata.source_files(p)
         return json.dumps([(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
     return f"{dcfg.source}:{dcfg.hub_id}@{dcfg.revision}"
 

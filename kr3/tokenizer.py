@@ -112,12 +112,12 @@ class SentencePieceTokenizer(Tokenizer):
                 pad_id=-1,
                 minloglevel=2,
             )
-        except RuntimeError as e:
+        except (RuntimeError, ValueError) as e:  # how sentencepiece reports bad settings
             raise _spm_user_error(e, cfg.vocab_size) from None
         return cls(model.getvalue())
 
 
-def _spm_user_error(e: RuntimeError, vocab_size: int) -> Exception:
+def _spm_user_error(e: Exception, vocab_size: int) -> UserError:
     msg = str(e)
     if m := re.search(r"Vocabulary size too high \((\d+)\).*<= (\d+)", msg):
         return UserError(
@@ -130,7 +130,8 @@ def _spm_user_error(e: RuntimeError, vocab_size: int) -> Exception:
             "(its characters, bytes and specials) "
             f"— raise tokenizer.vocab_size above {m.group(2)} or lower tokenizer.character_coverage"
         )
-    return e
+    return UserError(f"sentencepiece refused these settings ({msg.strip() or type(e).__name__}) — check the "
+                     "tokenizer.* overrides")
 
 
 class PretrainedTokenizer(Tokenizer):

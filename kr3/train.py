@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from kr3 import checkpoint, distributed, hardware, optim, prepare
 from kr3 import tokenizer as ktok
-from kr3.errors import UserError
+from kr3.errors import UserError, check_values
 from kr3.evaluate import metrics, token_loss
 from kr3.generate import sample_tokens
 from kr3.model import GPT, GPTConfig
@@ -97,18 +97,13 @@ class Interrupts:
 
 
 def check_trainer(t) -> None:
-    """One-line errors for trainer values that would otherwise fail deep inside the loop."""
-    for key, least in (("batch_size", 1), ("grad_accum", 1), ("log_interval", 1), ("eval_batch_size", 1),
-                       ("warmup_steps", 0), ("keep_last", 0)):
-        value = t[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value < least:
-            raise UserError(f"trainer.{key}={value} must be an integer ≥ {least}")
-    for key in ("eval_tokens", "final_eval_tokens"):
-        value = t[key]
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-            raise UserError(f"trainer.{key}={value} must be an integer ≥ 0, or null for all of val")
-    if not (isinstance(t.lr, (int, float)) and t.lr >= 0):
-        raise UserError(f"trainer.lr={t.lr} must be a number ≥ 0")
+    check_values("trainer", t, {
+        "batch_size": ("int", 1, None, False), "grad_accum": ("int", 1, None, False),
+        "log_interval": ("int", 1, None, False), "eval_batch_size": ("int", 1, None, False),
+        "warmup_steps": ("int", 0, None, False), "keep_last": ("int", 0, None, False),
+        "eval_tokens": ("int", 0, None, True), "final_eval_tokens": ("int", 0, None, True),
+        "lr": ("number", 0, None, False),
+    })
 
 
 def lr_at(step: int, total: int, cfg) -> float:

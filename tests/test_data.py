@@ -94,6 +94,31 @@ def test_load_local_folder(tmp_path, reviews):
     assert sorted(corpus.texts) == sorted(t for _, t in reviews[:50])
 
 
+def test_load_local_folder_skips_hidden_files_and_folders(tmp_path, reviews):
+    write(tmp_path / "d" / "a.csv", reviews[:30], "csv")
+    write(tmp_path / "d" / ".ipynb_checkpoints" / "a-checkpoint.csv", reviews[30:50], "csv")
+    (tmp_path / "d" / ".git").mkdir()
+    (tmp_path / "d" / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    corpus = data.load(data_cfg(tmp_path, "data=local", f"data.path={tmp_path / 'd'}"))
+    assert sorted(corpus.texts) == sorted(t for _, t in reviews[:30])
+    (tmp_path / "d" / "README").write_text("about these files\n")
+    with pytest.raises(UserError, match=r"unsupported file type \(a file without extension\)"):
+        data.load(data_cfg(tmp_path, "data=local", f"data.path={tmp_path / 'd'}"))
+
+
+@pytest.mark.parametrize("labels, ok", [(["pos", "neg"], False), ([1.5, 2.0], False), ([2.0, None], True)])
+def test_labels_must_be_integer_ratings(tmp_path, labels, ok):
+    path = tmp_path / "r.parquet"
+    pd.DataFrame({"Rating": labels, "Review": ["맛있어요", "별로예요"]}).to_parquet(path)
+    cfg = data_cfg(tmp_path, "data=local", f"data.path={path}")
+    if ok:
+        assert data.load(cfg).labels == [2, -1]
+    else:
+        with pytest.raises(UserError, match=r"column 'Rating' is not integer ratings .* data.label_column=null"):
+            data.load(cfg)
+        assert data.load(data_cfg(tmp_path, "data=local", f"data.path={path}", "data.label_column=null")).labels is None
+
+
 def test_load_drops_index_column_and_fingerprints_content(tmp_path, corpus_parquet):
     cfg = data_cfg(tmp_path, "data=local", f"data.path={corpus_parquet}")
     a = data.load(cfg)

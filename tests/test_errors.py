@@ -95,3 +95,38 @@ def test_prompts_file_errors(tmp_path, content, message):
     with pytest.raises(UserError, match=message):
         generate.batch(cfg, completer=None)
     assert not (tmp_path / "generations.jsonl").exists()
+
+
+def test_evaluate_refuses_data_prepared_again(tmp_path, monkeypatch):
+    """The checkpoint's prepared folder was rebuilt (other data or tokenizer): its val.bin is not what the model
+    was trained on, and its token ids may mean other pieces."""
+    import json
+
+    import numpy as np
+
+    from kr3 import evaluate
+
+    path = _fake_checkpoint(tmp_path)
+    state = checkpoint.load(path)
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    np.arange(50, dtype=np.uint16).tofile(prepared / "val.bin")
+    (prepared / "meta.json").write_text(json.dumps({"format_version": prepare.FORMAT_VERSION, "fingerprint": "new"}))
+    state["data"].update(dir=str(prepared), splits={"val": {"file": "val.bin", "chars": 100}}, fingerprint="old")
+    checkpoint.save(state, path)
+    monkeypatch.setattr(ktok, "from_files", lambda files: None)
+    cfg = compose_cfg(tmp_path, ["stage=evaluate", f"checkpoint={path}", f"paths.output_dir={tmp_path / 'e'}"])
+    with pytest.raises(UserError, match="was prepared again .* since this checkpoint was trained on it"):
+        evaluate.run(cfg)
+    assert not (tmp_path / "e" / "eval.json").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("evaluate.batch_size=0", "evaluate.batch_size=0 must be an integer ≥ 1"),
+    ("evaluate.max_tokens=-5", "evaluate.max_tokens=-5 must be an integer ≥ 1, or null"),
+])
+def test_bad_evaluate_values(tmp_path, override, message):
+    from kr3 import evaluate
+
+    with pytest.raises(UserError, match=message):
+        evaluate.run(compose_cfg(tmp_path, ["stage=evaluate", "checkpoint=x.pt", override]))

@@ -120,8 +120,38 @@ def test_one_shot_show_next_and_batch(trained, tmp_path):
     assert all({"completion", "tokens", "seconds", "first_token_s", "tokens_per_s"} <= r.keys() for r in rows)
 
 
+def test_stop_strings_never_show(trained):
+    """A stop string ends the completion before it, also when it spans tokens, and one string is one stop
+    string (not a set of characters)."""
+    model, tok, state = loaded(trained[0])
+    clean = state["config"]["data"]["clean"]
+
+    def complete(*overrides):
+        c = Completer(model, tok, gen_cfg(trained[1], "generate.temperature=0", "generate.max_new_tokens=24", *overrides),
+                      clean)
+        pieces = list(c.stream("이 집"))
+        return "".join(pieces[:-1]), pieces[-1]["completion"]
+
+    full, _ = complete()
+    assert len(full) > 6
+    stop = full[3:6]  # spans several tokens (the vocabulary here is 500 pieces)
+    shown, completion = complete(f"generate.stop=[{stop!r}]")
+    assert shown == completion == full[: full.index(stop)]
+    shown, completion = complete(f"generate.stop={stop!r}")  # a single string
+    assert shown == completion == full[: full.index(stop)]
+    never = "없는말"
+    assert never not in full and complete(f"generate.stop={never!r}") == (full, full)
+
+
 @pytest.mark.parametrize("args, message", [
     (["generate.prompt=' '"], "generate.prompt is empty"),
+    (["generate.temperature=-1"], "generate.temperature=-1 must be a number ≥ 0"),
+    (["generate.top_p=1.5"], "generate.top_p=1.5 must be a number > 0 and ≤ 1, or null"),
+    (["generate.top_k=-3"], "generate.top_k=-3 must be an integer ≥ 0, or null"),
+    (["generate.repetition_penalty=0"], "generate.repetition_penalty=0 must be a number > 0"),
+    (["generate.num_samples=0"], "generate.num_samples=0 must be an integer ≥ 1"),
+    (["generate.temperature=abc"], "generate.temperature=abc must be a number ≥ 0"),
+    (["generate.stop=['']"], "generate.stop=[''] must be non-empty strings"),
     (["checkpoint=/nope/x.pt"], "checkpoint /nope/x.pt does not exist"),
     ([], "this stage needs a checkpoint"),
 ])
@@ -130,6 +160,18 @@ def test_generate_errors(trained, args, message):
         args = [f"checkpoint={trained[0]}", *args]
     proc = cli(trained[1], "stage=generate", *args)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and f"error: {message}" in proc.stderr
+
+
+def test_non_utf8_input_is_one_line(trained, tmp_path):
+    bad = tmp_path / "prompts.txt"
+    bad.write_bytes(b"\xff\xfe\x00a\n")
+    proc = cli(trained[1], "stage=generate", f"checkpoint={trained[0]}", f"generate.prompts_file={bad}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "is not UTF-8 text" in proc.stderr
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), f"paths.root_dir={trained[1]}", "stage=generate",
+                           f"checkpoint={trained[0]}", "generate.max_new_tokens=4"], capture_output=True,
+                          input=b"\xff\xfe\n" + "사장님\n".encode(), timeout=300)  # a bad line, then a good one
+    assert proc.returncode == 0, proc.stderr
+    assert b"not UTF-8 text" in proc.stdout and proc.stdout.splitlines()[-1].startswith("사장님".encode())
 
 
 def test_corrupt_checkpoint_is_one_line(trained, tmp_path):

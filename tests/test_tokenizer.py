@@ -59,6 +59,12 @@ def test_vocab_larger_than_corpus_supports(tmp_path, texts):
         ktok.build(sp_cfg(tmp_path, "tokenizer.vocab_size=8000"), texts, seed=0)
 
 
+@pytest.mark.parametrize("override", ["tokenizer.character_coverage=2", "tokenizer.model_type=foo"])
+def test_settings_sentencepiece_refuses(tmp_path, texts, override):
+    with pytest.raises(UserError, match=r"sentencepiece refused these settings \(.+\) — check the tokenizer"):
+        ktok.build(sp_cfg(tmp_path, "tokenizer.vocab_size=400", override), texts, seed=0)
+
+
 def test_pretrained_folder_without_tokenizer(tmp_path):
     (tmp_path / "empty").mkdir()
     cfg = compose_cfg(tmp_path, ["tokenizer=pretrained", f"tokenizer.name_or_path={tmp_path / 'empty'}"]).tokenizer

@@ -231,7 +231,7 @@ def test_resume_into_a_folder_with_later_checkpoints_is_refused(corpus, tmp_path
     ("trainer.log_interval=0", "trainer.log_interval=0 must be an integer ≥ 1"),
     ("trainer.keep_last=null", "trainer.keep_last=None must be an integer ≥ 0"),
     ("trainer.lr=-1", "trainer.lr=-1 must be a number ≥ 0"),
-    ("trainer.eval_tokens=-5", "trainer.eval_tokens=-5 must be an integer ≥ 0, or null for all of val"),
+    ("trainer.eval_tokens=-5", "trainer.eval_tokens=-5 must be an integer ≥ 0, or null"),
 ])
 def test_bad_trainer_values_are_user_errors(corpus, tmp_path, override, message):
     with pytest.raises(UserError, match=re.escape(message)):
