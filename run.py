@@ -3,6 +3,7 @@
 import atexit
 import importlib
 import os
+import re
 import sys
 
 import hydra
@@ -33,12 +34,26 @@ def main(cfg: DictConfig):
         sys.exit(130)
 
 
+def quote_free_text(argv: list[str]) -> list[str]:
+    """`generate.prompt=분위기가 좋고` as typed: Hydra's override grammar takes neither Korean nor spaces
+    unquoted, so a prompt not already quoted is quoted here (quotes and the backslashes before them escaped)."""
+    out = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if eq and key.lstrip("+") == "generate.prompt" and value[:1] not in ("'", '"'):
+            value = re.sub(r"(\\*)'", lambda m: m[1] * 2 + "\\'", value)
+            value = "'" + re.sub(r"(\\+)$", lambda m: m[1] * 2, value) + "'"
+        out.append(f"{key}={value}" if eq else arg)
+    return out
+
+
 def fail(message: str):
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
 if __name__ == "__main__":
+    sys.argv = quote_free_text(sys.argv)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # under torchrun: join before Hydra picks the run folder
         from kr3 import distributed
 

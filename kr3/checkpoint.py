@@ -17,6 +17,7 @@ from kr3.errors import UserError
 FORMAT_VERSION = 1
 CKPT_DIR = "checkpoints"
 BEST = "best.pt"
+REQUIRED = ("model_config", "model", "step", "config", "data", "tokenizer")  # what generate/evaluate read
 _STEP = re.compile(r"step-(\d+)\.pt$")
 
 
@@ -89,6 +90,10 @@ def load(path: str | Path, map_location="cpu") -> dict:
             f"checkpoint {path} has format_version {state['format_version']}, this kr3 reads {FORMAT_VERSION} "
             "— use the kr3 version that wrote it"
         )
+    missing = [k for k in REQUIRED if k not in state]
+    if missing:
+        raise UserError(f"checkpoint {path} is incomplete (no {', '.join(missing)}) — use another one, e.g. an earlier "
+                        "step-*.pt of the same run")
     return state
 
 

@@ -19,11 +19,13 @@ from kr3.errors import UserError
 
 log = logging.getLogger(__name__)
 
+# only an empty cell is missing: pandas would also drop reviews that read "NA", "null" or "None"
+CSV_NA = {"keep_default_na": False, "na_values": [""]}
 # extension -> (datasets builder, extra builder kwargs)
 FORMATS = {
     ".parquet": ("parquet", {}),
-    ".csv": ("csv", {}),
-    ".tsv": ("csv", {"sep": "\t"}),
+    ".csv": ("csv", CSV_NA),
+    ".tsv": ("csv", {"sep": "\t", **CSV_NA}),
     ".jsonl": ("json", {}),
     ".json": ("json", {}),
     ".txt": ("text", {}),
@@ -244,7 +246,7 @@ def split(corpus: Corpus, val_ratio: float, test_ratio: float, seed: int) -> dic
     n = len(corpus.texts)
     order = np.random.default_rng(seed).permutation(n)
     n_val = max(1, round(n * val_ratio))
-    n_test = round(n * test_ratio) if test_ratio else 0
+    n_test = max(1, round(n * test_ratio)) if test_ratio else 0
     if n - n_val - n_test < 1:
         raise UserError(f"only {n} reviews after cleaning: too few to split — use a larger corpus")
     parts = {"val": order[:n_val], "test": order[n_val : n_val + n_test], "train": order[n_val + n_test :]}

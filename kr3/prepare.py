@@ -49,9 +49,9 @@ def dataset_name(cfg) -> str:
 
 def source_stamp(dcfg) -> str:
     """Cheap identity of the source, to decide whether a prepared folder is still current."""
-    if dcfg.source == "local" and dcfg.path and Path(dcfg.path).expanduser().exists():
-        p = Path(dcfg.path).expanduser().resolve()
-        files = kdata.source_files(p)
+    local = dcfg.path if dcfg.source == "local" else dcfg.hub_id  # a Hub id may also be a local dataset folder
+    if local and Path(local).expanduser().exists():
+        files = kdata.source_files(Path(local).expanduser().resolve())
         return json.dumps([(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
     return f"{dcfg.source}:{dcfg.hub_id}@{dcfg.revision}"
 

@@ -4,10 +4,12 @@ import torch
 from kr3 import checkpoint, hardware
 from kr3.errors import UserError
 
+WHOLE = {key: {} for key in checkpoint.REQUIRED}
+
 
 def test_save_load_round_trip_and_resolve(tmp_path):
     path = checkpoint.step_path(tmp_path, 5)
-    checkpoint.save({"step": 5, "w": torch.ones(3)}, path)
+    checkpoint.save({**WHOLE, "step": 5, "w": torch.ones(3)}, path)
     assert checkpoint.load(path)["step"] == 5
     assert checkpoint.resolve(tmp_path) == path
     assert not list(tmp_path.rglob("*.tmp-*"))
@@ -25,6 +27,9 @@ def test_other_version_and_foreign_file(tmp_path):
     torch.save({"format_version": 99}, tmp_path / "new.pt")
     with pytest.raises(UserError, match="format_version 99"):
         checkpoint.load(tmp_path / "new.pt")
+    torch.save({"format_version": checkpoint.FORMAT_VERSION, "model": {}}, tmp_path / "part.pt")
+    with pytest.raises(UserError, match=r"is incomplete \(no model_config, step, config, data, tokenizer\)"):
+        checkpoint.load(tmp_path / "part.pt")
     torch.save({"weights": torch.ones(1)}, tmp_path / "foreign.pt")
     with pytest.raises(UserError, match="not a kr3 checkpoint"):
         checkpoint.load(tmp_path / "foreign.pt")

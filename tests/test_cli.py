@@ -52,3 +52,19 @@ def test_prepare_from_the_command_line(tmp_path, corpus_parquet):
     runs = list((tmp_path / "outputs").glob("*/*/.hydra/config.yaml"))
     assert len(runs) == 1  # Hydra's run folder, under paths.root_dir, not the current directory
     assert {p.name for p in tmp_path.iterdir()} == {"data", "outputs", "src"}
+
+
+def test_prompt_needs_no_hydra_quotes():
+    """Hydra's grammar rejects `generate.prompt=맛있는 집` unquoted; run.py quotes it, escapes included."""
+    import importlib.util
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    spec = importlib.util.spec_from_file_location("run_py", ROOT / "run.py")
+    run_py = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_py)
+    parser = OverridesParser.create()
+    for prompt in ["맛있는 집", "it's", "a\\", "a\\'b", "x=y, z"]:
+        (arg,) = run_py.quote_free_text([f"generate.prompt={prompt}"])
+        assert parser.parse_override(arg).value() == prompt
+    assert run_py.quote_free_text(["generate.prompt='이미'", "trainer.lr=1"]) == ["generate.prompt='이미'", "trainer.lr=1"]

@@ -51,6 +51,7 @@ def test_split_is_deterministic_and_disjoint(reviews):
     sets = [set(a[k].texts) for k in ("train", "val", "test")]
     assert not (sets[0] & sets[1]) and not (sets[0] & sets[2]) and not (sets[1] & sets[2])
     assert sum(map(len, sets)) == len(reviews)
+    assert len(data.split(corpus, 0.1, 0.001, seed=3)["test"].texts) == 1  # asked for, never rounded away
 
 
 @pytest.mark.parametrize("ratio", [0, 1, 1.5, -0.1])
@@ -117,6 +118,12 @@ def test_labels_must_be_integer_ratings(tmp_path, labels, ok):
         with pytest.raises(UserError, match=r"column 'Rating' is not integer ratings .* data.label_column=null"):
             data.load(cfg)
         assert data.load(data_cfg(tmp_path, "data=local", f"data.path={path}", "data.label_column=null")).labels is None
+
+
+def test_csv_reviews_reading_na_are_reviews(tmp_path):
+    path = tmp_path / "r.csv"
+    path.write_text("Rating,Review\n1,NA\n0,null\n2,None\n1,\n", encoding="utf-8")
+    assert data.load(data_cfg(tmp_path, "data=local", f"data.path={path}")).texts == ["NA", "null", "None", ""]
 
 
 def test_load_drops_index_column_and_fingerprints_content(tmp_path, corpus_parquet):

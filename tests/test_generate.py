@@ -104,8 +104,9 @@ def test_terminal_session(trained):
 
 
 def test_one_shot_show_next_and_batch(trained, tmp_path):
+    # the prompt as typed in a shell: unquoted for Hydra (run.py quotes it)
     proc = cli(trained[1], "stage=generate", f"checkpoint={trained[0] / 'checkpoints' / 'best.pt'}",
-               "generate.prompt='여기 치킨'", "generate.show_next=3", "generate.num_samples=2")
+               "generate.prompt=여기 치킨", "generate.show_next=3", "generate.num_samples=2")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert len([line for line in lines if "%" in line]) == 3 and sum(line.startswith("여기 치킨") for line in lines) == 2

@@ -62,6 +62,13 @@ def test_prepare_redoes_when_source_changes(local_cfg, corpus_parquet):
     assert read_json(out / "meta.json")["cleaning"]["loaded"] == 300
 
 
+def test_a_local_dataset_folder_as_hub_id_is_watched_too(tmp_path, corpus_parquet):
+    cfg = compose_cfg(tmp_path, [f"data.hub_id={corpus_parquet.parent}"]).data
+    before = prepare.source_stamp(cfg)
+    corpus_parquet.write_bytes(corpus_parquet.read_bytes() + b"x")
+    assert prepare.source_stamp(cfg) != before
+
+
 def test_different_config_gets_a_different_folder(local_cfg):
     a = prepare.prepared_dir(local_cfg())
     assert prepare.prepared_dir(local_cfg("data.val_ratio=0.1")) != a
