@@ -35,13 +35,14 @@ def main(cfg: DictConfig):
 
 
 def quote_free_text(argv: list[str]) -> list[str]:
-    """`generate.prompt=분위기가 좋고` as typed: Hydra's override grammar takes neither Korean nor spaces
-    unquoted, so a prompt not already quoted is quoted here (quotes and the backslashes before them escaped)."""
+    """`generate.prompt=이 집 짜장면은` as typed: Hydra's override grammar takes no Korean unquoted, so a prompt
+    not already quoted is quoted here (quotes, the backslashes before them, and `${` escaped)."""
     out = []
     for arg in argv:
         key, eq, value = arg.partition("=")
-        if eq and key.lstrip("+") == "generate.prompt" and value[:1] not in ("'", '"'):
-            value = re.sub(r"(\\*)'", lambda m: m[1] * 2 + "\\'", value)
+        quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in ("'", '"')
+        if eq and key.lstrip("+") == "generate.prompt" and not quoted and value != "null":
+            value = re.sub(r"(\\*)'", lambda m: m[1] * 2 + "\\'", value).replace("${", "\\${")
             value = "'" + re.sub(r"(\\+)$", lambda m: m[1] * 2, value) + "'"
         out.append(f"{key}={value}" if eq else arg)
     return out

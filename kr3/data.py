@@ -108,11 +108,14 @@ def _load_local(cfg, cache_dir):
     return _from_dataset(ds, cfg, source=str(path), fingerprint=digest.hexdigest(), text_default=builder == "text")
 
 
-def _ratings(values: list, column: str, source: str) -> list[int]:
-    """Integer ratings (-1: missing); 2.0 is 2, but 1.5 or "pos" is not a rating."""
+MISSING = {"", "na", "n/a", "nan", "null", "none"}  # how files spell an empty rating
+
+
+def _ratings(values: list, column: str, source: str) -> list[int] | None:
+    """Integer ratings (-1: missing; 2.0 is 2), or None when the column holds something else (1.5, "pos")."""
     out = []
     for x in values:
-        if x is None or (isinstance(x, float) and math.isnan(x)):
+        if x is None or (isinstance(x, float) and math.isnan(x)) or (isinstance(x, str) and x.strip().lower() in MISSING):
             out.append(-1)
             continue
         try:
@@ -120,8 +123,8 @@ def _ratings(values: list, column: str, source: str) -> list[int]:
         except (TypeError, ValueError):
             r = math.nan
         if not r.is_integer():
-            raise UserError(f"{source}: column {column!r} is not integer ratings (e.g. {x!r}) — set "
-                            "data.label_column=null to ignore it, or data.label_column=<the rating column>")
+            log.info(f"{source}: column {column!r} is not integer ratings (e.g. {x!r}): no ratings")
+            return None
         out.append(int(r))
     return out
 
@@ -138,6 +141,9 @@ def _from_dataset(ds, cfg, source, fingerprint, text_default=False) -> Corpus:
     labels = None
     if cfg.label_column and cfg.label_column in cols:
         labels = _ratings(table[cfg.label_column].to_pylist(), cfg.label_column, source)
+        if labels is None and cfg.ratings is not None:
+            raise UserError(f"data.ratings filters on {cfg.label_column!r}, which in {source} is not integer ratings "
+                            "— set data.label_column=<the rating column> or data.ratings=null")
     elif cfg.ratings is not None:
         raise UserError(
             f"data.ratings filters on {cfg.label_column!r}, which {source} does not have "

@@ -136,7 +136,7 @@ def check_generate(g) -> None:
         "max_new_tokens": ("int", 1, None, False), "num_samples": ("int", 1, None, False),
         "temperature": ("number", 0, None, False), "top_k": ("int", 0, None, True),
         "top_p": ("number", ("above", 0), 1, True), "repetition_penalty": ("number", ("above", 0), None, False),
-        "show_next": ("int", 0, None, False),
+        "show_next": ("int", 0, None, True), "seed": ("int", 0, None, False),
     })
     if not all(isinstance(s, str) and s for s in stop_strings(g)):
         raise UserError(f"generate.stop={g.stop} must be non-empty strings, e.g. generate.stop='[\"!\",\"다\"]'")
@@ -185,6 +185,8 @@ def answer(completer: Completer, prompt: str, out) -> None:
 def repl(completer: Completer, stdin, out) -> None:
     """Read prompts until `exit`/`quit`, end of input (Ctrl-D) or Ctrl-C. Works on a terminal and on a pipe."""
     interactive = stdin.isatty()
+    if hasattr(stdin, "reconfigure"):
+        stdin.reconfigure(errors="surrogateescape")  # a line that is not UTF-8 gets a message, not a traceback
     if interactive:
         out.write("Type the start of a review; `exit` or Ctrl-D quits.\n")
     try:

@@ -164,6 +164,10 @@ def run(cfg) -> dict:
 
     resume_path = find_resume(cfg, run_dir)
     state = checkpoint.load(resume_path) if resume_path else None
+    missing = [k for k in ("optimizer", "scheduler", "rng") if state and k not in state]
+    if missing:
+        raise UserError(f"checkpoint {resume_path} holds no {', '.join(missing)} (weights only?): it works with "
+                        "stage=generate/evaluate but cannot be resumed")
     if state and state["data"]["fingerprint"] != meta["fingerprint"]:
         raise UserError(
             f"checkpoint {resume_path} was trained on other data or another tokenizer "

@@ -107,17 +107,16 @@ def test_load_local_folder_skips_hidden_files_and_folders(tmp_path, reviews):
         data.load(data_cfg(tmp_path, "data=local", f"data.path={tmp_path / 'd'}"))
 
 
-@pytest.mark.parametrize("labels, ok", [(["pos", "neg"], False), ([1.5, 2.0], False), ([2.0, None], True)])
-def test_labels_must_be_integer_ratings(tmp_path, labels, ok):
+@pytest.mark.parametrize("labels, expected", [(["pos", "neg"], None), ([1.5, 2.0], None), ([2.0, None], [2, -1]),
+                                              (["2", " NA"], [2, -1])])
+def test_ratings_are_integers_or_not_ratings(tmp_path, labels, expected):
+    """A rating column of other values is no rating column: fine unless data.ratings filters on it."""
     path = tmp_path / "r.parquet"
     pd.DataFrame({"Rating": labels, "Review": ["맛있어요", "별로예요"]}).to_parquet(path)
-    cfg = data_cfg(tmp_path, "data=local", f"data.path={path}")
-    if ok:
-        assert data.load(cfg).labels == [2, -1]
-    else:
-        with pytest.raises(UserError, match=r"column 'Rating' is not integer ratings .* data.label_column=null"):
-            data.load(cfg)
-        assert data.load(data_cfg(tmp_path, "data=local", f"data.path={path}", "data.label_column=null")).labels is None
+    assert data.load(data_cfg(tmp_path, "data=local", f"data.path={path}")).labels == expected
+    if expected is None:
+        with pytest.raises(UserError, match=r"data.ratings filters on 'Rating', which in .* is not integer ratings"):
+            data.load(data_cfg(tmp_path, "data=local", f"data.path={path}", "data.ratings=[1]"))
 
 
 def test_csv_reviews_reading_na_are_reviews(tmp_path):

@@ -1,4 +1,6 @@
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -121,38 +123,42 @@ def test_one_shot_show_next_and_batch(trained, tmp_path):
     assert all({"completion", "tokens", "seconds", "first_token_s", "tokens_per_s"} <= r.keys() for r in rows)
 
 
-def test_stop_strings_never_show(trained):
-    """A stop string ends the completion before it, also when it spans tokens, and one string is one stop
-    string (not a set of characters)."""
-    model, tok, state = loaded(trained[0])
-    clean = state["config"]["data"]["clean"]
+class PieceTokenizer:
+    """Token id i is PIECES[i]: a tokenizer whose pieces this test chooses."""
 
-    def complete(*overrides):
-        c = Completer(model, tok, gen_cfg(trained[1], "generate.temperature=0", "generate.max_new_tokens=24", *overrides),
-                      clean)
-        pieces = list(c.stream("이 집"))
-        return "".join(pieces[:-1]), pieces[-1]["completion"]
+    PIECES = ["이", " 집", "은 ", "정", "말 ", "맛", "있"]
+    eos_id = -1
 
-    full, _ = complete()
-    assert len(full) > 6
-    stop = full[3:6]  # spans several tokens (the vocabulary here is 500 pieces)
-    shown, completion = complete(f"generate.stop=[{stop!r}]")
-    assert shown == completion == full[: full.index(stop)]
-    shown, completion = complete(f"generate.stop={stop!r}")  # a single string
-    assert shown == completion == full[: full.index(stop)]
-    never = "없는말"
-    assert never not in full and complete(f"generate.stop={never!r}") == (full, full)
+    def encode(self, text):
+        return [self.PIECES.index(c) for c in ["이", " 집"]] if text == "이 집" else []
+
+    def decode(self, ids):
+        return "".join(self.PIECES[i] for i in ids)
+
+
+@pytest.mark.parametrize("stop, completion", [
+    (["정말"], "은 "),          # spans two tokens: "정" is held back, never shown
+    ("정말", "은 "),            # one string is one stop string
+    ("맛집", "은 정말 맛있"),    # not its characters: "맛" alone does not stop it
+    (["말 맛", "정"], "은 "),    # the earliest of several
+    (["있다"], "은 정말 맛있"),   # a held-back end ("있") is shown when the completion ends
+])
+def test_stop_strings_are_never_shown(monkeypatch, stop, completion):
+    import types
+
+    from kr3 import generate
+
+    monkeypatch.setattr(generate, "sample_tokens", lambda *a, **k: iter([2, 3, 4, 5, 6]))
+    model = types.SimpleNamespace(cfg=types.SimpleNamespace(block_size=16))
+    g = types.SimpleNamespace(stop=stop, seed=0, max_new_tokens=5, temperature=0, top_k=None, top_p=None,
+                              repetition_penalty=1.0)
+    *pieces, stats = Completer(model, PieceTokenizer(), g, {}).stream("이 집")
+    assert "".join(pieces) == stats["completion"] == completion
 
 
 @pytest.mark.parametrize("args, message", [
     (["generate.prompt=' '"], "generate.prompt is empty"),
     (["generate.temperature=-1"], "generate.temperature=-1 must be a number ≥ 0"),
-    (["generate.top_p=1.5"], "generate.top_p=1.5 must be a number > 0 and ≤ 1, or null"),
-    (["generate.top_k=-3"], "generate.top_k=-3 must be an integer ≥ 0, or null"),
-    (["generate.repetition_penalty=0"], "generate.repetition_penalty=0 must be a number > 0"),
-    (["generate.num_samples=0"], "generate.num_samples=0 must be an integer ≥ 1"),
-    (["generate.temperature=abc"], "generate.temperature=abc must be a number ≥ 0"),
-    (["generate.stop=['']"], "generate.stop=[''] must be non-empty strings"),
     (["checkpoint=/nope/x.pt"], "checkpoint /nope/x.pt does not exist"),
     ([], "this stage needs a checkpoint"),
 ])
@@ -163,6 +169,23 @@ def test_generate_errors(trained, args, message):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and f"error: {message}" in proc.stderr
 
 
+@pytest.mark.parametrize("override, message", [
+    ("generate.top_p=1.5", "generate.top_p=1.5 must be a number > 0 and ≤ 1, or null"),
+    ("generate.top_k=-3", "generate.top_k=-3 must be an integer ≥ 0, or null"),
+    ("generate.repetition_penalty=0", "generate.repetition_penalty=0 must be a number > 0"),
+    ("generate.num_samples=0", "generate.num_samples=0 must be an integer ≥ 1"),
+    ("generate.temperature=abc", "generate.temperature=abc must be a number ≥ 0"),
+    ("generate.stop=['']", "generate.stop=[''] must be non-empty strings"),
+])
+def test_bad_decoding_values(tmp_path, override, message):
+    from kr3.errors import UserError
+    from kr3.generate import check_generate
+
+    with pytest.raises(UserError, match=re.escape(message)):
+        check_generate(gen_cfg(tmp_path, override))
+    check_generate(gen_cfg(tmp_path, "generate.top_k=0", "generate.top_p=1", "generate.temperature=0"))  # all allowed
+
+
 def test_non_utf8_input_is_one_line(trained, tmp_path):
     bad = tmp_path / "prompts.txt"
     bad.write_bytes(b"\xff\xfe\x00a\n")
@@ -170,7 +193,8 @@ def test_non_utf8_input_is_one_line(trained, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "is not UTF-8 text" in proc.stderr
     proc = subprocess.run([sys.executable, str(ROOT / "run.py"), f"paths.root_dir={trained[1]}", "stage=generate",
                            f"checkpoint={trained[0]}", "generate.max_new_tokens=4"], capture_output=True,
-                          input=b"\xff\xfe\n" + "사장님\n".encode(), timeout=300)  # a bad line, then a good one
+                          input=b"\xff\xfe\n" + "사장님\n".encode(), timeout=300,  # a bad line, then a good one
+                          env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})  # as on a ko_KR.UTF-8 terminal
     assert proc.returncode == 0, proc.stderr
     assert b"not UTF-8 text" in proc.stdout and proc.stdout.splitlines()[-1].startswith("사장님".encode())
 

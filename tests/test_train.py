@@ -134,6 +134,10 @@ def test_resume_of_an_older_optimizer_layout_is_refused(corpus, tmp_path):
     checkpoint.save(state, path)
     with pytest.raises(UserError, match="older kr3"):
         train_in_process(corpus, tmp_path / "b", "trainer.max_steps=6", f"trainer.resume={path}")
+    del state["optimizer"]  # weights only, as when a model is shared
+    checkpoint.save(state, path)
+    with pytest.raises(UserError, match="holds no optimizer .* cannot be resumed"):
+        train_in_process(corpus, tmp_path / "c", "trainer.max_steps=6", f"trainer.resume={path}")
 
 
 def test_muon_run_resumes_exactly(corpus, tmp_path):
