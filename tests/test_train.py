@@ -413,22 +413,27 @@ def test_ranks_wait_for_rank_zero_beyond_the_collective_timeout(tmp_path):
     when rank 0 fails there, rank 1 stops at once with a one-line error."""
     script = tmp_path / "wait.py"
     script.write_text(
-        "import sys, time\nfrom datetime import timedelta\nimport torch.distributed as dist\nfrom kr3 import distributed\n"
+        "from datetime import timedelta\nimport time\nimport torch.distributed as dist\nfrom kr3 import distributed\n"
         "dist.init_process_group('gloo', timeout=timedelta(seconds=5))\n"
+        "rank = dist.get_rank()\n"
         "with distributed.main_first():\n"
-        "    if dist.get_rank() == 0:\n"
-        "        time.sleep(7) if sys.argv[1] == 'wait' else sys.exit('rank 0 fails')\n"
-        "    print('rank', dist.get_rank(), 'after', open('done').read() if dist.get_rank() else 'nothing', flush=True)\n"
+        "    if rank == 0:\n"
+        "        time.sleep(7)\n"
+        "    print('rank', rank, 'after', open('done').read() if rank else 'nothing', flush=True)\n"
         "    open('done', 'w').write('rank 0')\n"
+        "try:\n"
+        "    with distributed.main_first():\n"
+        "        if rank == 0:\n"
+        "            raise RuntimeError('rank 0 fails')\n"
+        "        print('rank 1 ran the body', flush=True)\n"
+        "except Exception as e:\n"
+        "    print('rank', rank, 'stopped:', type(e).__name__, e, flush=True)\n"
         "dist.destroy_process_group()\n"
     )
-    def launch(mode):
-        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                               str(script), mode], capture_output=True, text=True, timeout=120, cwd=tmp_path,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
-
-    proc = launch("wait")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr
     assert "rank 0 after nothing" in proc.stdout and "rank 1 after rank 0" in proc.stdout
-    proc = launch("fail")
-    assert proc.returncode != 0 and "UserError: rank 0 failed before training" in proc.stderr
+    assert "rank 0 stopped: RuntimeError rank 0 fails" in proc.stdout
+    assert "rank 1 stopped: UserError rank 0 failed before training" in proc.stdout and "ran the body" not in proc.stdout
