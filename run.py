@@ -3,14 +3,13 @@
 import atexit
 import importlib
 import os
-import re
 import sys
 
 import hydra
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
-from kr3.config import register_resolvers
+from kr3.config import quote_free_text, register_resolvers
 from kr3.errors import UserError
 
 register_resolvers()
@@ -32,20 +31,6 @@ def main(cfg: DictConfig):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-
-
-def quote_free_text(argv: list[str]) -> list[str]:
-    """`generate.prompt=이 집 짜장면은` as typed: Hydra's override grammar takes no Korean unquoted, so a prompt
-    not already quoted is quoted here (quotes, the backslashes before them, and `${` escaped)."""
-    out = []
-    for arg in argv:
-        key, eq, value = arg.partition("=")
-        quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in ("'", '"')
-        if eq and key.lstrip("+") == "generate.prompt" and not quoted and value != "null":
-            value = re.sub(r"(\\*)'", lambda m: m[1] * 2 + "\\'", value).replace("${", "\\${")
-            value = "'" + re.sub(r"(\\+)$", lambda m: m[1] * 2, value) + "'"
-        out.append(f"{key}={value}" if eq else arg)
-    return out
 
 
 def fail(message: str):

@@ -18,6 +18,7 @@ FORMAT_VERSION = 1
 CKPT_DIR = "checkpoints"
 BEST = "best.pt"
 REQUIRED = ("model_config", "model", "step", "config", "data", "tokenizer")  # what generate/evaluate read
+RESUME_REQUIRED = ("optimizer", "scheduler", "rng", "val")  # and what resuming reads too
 _STEP = re.compile(r"step-(\d+)\.pt$")
 
 

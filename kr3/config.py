@@ -1,6 +1,7 @@
 """Hydra/OmegaConf glue shared by run.py and the tests."""
 
 import os
+import re
 import time
 from datetime import datetime
 from pathlib import Path
@@ -21,3 +22,17 @@ def run_time(fmt: str) -> str:
 def register_resolvers():
     OmegaConf.register_new_resolver("kr3_root", lambda: str(ROOT), replace=True)
     OmegaConf.register_new_resolver("kr3_time", run_time, replace=True)
+
+
+def quote_free_text(argv: list[str]) -> list[str]:
+    """`generate.prompt=이 집 짜장면은` as typed: Hydra's override grammar takes no Korean unquoted, so a prompt
+    not already quoted is quoted here (quotes, the backslashes before them, and `${` escaped)."""
+    out = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in ("'", '"')
+        if eq and key.lstrip("+") == "generate.prompt" and not quoted and value != "null":
+            value = re.sub(r"(\\*)'", lambda m: m[1] * 2 + "\\'", value).replace("${", "\\${")
+            value = "'" + re.sub(r"(\\+)$", lambda m: m[1] * 2, value) + "'"
+        out.append(f"{key}={value}" if eq else arg)
+    return out

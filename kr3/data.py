@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kr3.errors import UserError
+from kr3.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +59,9 @@ def _load_hub(cfg, cache_dir):
         ds = datasets.load_dataset(cfg.hub_id, revision=cfg.revision, split=cfg.split, cache_dir=cache_dir)
     except (ConnectionError, OSError, ValueError) as e:  # HF raises these for offline/missing repos
         if Path(cfg.hub_id).exists():
-            raise UserError(f"could not load the dataset folder {cfg.hub_id}: {_first_line(e)}") from e
+            raise UserError(f"could not load the dataset folder {cfg.hub_id}: {first_line(e)}") from e
         raise UserError(
-            f"could not download {cfg.hub_id} from the Hugging Face Hub ({_first_line(e)}) — "
+            f"could not download {cfg.hub_id} from the Hugging Face Hub ({first_line(e)}) — "
             "download it where the Hub is reachable and run with data=local data.path=/path/to/kr3.parquet"
         ) from e
     fp = getattr(ds, "_fingerprint", "") or ""
@@ -104,18 +104,18 @@ def _load_local(cfg, cache_dir):
             builder, data_files=[str(p) for p in files], split="train", cache_dir=cache_dir, **kwargs
         )
     except Exception as e:  # parse errors from pyarrow/pandas: the file is malformed
-        raise UserError(f"could not read {path} as {builder}: {_first_line(e)} — check the file's format") from e
+        raise UserError(f"could not read {path} as {builder}: {first_line(e)} — check the file's format") from e
     return _from_dataset(ds, cfg, source=str(path), fingerprint=digest.hexdigest(), text_default=builder == "text")
 
 
-MISSING = {"", "na", "n/a", "nan", "null", "none"}  # how files spell an empty rating
+MISSING_RATING = {"", "na", "n/a", "nan", "null", "none"}  # how files spell an empty rating
 
 
 def _ratings(values: list, column: str, source: str) -> list[int] | None:
     """Integer ratings (-1: missing; 2.0 is 2), or None when the column holds something else (1.5, "pos")."""
     out = []
     for x in values:
-        if x is None or (isinstance(x, float) and math.isnan(x)) or (isinstance(x, str) and x.strip().lower() in MISSING):
+        if x is None or (isinstance(x, float) and math.isnan(x)) or (isinstance(x, str) and x.strip().lower() in MISSING_RATING):
             out.append(-1)
             continue
         try:
@@ -168,11 +168,6 @@ def _hash_file(path: Path, digest):
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
             digest.update(chunk)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]
 
 
 # ---------------------------------------------------------------- cleaning

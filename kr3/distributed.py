@@ -76,7 +76,7 @@ def main_first():
         else:
             dist.broadcast_object_list(done, src=0, group=group)
             if not done[0]:
-                raise UserError("rank 0 failed before training (its error is above)")
+                raise UserError("rank 0 failed (see its error, in its node's log) — fix that and run again")
             yield
     finally:
         dist.destroy_process_group(group)

@@ -2,10 +2,16 @@ class UserError(Exception):
     """A mistake the user can fix: shown as one line ("what is wrong — what to do"), no traceback."""
 
 
+def first_line(e: BaseException) -> str:
+    """A library's exception as one line of a UserError."""
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]
+
+
 def check_values(section: str, values, rules: dict) -> None:
     """One-line errors for config values that would otherwise fail deep inside a stage. `rules` maps a key to
-    (kind, low, high, null_ok): kind "int" or "number"; low is inclusive, or exclusive as ("above", x);
-    high (inclusive) and null_ok optional."""
+    (kind, low, high, null_ok): kind "int" or "number"; low inclusive, or exclusive as ("above", x); high
+    inclusive or None; null_ok whether null is accepted."""
     for key, (kind, low, high, null_ok) in rules.items():
         value = values[key]
         if value is None and null_ok:
@@ -16,5 +22,6 @@ def check_values(section: str, values, rules: dict) -> None:
               and (value > low if above else value >= low) and (high is None or value <= high))
         if not ok:
             bound = f"{'>' if above else '≥'} {low}" + (f" and ≤ {high}" if high is not None else "")
-            raise UserError(f"{section}.{key}={value} must be {'an integer' if kind == 'int' else 'a number'} {bound}"
+            shown = "null" if value is None else value
+            raise UserError(f"{section}.{key}={shown} must be {'an integer' if kind == 'int' else 'a number'} {bound}"
                             + (", or null" if null_ok else ""))

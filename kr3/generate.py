@@ -140,6 +140,8 @@ def check_generate(g) -> None:
     })
     if not all(isinstance(s, str) and s for s in stop_strings(g)):
         raise UserError(f"generate.stop={g.stop} must be non-empty strings, e.g. generate.stop='[\"!\",\"다\"]'")
+    if g.prompt is not None and not g.prompts_file and not str(g.prompt).strip():
+        raise UserError('generate.prompt is empty — give the start of a review, e.g. generate.prompt="이 집 짜장면은"')
 
 
 def stop_strings(g) -> list:
@@ -161,8 +163,6 @@ def run(cfg):
     if g.prompts_file:
         return batch(cfg, completer)
     if g.prompt is not None:
-        if not str(g.prompt).strip():
-            raise UserError("generate.prompt is empty — give the start of a review, e.g. generate.prompt='이 집 짜장면은'")
         return answer(completer, str(g.prompt), sys.stdout)
     return repl(completer, sys.stdin, sys.stdout)
 

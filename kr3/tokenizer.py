@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kr3.errors import UserError
+from kr3.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +130,7 @@ def _spm_user_error(e: Exception, vocab_size: int) -> UserError:
             "(its characters, bytes and specials) "
             f"— raise tokenizer.vocab_size above {m.group(2)} or lower tokenizer.character_coverage"
         )
-    return UserError(f"sentencepiece refused these settings ({msg.strip() or type(e).__name__}) — check the "
-                     "tokenizer.* overrides")
+    return UserError(f"sentencepiece refused these settings ({first_line(e)}) — check the tokenizer.* overrides")
 
 
 class PretrainedTokenizer(Tokenizer):

@@ -101,7 +101,7 @@ def check_trainer(t) -> None:
         "batch_size": ("int", 1, None, False), "grad_accum": ("int", 1, None, False),
         "log_interval": ("int", 1, None, False), "eval_batch_size": ("int", 1, None, False),
         "warmup_steps": ("int", 0, None, False), "keep_last": ("int", 0, None, False),
-        "eval_tokens": ("int", 0, None, True), "final_eval_tokens": ("int", 0, None, True),
+        "eval_tokens": ("int", 1, None, True), "final_eval_tokens": ("int", 1, None, True),
         "lr": ("number", 0, None, False),
     })
 
@@ -164,10 +164,10 @@ def run(cfg) -> dict:
 
     resume_path = find_resume(cfg, run_dir)
     state = checkpoint.load(resume_path) if resume_path else None
-    missing = [k for k in ("optimizer", "scheduler", "rng") if state and k not in state]
+    missing = [k for k in checkpoint.RESUME_REQUIRED if state and k not in state]
     if missing:
-        raise UserError(f"checkpoint {resume_path} holds no {', '.join(missing)} (weights only?): it works with "
-                        "stage=generate/evaluate but cannot be resumed")
+        raise UserError(f"checkpoint {resume_path} holds no {', '.join(missing)} (weights only?), so it cannot be "
+                        "resumed — resume from a step-*.pt written by stage=train, or train anew without trainer.resume")
     if state and state["data"]["fingerprint"] != meta["fingerprint"]:
         raise UserError(
             f"checkpoint {resume_path} was trained on other data or another tokenizer "

@@ -56,17 +56,14 @@ def test_prepare_from_the_command_line(tmp_path, corpus_parquet):
 
 def test_prompt_needs_no_hydra_quotes():
     """Hydra's grammar rejects `generate.prompt=맛있는 집` unquoted; run.py quotes it, escapes included."""
-    import importlib.util
-
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
-    spec = importlib.util.spec_from_file_location("run_py", ROOT / "run.py")
-    run_py = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run_py)
+    from kr3.config import quote_free_text
+
     parser = OverridesParser.create()
     for prompt in ["맛있는 집", "it's", "a\\", "a\\'b", "x=y, z", '"좋아요" 라는 말', "a${b}"]:
-        (arg,) = run_py.quote_free_text([f"generate.prompt={prompt}"])
+        (arg,) = quote_free_text([f"generate.prompt={prompt}"])
         assert OmegaConf.create({"p": parser.parse_override(arg).value()}).p == prompt
     kept = ["generate.prompt='이미'", "generate.prompt=null", "trainer.lr=1"]
-    assert run_py.quote_free_text(kept) == kept
+    assert quote_free_text(kept) == kept

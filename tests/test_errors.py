@@ -84,13 +84,14 @@ def test_evaluate_split_that_is_gone(tmp_path, monkeypatch):
         evaluate.run(cfg)
 
 
-@pytest.mark.parametrize("content, message", [(None, "does not exist"), ("\n  \n", "has no prompts")])
+@pytest.mark.parametrize("content, message", [(None, "does not exist"), (b"\n  \n", "has no prompts"),
+                                              (b"\xff\xfe\x00a\n", "is not UTF-8 text — save it as UTF-8")])
 def test_prompts_file_errors(tmp_path, content, message):
     from kr3 import generate
 
     prompts = tmp_path / "prompts.txt"
     if content is not None:
-        prompts.write_text(content)
+        prompts.write_bytes(content)
     cfg = compose_cfg(tmp_path, ["stage=generate", f"generate.prompts_file={prompts}", f"paths.output_dir={tmp_path}"])
     with pytest.raises(UserError, match=message):
         generate.batch(cfg, completer=None)

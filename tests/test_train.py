@@ -126,7 +126,7 @@ def test_embedding_lr_moves_only_the_token_table(corpus, tmp_path):
     assert not torch.equal(state["model"]["blocks.0.mlp.fc.weight"], init["blocks.0.mlp.fc.weight"])
 
 
-def test_resume_of_an_older_optimizer_layout_is_refused(corpus, tmp_path):
+def test_resume_of_another_optimizer_layout_or_of_weights_only_is_refused(corpus, tmp_path):
     train_in_process(corpus, tmp_path, "trainer.max_steps=3")
     path = checkpoint.list_steps(tmp_path / "run")[-1]
     state = checkpoint.load(path)
@@ -233,9 +233,9 @@ def test_resume_into_a_folder_with_later_checkpoints_is_refused(corpus, tmp_path
 @pytest.mark.parametrize("override, message", [
     ("trainer.batch_size=0", "trainer.batch_size=0 must be an integer ≥ 1"),
     ("trainer.log_interval=0", "trainer.log_interval=0 must be an integer ≥ 1"),
-    ("trainer.keep_last=null", "trainer.keep_last=None must be an integer ≥ 0"),
+    ("trainer.keep_last=null", "trainer.keep_last=null must be an integer ≥ 0"),
     ("trainer.lr=-1", "trainer.lr=-1 must be a number ≥ 0"),
-    ("trainer.eval_tokens=-5", "trainer.eval_tokens=-5 must be an integer ≥ 0, or null"),
+    ("trainer.eval_tokens=-5", "trainer.eval_tokens=-5 must be an integer ≥ 1, or null"),
 ])
 def test_bad_trainer_values_are_user_errors(corpus, tmp_path, override, message):
     with pytest.raises(UserError, match=re.escape(message)):
