@@ -436,4 +436,4 @@ def test_ranks_wait_for_rank_zero_beyond_the_collective_timeout(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "rank 0 after nothing" in proc.stdout and "rank 1 after rank 0" in proc.stdout
     assert "rank 0 stopped: RuntimeError rank 0 fails" in proc.stdout
-    assert "rank 1 stopped: UserError rank 0 failed before training" in proc.stdout and "ran the body" not in proc.stdout
+    assert "rank 1 stopped: UserError rank 0 failed (see its error" in proc.stdout and "ran the body" not in proc.stdout
