@@ -18,7 +18,7 @@ FORMAT_VERSION = 1
 CKPT_DIR = "checkpoints"
 BEST = "best.pt"
 REQUIRED = ("model_config", "model", "step", "config", "data", "tokenizer")  # what generate/evaluate read
-RESUME_REQUIRED = ("optimizer", "scheduler", "rng", "val")  # and what resuming reads too
+RESUME_REQUIRED = ("optimizer", "scheduler", "rng", "val", "best_val_loss")  # and what resuming reads too
 _STEP = re.compile(r"step-(\d+)\.pt$")
 
 
@@ -73,7 +73,8 @@ def resolve(path: str | Path, prefer_best: bool = False) -> Path:
     raise UserError(f"no checkpoints in {path} — train first (stage=train), or give a .pt file")
 
 
-def load(path: str | Path, map_location="cpu") -> dict:
+def load(path: str | Path, map_location="cpu", resume: bool = False) -> dict:
+    """The checkpoint's dict, with every key generate/evaluate read (and, with `resume`, what resuming reads)."""
     path = Path(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
@@ -95,6 +96,10 @@ def load(path: str | Path, map_location="cpu") -> dict:
     if missing:
         raise UserError(f"checkpoint {path} is incomplete (no {', '.join(missing)}) — use another one, e.g. an earlier "
                         "step-*.pt of the same run")
+    missing = [k for k in RESUME_REQUIRED if resume and k not in state]
+    if missing:
+        raise UserError(f"checkpoint {path} holds no {', '.join(missing)} (weights only?), so it cannot be resumed "
+                        "— resume from a step-*.pt written by stage=train, or train anew without trainer.resume")
     return state
 
 

@@ -103,6 +103,9 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+CE_CHUNK_ELEMENTS = 2**24  # logits per chunk: 64 MiB in fp32
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of `h @ weight.T` against `targets`, a chunk of rows at a time, so that the
     (tokens, vocab) logits, their log-softmax and its gradient never exist whole: on a CPU, a step as fast
@@ -137,9 +140,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
         gh, gw = ctx.saved_tensors
         scale = grad / ctx.n
         return gh * scale, gw * scale, None, None
-
-
-CE_CHUNK_ELEMENTS = 2**24  # logits per chunk: 64 MiB in fp32
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -163,11 +163,7 @@ def run(cfg) -> dict:
     meta = prepare.read_meta(data_dir)
 
     resume_path = find_resume(cfg, run_dir)
-    state = checkpoint.load(resume_path) if resume_path else None
-    missing = [k for k in checkpoint.RESUME_REQUIRED if state and k not in state]
-    if missing:
-        raise UserError(f"checkpoint {resume_path} holds no {', '.join(missing)} (weights only?), so it cannot be "
-                        "resumed — resume from a step-*.pt written by stage=train, or train anew without trainer.resume")
+    state = checkpoint.load(resume_path, resume=True) if resume_path else None
     if state and state["data"]["fingerprint"] != meta["fingerprint"]:
         raise UserError(
             f"checkpoint {resume_path} was trained on other data or another tokenizer "
@@ -194,7 +190,7 @@ def run(cfg) -> dict:
             f"{mcfg.block_size + 1} — lower trainer.batch_size or model.block_size"
         )
     total_steps = int(t.max_steps) if t.max_steps else int(t.epochs * batches.steps_per_epoch)
-    step, best = 0, float("inf")
+    step = 0
     if state:
         model.load_state_dict(state["model"])
         if len(state["optimizer"]["param_groups"]) != len(opt.param_groups):
@@ -205,7 +201,7 @@ def run(cfg) -> dict:
         opt.load_state_dict(state["optimizer"])  # moments and step counts; settings (lr_scale too) are this run's
         for g, own in zip(opt.param_groups, settings):
             g.update(own)
-        step, best = state["step"], state.get("best_val_loss", float("inf"))
+        step = state["step"]
         newer = [p.name for p in checkpoint.list_steps(run_dir) if checkpoint.step_of(p) > step]
         if newer:
             raise UserError(f"{run_dir} already holds checkpoints after step {step} ({', '.join(newer)}): resuming "
@@ -246,8 +242,8 @@ def run(cfg) -> dict:
     # the final one scores them again as the start of its pass, then the rest
     final_n = min(len(val_tokens), int(t.final_eval_tokens)) if t.final_eval_tokens else len(val_tokens)
     share_n = min(final_n, -(-int(t.eval_tokens) // mcfg.block_size) * mcfg.block_size) if t.eval_tokens else final_n
-    if state and state.get("best_val_tokens") != share_n:
-        best = float("inf")  # its best was measured on other val tokens
+    # the checkpoint's best counts only if measured on the same val tokens
+    best = state["best_val_loss"] if state and state.get("best_val_tokens") == share_n else float("inf")
     tokenizer = ktok.load(tok_dir)
     if main:
         log.info("\n" + table([
