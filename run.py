@@ -15,7 +15,7 @@ from kr3.errors import UserError
 register_resolvers()
 
 # stage -> module whose run(cfg) does it; imported lazily so `stage=prepare` never imports torch
-STAGES = {"prepare": "kr3.prepare", "train": "kr3.train", "generate": "kr3.generate", "evaluate": "kr3.evaluate"}
+STAGES = {name: f"kr3.stages.{name}" for name in ("prepare", "train", "generate", "evaluate")}
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")

@@ -12,8 +12,8 @@ import time
 
 import torch
 
-from kr3.generate import sample_tokens
 from kr3.model import GPT, GPTConfig
+from kr3.sampling import sample_tokens
 
 
 @torch.no_grad()

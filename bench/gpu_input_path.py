@@ -1,5 +1,5 @@
 """Does the trainer's input path slow a CUDA step? The model=small shape (batch 256, bf16 autocast, eager)
-timed on: random tokens already on the GPU, real tokens already on the GPU, `kr3.train.Batches` windows
+timed on: random tokens already on the GPU, real tokens already on the GPU, `kr3.batches.Batches` windows
 copied each step, and the same from pinned memory. Writes and prepares a synthetic corpus (bench/gpu.py).
 
     python bench/gpu_input_path.py
@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from gpu import corpus  # noqa: E402
 
+from kr3.batches import Batches  # noqa: E402
 from kr3.model import GPT, GPTConfig  # noqa: E402
-from kr3.train import Batches  # noqa: E402
 
 out = Path("/tmp/p")
 out.mkdir(exist_ok=True)

@@ -20,8 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import nsmc_data_dir  # noqa: E402
 
-from kr3.evaluate import token_loss  # noqa: E402
 from kr3.model import GPT, GPTConfig  # noqa: E402
+from kr3.scoring import token_loss  # noqa: E402
 
 p = argparse.ArgumentParser()
 defaults = dict(L=4, H=4, d=256, ffn=1024, block=128, batch=32, lr=3e-3, emb=1.0, wd=0.1, minutes=3.0, warm=50, minr=0.1,

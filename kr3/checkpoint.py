@@ -5,8 +5,10 @@ position, model config, run config and the tokenizer's own files, so `generate`,
 from __future__ import annotations
 
 import io
+import math
 import os
 import re
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -17,14 +19,41 @@ from kr3.errors import UserError
 FORMAT_VERSION = 1
 CKPT_DIR = "checkpoints"
 BEST = "best.pt"
-REQUIRED = ("model_config", "model", "step", "config", "data", "tokenizer")  # what generate/evaluate read
-RESUME_REQUIRED = ("optimizer", "scheduler", "rng", "val", "best_val_loss")  # and what resuming reads too
 _STEP = re.compile(r"step-(\d+)\.pt$")
 
 
-def save(state: dict, path: Path) -> None:
+@dataclass
+class Checkpoint:
+    """The checkpoint format, defined once: what `save` writes (a dict of these fields and `format_version`)
+    and `load` gives back. Fields without a default are what generate/evaluate read; RESUME_REQUIRED is
+    what resuming reads too. Unknown keys in a file are ignored, so a later kr3 may add fields."""
+
+    model_config: dict  # GPTConfig.to_dict()
+    model: dict  # state_dict, fp32
+    step: int
+    config: dict  # the run's whole config, resolved
+    data: dict  # dir, name, fingerprint, position, splits, eos_id, dtype of the prepared data
+    tokenizer: dict  # dir, spec, and files: {name: bytes} of the saved tokenizer
+    optimizer: dict | None = None  # the optimizer's state_dict()
+    scheduler: dict | None = None  # kind, total_steps, warmup_steps
+    rng: dict | None = None  # torch (and cuda) RNG states
+    val: dict | None = None  # the evaluation at this step, if any (the final one for a finished run)
+    best_val_loss: float = math.inf
+    best_val_tokens: int | None = None  # the val tokens best_val_loss was measured on
+    wandb_run_id: str | None = None
+    torch_version: str = ""
+
+    def to_dict(self) -> dict:
+        return {"format_version": FORMAT_VERSION, **{f.name: getattr(self, f.name) for f in fields(self)}}
+
+
+REQUIRED = tuple(f.name for f in fields(Checkpoint) if f.default is MISSING)
+RESUME_REQUIRED = ("optimizer", "scheduler", "rng", "val", "best_val_loss")
+
+
+def save(ckpt: Checkpoint, path: Path) -> None:
     buf = io.BytesIO()
-    torch.save({"format_version": FORMAT_VERSION, **state}, buf)
+    torch.save(ckpt.to_dict(), buf)
     with replacing(path) as tmp, open(tmp, "wb") as f:
         f.write(buf.getbuffer())
         f.flush()
@@ -73,8 +102,8 @@ def resolve(path: str | Path, prefer_best: bool = False) -> Path:
     raise UserError(f"no checkpoints in {path} — train first (stage=train), or give a .pt file")
 
 
-def load(path: str | Path, map_location="cpu", resume: bool = False) -> dict:
-    """The checkpoint's dict, with every key generate/evaluate read (and, with `resume`, what resuming reads)."""
+def load(path: str | Path, map_location="cpu", resume: bool = False) -> Checkpoint:
+    """The checkpoint at `path`, with every field generate/evaluate read (and, with `resume`, what resuming reads)."""
     path = Path(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
@@ -100,7 +129,7 @@ def load(path: str | Path, map_location="cpu", resume: bool = False) -> dict:
     if missing:
         raise UserError(f"checkpoint {path} holds no {', '.join(missing)} (weights only?), so it cannot be resumed "
                         "— resume from a step-*.pt written by stage=train, or train anew without trainer.resume")
-    return state
+    return Checkpoint(**{f.name: state[f.name] for f in fields(Checkpoint) if f.name in state})
 
 
 def find_latest_run(log_dir: str | Path) -> Path:
@@ -114,7 +143,7 @@ def find_latest_run(log_dir: str | Path) -> Path:
 
 
 def load_model(path: str | Path, device, dtype=None, log_dir: str | Path | None = None):
-    """(model, tokenizer, checkpoint dict) from a checkpoint file, a run folder (its best, else newest
+    """(model, tokenizer, Checkpoint) from a checkpoint file, a run folder (its best, else newest
     checkpoint) or `latest`; the model is in eval mode on `device`."""
     from kr3 import tokenizer as ktok
     from kr3.model import GPT, GPTConfig
@@ -123,8 +152,8 @@ def load_model(path: str | Path, device, dtype=None, log_dir: str | Path | None 
         raise UserError("this stage needs a checkpoint — add checkpoint=PATH (a .pt file or run folder) or checkpoint=latest")
     if str(path) == "latest":
         path = find_latest_run(log_dir)
-    state = load(resolve(path, prefer_best=True))
-    model = GPT(GPTConfig(**state["model_config"]))
-    model.load_state_dict(state["model"])
+    ckpt = load(resolve(path, prefer_best=True))
+    model = GPT(GPTConfig(**ckpt.model_config))
+    model.load_state_dict(ckpt.model)
     model.to(device=device, dtype=dtype).eval()
-    return model, ktok.from_files(state["tokenizer"]["files"]), state
+    return model, ktok.from_files(ckpt.tokenizer["files"]), ckpt

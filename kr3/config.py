@@ -36,3 +36,15 @@ def quote_free_text(argv: list[str]) -> list[str]:
             value = "'" + re.sub(r"(\\+)$", lambda m: m[1] * 2, value) + "'"
         out.append(f"{key}={value}" if eq else arg)
     return out
+
+
+def compose(overrides=(), root: str | Path | None = None):
+    """The config `run.py` builds from these overrides, without running a stage (for tests and notebooks).
+    `root` moves the project folder (data/, outputs/, multirun/) elsewhere."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose(config_name="config",
+                             overrides=[*([f"paths.root_dir={root}"] if root is not None else []), *overrides])

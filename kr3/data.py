@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kr3.errors import UserError, first_line
+from kr3.errors import UserError, first_line, lookup
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +45,7 @@ class Corpus:
 def load(cfg) -> Corpus:
     """Load the corpus named by the `data` config: `source=hub` (a Hub id or a local dataset
     folder, through `datasets.load_dataset`) or `source=local` (a file or folder of files)."""
-    if cfg.source == "hub":
-        return _load_hub(cfg, cfg.cache_dir)
-    if cfg.source == "local":
-        return _load_local(cfg, cfg.cache_dir)
-    raise UserError(f"data.source={cfg.source!r} is not known — use data=kr3 (Hub) or data=local")
+    return source(cfg).load(cfg, cfg.cache_dir)
 
 
 def _load_hub(cfg, cache_dir):
@@ -106,6 +102,25 @@ def _load_local(cfg, cache_dir):
     except Exception as e:  # parse errors from pyarrow/pandas: the file is malformed
         raise UserError(f"could not read {path} as {builder}: {first_line(e)} — check the file's format") from e
     return _from_dataset(ds, cfg, source=str(path), fingerprint=digest.hexdigest(), text_default=builder == "text")
+
+
+@dataclass(frozen=True)
+class Source:
+    load: object  # (data cfg, cache_dir) -> Corpus
+    location_key: str  # the data.* key naming what it reads
+
+
+# data.source -> how to load it; a new source is a loader added here
+SOURCES = {"hub": Source(_load_hub, "hub_id"), "local": Source(_load_local, "path")}
+
+
+def source(cfg) -> Source:
+    return lookup(SOURCES, cfg.source, "data.source")
+
+
+def location(cfg) -> str | None:
+    """What the data config reads: a Hub id (or a local dataset folder), or a file or folder."""
+    return cfg[source(cfg).location_key]
 
 
 MISSING_RATING = {"", "na", "n/a", "nan", "null", "none"}  # how files spell an empty rating

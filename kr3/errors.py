@@ -25,3 +25,11 @@ def check_values(section: str, values, rules: dict) -> None:
             shown = "null" if value is None else value
             raise UserError(f"{section}.{key}={shown} must be {'an integer' if kind == 'int' else 'a number'} {bound}"
                             + (", or null" if null_ok else ""))
+
+
+def lookup(table: dict, kind, key: str):
+    """`table[kind]` for a config value naming a kind (a tokenizer, a data source, a logger), or a one-line
+    error listing the known kinds."""
+    if kind not in table:
+        raise UserError(f"{key}={kind!r} is not known — use one of: {', '.join(table)}")
+    return table[kind]

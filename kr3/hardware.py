@@ -113,3 +113,14 @@ def measure_matmul_flops(dtype: torch.dtype, n: int = 1024, seconds: float = 1.0
             count += 1
         best = max(best, 2 * n**3 * count / (time.perf_counter() - start))
     return best
+
+
+def setup(device: str, precision: str, threads: int | None = None) -> tuple[torch.device, torch.dtype]:
+    """A stage's device and precision from its config values; on a CPU, freed memory is kept for reuse."""
+    if threads:
+        torch.set_num_threads(int(threads))
+    dev = resolve_device(device)
+    dtype = resolve_precision(precision, dev)
+    if dev.type == "cpu":
+        keep_freed_memory()
+    return dev, dtype

@@ -7,7 +7,7 @@ rotary's extrapolation buys nothing here, while learned positions keep the cache
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -18,14 +18,22 @@ from kr3.errors import UserError
 
 @dataclass
 class GPTConfig:
+    """The model's shape. Values come from conf/model/*.yaml (`from_cfg`) or a checkpoint; a new field
+    gets a default here that means "as before", so older checkpoints still load."""
+
     vocab_size: int
-    n_layers: int = 6
-    n_heads: int = 6
-    d_model: int = 384
-    d_ffn: int = 1536
-    block_size: int = 256
+    n_layers: int
+    n_heads: int
+    d_model: int
+    d_ffn: int
+    block_size: int
     dropout: float = 0.0
     bias: bool = True
+
+    @classmethod
+    def from_cfg(cls, model_cfg, vocab_size: int) -> GPTConfig:
+        """From the `model` config group; the vocabulary comes from the prepared data."""
+        return cls(vocab_size=vocab_size, **{f.name: model_cfg[f.name] for f in fields(cls) if f.name in model_cfg})
 
     def __post_init__(self):
         for key in ("vocab_size", "n_layers", "n_heads", "d_model", "d_ffn", "block_size"):

@@ -59,7 +59,9 @@ class MuonAdamW(torch.optim.Optimizer):
 
 
 def build(model, t, device: torch.device) -> torch.optim.Optimizer:
-    """The trainer's optimizer from `trainer.*`. Every group carries `lr_scale`, its peak rate over `lr`."""
+    """The trainer's optimizer from `trainer.*`. Every group carries `lr_scale`, its peak rate over `lr`.
+    Muon is ours, not torch.optim.Muon: torch's runs its Newton–Schulz iteration in bf16, which CPUs without
+    native bf16 emulate ~90x slower (BENCHMARKS.md, "Muon: torch's or ours")."""
     if t.optimizer not in ("adamw", "muon"):
         raise UserError(f"trainer.optimizer={t.optimizer!r}: choose adamw or muon")
     rates = {"embedding_lr": t.embedding_lr, **({"muon_lr": t.muon_lr} if t.optimizer == "muon" else {})}

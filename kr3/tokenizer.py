@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kr3.errors import UserError, first_line
+from kr3.errors import UserError, first_line, lookup
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +72,16 @@ class SentencePieceTokenizer(Tokenizer):
         Path(directory, "spiece.model").write_bytes(self.proto)
         Path(directory, SPEC_FILE).write_text(json.dumps(self.spec(), indent=2))
 
+    @staticmethod
+    def tag(cfg) -> str:
+        return f"sp{cfg.model_type}{cfg.vocab_size}"
+
     @classmethod
-    def train(cls, texts: list[str], cfg, seed: int) -> SentencePieceTokenizer:
+    def load(cls, directory: Path) -> SentencePieceTokenizer:
+        return cls((directory / "spiece.model").read_bytes())
+
+    @classmethod
+    def build(cls, cfg, texts: list[str], seed: int, cache_dir: str | None = None) -> SentencePieceTokenizer:
         """Train on `texts` (the train split). `cfg` is the `tokenizer` config group."""
         import sentencepiece as spm
 
@@ -180,8 +188,18 @@ class PretrainedTokenizer(Tokenizer):
                 shutil.copyfile(self.directory / fname, Path(directory, fname))
         Path(directory, SPEC_FILE).write_text(json.dumps(self.spec(), indent=2))
 
+    @staticmethod
+    def tag(cfg) -> str:
+        return Path(str(cfg.name_or_path).rstrip("/")).name
+
     @classmethod
-    def from_name_or_path(cls, name_or_path: str, cache_dir: str | None = None) -> PretrainedTokenizer:
+    def load(cls, directory: Path) -> PretrainedTokenizer:
+        return cls(directory)
+
+    @classmethod
+    def build(cls, cfg, texts: list[str], seed: int, cache_dir: str | None = None) -> PretrainedTokenizer:
+        """The tokenizer `cfg.name_or_path` names (a folder or a Hub id); `texts` and `seed` are not used."""
+        name_or_path = str(cfg.name_or_path)
         path = Path(name_or_path).expanduser()
         if path.is_dir():
             if not (path / "tokenizer.json").exists():
@@ -210,12 +228,16 @@ def _download(repo_id: str, cache_dir: str | None) -> Path:
         ) from None
 
 
+# tokenizer.kind -> class; a new kind is a Tokenizer subclass with tag/build/load, added here
+KINDS = {"sentencepiece": SentencePieceTokenizer, "pretrained": PretrainedTokenizer}
+
+
+def kind(cfg) -> type[Tokenizer]:
+    return lookup(KINDS, cfg.kind, "tokenizer.kind")
+
+
 def build(cfg, train_texts: list[str], seed: int, cache_dir: str | None = None) -> Tokenizer:
-    if cfg.kind == "sentencepiece":
-        return SentencePieceTokenizer.train(train_texts, cfg, seed)
-    if cfg.kind == "pretrained":
-        return PretrainedTokenizer.from_name_or_path(cfg.name_or_path, cache_dir)
-    raise UserError(f"tokenizer.kind={cfg.kind!r} is not known — use tokenizer=sentencepiece or tokenizer=pretrained")
+    return kind(cfg).build(cfg, train_texts, seed, cache_dir)
 
 
 def load(directory: str | Path) -> Tokenizer:
@@ -225,10 +247,7 @@ def load(directory: str | Path) -> Tokenizer:
     if not spec_path.exists():
         raise UserError(f"no tokenizer saved in {directory} — run stage=prepare first")
     spec = json.loads(spec_path.read_text())
-    if spec["kind"] == "sentencepiece":
-        tok = SentencePieceTokenizer((directory / "spiece.model").read_bytes())
-    else:
-        tok = PretrainedTokenizer(directory)
+    tok = lookup(KINDS, spec["kind"], f"the kind in {spec_path}").load(directory)
     if tok.eos_id != spec["eos_id"] or tok.vocab_size != spec["vocab_size"]:
         raise UserError(f"the tokenizer in {directory} does not match its {SPEC_FILE} — re-run stage=prepare prepare.force=true")
     return tok

@@ -1,5 +1,5 @@
-"""Where progress and metrics go: console progress bars, metrics.jsonl, W&B, the loss-curve PNG.
-Only the main process tracks; the others get a Tracker that does nothing."""
+"""Where progress and metrics go: console progress bars, metrics.jsonl, a logger backend (W&B), the
+loss-curve PNG. Only the main process tracks; the others get a Tracker that does nothing."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from kr3.atomic import replacing
+from kr3.errors import lookup
 
 log = logging.getLogger(__name__)
 
@@ -31,67 +32,100 @@ def table(rows: list[tuple[str, object]], title: str = "") -> str:
     return "\n".join(lines)
 
 
-class Tracker:
-    """metrics.jsonl (always), W&B (logger=wandb), and the loss plot at `finish`."""
+class Sink:
+    """Where metrics go besides metrics.jsonl: nowhere (logger=none). A backend subclasses it."""
 
-    def __init__(self, cfg, run_dir: Path, enabled: bool, resume_id: str | None = None):
-        self.enabled, self.run_dir = enabled, Path(run_dir)
-        self.wandb = None
+    def __init__(self, cfg, run_dir: Path, resume_id: str | None):
         self.run_id = resume_id
-        if not enabled:
-            return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics_path = self.run_dir / "metrics.jsonl"
-        if cfg.logger.kind == "wandb":
-            self._init_wandb(cfg, resume_id)
 
-    def _init_wandb(self, cfg, resume_id):
+    def log(self, metrics: dict, step: int) -> None:
+        pass
+
+    def log_samples(self, rows: list[tuple[str, str]], step: int) -> None:
+        pass
+
+    def finish(self, plot: Path | None) -> None:
+        pass
+
+
+class WandbSink(Sink):
+    """Weights & Biases: offline unless logger.mode or WANDB_MODE say otherwise; files in <run>/wandb/."""
+
+    def __init__(self, cfg, run_dir: Path, resume_id: str | None):
         import wandb
 
         mode = os.environ.get("WANDB_MODE") or cfg.logger.mode
-        self.wandb = wandb.init(
+        self.run = wandb.init(
             project=cfg.logger.project,
             entity=cfg.logger.entity,
             group=cfg.logger.group,
             name=cfg.logger.name,
             tags=list(cfg.logger.tags or []),
             mode=mode,
-            dir=str(self.run_dir),
+            dir=str(run_dir),
             config=OmegaConf.to_container(cfg, resolve=True),
             id=resume_id,
             resume="allow" if resume_id else None,
             settings=wandb.Settings(silent=True, x_disable_stats=True),
             reinit="finish_previous",
         )
-        self.run_id = self.wandb.id
-        log.info(f"W&B run {self.wandb.id} ({mode}) in {self.run_dir / 'wandb'}")
+        self.run_id = self.run.id
+        log.info(f"W&B run {self.run.id} ({mode}) in {run_dir / 'wandb'}")
 
     def log(self, metrics: dict, step: int) -> None:
-        if not self.enabled:
+        self.run.log(metrics, step=step)
+
+    def log_samples(self, rows: list[tuple[str, str]], step: int) -> None:
+        import wandb
+
+        self.run.log({"samples": wandb.Table(columns=["prompt", "completion"], data=rows)}, step=step)
+
+    def finish(self, plot: Path | None) -> None:
+        import wandb
+
+        if plot is not None:
+            self.run.log({"loss_curve": wandb.Image(str(plot))})
+        self.run.finish()
+
+
+# logger.kind -> backend; a new logger is a Sink subclass added here
+SINKS = {"none": Sink, "wandb": WandbSink}
+
+
+class Tracker:
+    """metrics.jsonl (always), the logger's backend, and the loss plot at `finish`. Only the main process
+    tracks: elsewhere every call does nothing."""
+
+    def __init__(self, cfg, run_dir: Path, enabled: bool, resume_id: str | None = None):
+        self.enabled, self.run_dir = enabled, Path(run_dir)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.sink = None
+        self.run_id = resume_id
+        if enabled:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.sink = lookup(SINKS, cfg.logger.kind, "logger.kind")(cfg, self.run_dir, resume_id)
+            self.run_id = self.sink.run_id
+
+    def log(self, metrics: dict, step: int) -> None:
+        if self.sink is None:
             return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
+        self.sink.log(metrics, step)
 
     def log_samples(self, rows: list[tuple[str, str]], step: int) -> None:
-        if self.enabled and self.wandb is not None:
-            import wandb
-
-            self.wandb.log({"samples": wandb.Table(columns=["prompt", "completion"], data=rows)}, step=step)
+        if self.sink is not None:
+            self.sink.log_samples(rows, step)
 
     def finish(self) -> None:
-        if not self.enabled:
+        if self.sink is None:
             return
+        plot = None
         if self.metrics_path.exists():
-            plot_losses(self.metrics_path, self.run_dir / "loss.png")
-        if self.wandb is not None:
-            if (self.run_dir / "loss.png").exists():
-                import wandb
-
-                self.wandb.log({"loss_curve": wandb.Image(str(self.run_dir / "loss.png"))})
-            self.wandb.finish()
-            self.wandb = None
+            plot = self.run_dir / "loss.png"
+            plot_losses(self.metrics_path, plot)
+        self.sink.finish(plot)
+        self.sink = None
 
 
 def read_metrics(path: Path) -> list[dict]:

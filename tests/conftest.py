@@ -1,19 +1,15 @@
-import json
+"""Fixtures: a small synthetic Korean review corpus, KR3-shaped files of it, the shared real data (skipped
+when ../shared is absent), and configs built with kr3.config.compose."""
+
 import random
 import unicodedata
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from kr3.config import CONFIG_DIR, register_resolvers
+from kr3.config import compose
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-NSMC = SHARED / "data" / "nsmc_reviews.parquet"
-KOGPT2 = SHARED / "tokenizers" / "kogpt2-v1"
-needs_shared = pytest.mark.skipif(not SHARED.exists(), reason="../shared is absent")
-
-register_resolvers()
 
 _SUBJ = ["이 집", "여기", "우리 동네 식당", "사장님", "이 가게", "저희 가족", "친구랑 간 곳", "점심 식당"]
 _FOOD = ["짜장면", "김치찌개", "떡볶이", "삼겹살", "비빔밥", "냉면", "치킨", "파스타", "커피", "국밥"]
@@ -22,7 +18,7 @@ _VERB = ["정말 맛있어요", "너무 짜요", "양이 많아요", "가격이 
 _TAIL = ["", "!", "!!", " ㅋㅋ", " ㅠㅠ", ".", " 추천합니다", " 😋", " 강추"]
 
 
-def make_reviews(n: int = 400, seed: int = 0) -> list[tuple[int, str]]:
+def _make_reviews(n: int = 400, seed: int = 0) -> list[tuple[int, str]]:
     """Short synthetic Korean restaurant reviews, unique, with ratings 0/1/2."""
     rng = random.Random(seed)
     out, seen = [], set()
@@ -36,22 +32,39 @@ def make_reviews(n: int = 400, seed: int = 0) -> list[tuple[int, str]]:
     return out
 
 
+@pytest.fixture(scope="session")
+def make_reviews():
+    """make_reviews(n, seed) → [(rating, text)]: unique synthetic reviews."""
+    return _make_reviews
+
+
+@pytest.fixture(scope="session")
+def write_parquet():
+    """write_parquet(path, rows) writes [(rating, text)] as a KR3-shaped parquet file and returns its path."""
+    def write(path: Path, rows) -> Path:
+        import pandas as pd
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"Rating": [r for r, _ in rows], "Review": [t for _, t in rows]}).to_parquet(path)
+        return path
+
+    return write
+
+
 @pytest.fixture
 def reviews():
-    return make_reviews()
-
-
-# rows cleaning must fix or drop: (rating, text)
-DIRTY = [(1, "  공백이   많은    리뷰   "), (1, unicodedata.normalize("NFD", "자모로 분해된 리뷰")),
-         (0, ""), (0, "ㅋ"), (1, "제어\x07문자")]
+    return _make_reviews()
 
 
 @pytest.fixture
 def corpus_parquet(tmp_path, reviews):
-    """A KR3-shaped parquet file (Rating, Review, and the stray __index_level_0__), with a few dirty rows."""
+    """A KR3-shaped parquet file (Rating, Review, and the stray __index_level_0__) with rows cleaning must fix
+    or drop: extra spaces, NFD, empty, too short, a control character, and a duplicate."""
     import pandas as pd
 
-    rows = [*reviews, *DIRTY, reviews[0]]  # the last one is a duplicate
+    dirty = [(1, "  공백이   많은    리뷰   "), (1, unicodedata.normalize("NFD", "자모로 분해된 리뷰")),
+             (0, ""), (0, "ㅋ"), (1, "제어\x07문자")]
+    rows = [*reviews, *dirty, reviews[0]]
     df = pd.DataFrame({"Rating": [r for r, _ in rows], "Review": [t for _, t in rows]})
     df.index = range(1000, 1000 + len(df))
     path = tmp_path / "src" / "kr3.parquet"
@@ -60,24 +73,38 @@ def corpus_parquet(tmp_path, reviews):
     return path
 
 
-def compose_cfg(tmp_path: Path, overrides=()):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(
-            config_name="config",
-            overrides=[f"paths.root_dir={tmp_path}", *overrides],
-        )
-
-
-SMALL_TOKENIZER = ["tokenizer.vocab_size=400"]
-
-
 @pytest.fixture
 def local_cfg(tmp_path, corpus_parquet):
+    """local_cfg(*overrides): a config reading corpus_parquet with a small SentencePiece vocabulary."""
     def make(*overrides):
-        return compose_cfg(tmp_path, ["data=local", f"data.path={corpus_parquet}", *SMALL_TOKENIZER, *overrides])
+        return compose(["data=local", f"data.path={corpus_parquet}", "tokenizer.vocab_size=400", *overrides], tmp_path)
 
     return make
 
 
-def read_json(path):
-    return json.loads(Path(path).read_text())
+def _shared(relative: str) -> Path:
+    path = SHARED / relative
+    if not path.exists():
+        pytest.skip(f"{path} is absent (../shared exists only in this project's workplace)")
+    return path
+
+
+@pytest.fixture
+def nsmc() -> Path:
+    """676k real Korean reviews in KR3's schema."""
+    return _shared("data/nsmc_reviews.parquet")
+
+
+@pytest.fixture
+def kogpt2() -> Path:
+    """A real pretrained Korean tokenizer folder (tokenizer.json)."""
+    return _shared("tokenizers/kogpt2-v1")
+
+
+def pytest_report_header(config):
+    import torch
+
+    from kr3 import hardware
+
+    cpu = torch.backends.cpu.get_cpu_capability()
+    return f"kr3: precision=auto resolves to {hardware.resolve_precision('auto', torch.device('cpu'))} on this CPU ({cpu})"

@@ -4,20 +4,21 @@ import torch
 from kr3 import checkpoint, hardware
 from kr3.errors import UserError
 
-WHOLE = {key: {} for key in checkpoint.REQUIRED}
-
 
 def test_save_load_round_trip_and_resolve(tmp_path):
     path = checkpoint.step_path(tmp_path, 5)
-    checkpoint.save({**WHOLE, "step": 5, "w": torch.ones(3)}, path)
-    assert checkpoint.load(path)["step"] == 5
+    ckpt = checkpoint.Checkpoint(model_config={}, model={"w": torch.ones(3)}, step=5, config={}, data={}, tokenizer={})
+    checkpoint.save(ckpt, path)
+    loaded = checkpoint.load(path)
+    assert loaded.step == 5 and torch.equal(loaded.model["w"], torch.ones(3)) and loaded.optimizer is None
     assert checkpoint.resolve(tmp_path) == path
     assert not list(tmp_path.rglob("*.tmp-*"))
 
 
 def test_truncated_checkpoint(tmp_path):
     path = checkpoint.step_path(tmp_path, 1)
-    checkpoint.save({"step": 1, "w": torch.ones(1000)}, path)
+    checkpoint.save(checkpoint.Checkpoint(model_config={}, model={"w": torch.ones(1000)}, step=1, config={}, data={},
+                                          tokenizer={}), path)
     path.write_bytes(path.read_bytes()[:500])
     with pytest.raises(UserError, match="is corrupt or not a kr3 checkpoint"):
         checkpoint.load(path)

@@ -2,15 +2,15 @@ import unicodedata
 
 import pandas as pd
 import pytest
-from conftest import NSMC, compose_cfg, needs_shared
 from omegaconf import OmegaConf
 
 from kr3 import data
+from kr3.config import compose
 from kr3.errors import UserError
 
 
 def data_cfg(tmp_path, *overrides):
-    return compose_cfg(tmp_path, list(overrides)).data
+    return compose(root=tmp_path, overrides=list(overrides)).data
 
 
 def test_clean_text_normalizes():
@@ -189,9 +189,8 @@ def test_invalid_utf8_names_the_line(tmp_path):
         data.load(data_cfg(tmp_path, "data=local", f"data.path={path}"))
 
 
-@needs_shared
-def test_real_corpus_loads_with_no_options(tmp_path):
-    cfg = data_cfg(tmp_path, "data=local", f"data.path={NSMC}")
+def test_real_corpus_loads_with_no_options(tmp_path, nsmc):
+    cfg = data_cfg(tmp_path, "data=local", f"data.path={nsmc}")
     corpus = data.load(cfg)
     assert len(corpus.texts) == 675_798
     assert set(corpus.labels) == {0, 1, 2}

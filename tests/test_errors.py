@@ -1,10 +1,10 @@
 """User-facing error paths added by train/generate/evaluate that other tests do not feed."""
 
 import pytest
-from conftest import compose_cfg, make_reviews
 
-from kr3 import checkpoint, data, prepare
+from kr3 import checkpoint, data, prepared
 from kr3 import tokenizer as ktok
+from kr3.config import compose
 from kr3.errors import UserError
 
 
@@ -15,7 +15,7 @@ def test_test_ratio_out_of_range():
 
 def test_vocab_smaller_than_required_characters(tmp_path):
     texts = ["".join(chr(0xAC00 + i + j) for j in range(20)) for i in range(0, 2000, 20)]  # 2,000 distinct syllables
-    cfg = compose_cfg(tmp_path, ["tokenizer.vocab_size=600", "tokenizer.character_coverage=1.0"]).tokenizer
+    cfg = compose(root=tmp_path, overrides=["tokenizer.vocab_size=600", "tokenizer.character_coverage=1.0"]).tokenizer
     with pytest.raises(UserError, match=r"smaller than the \d+ pieces this corpus needs"):
         ktok.build(cfg, texts, seed=0)
 
@@ -29,7 +29,7 @@ def test_pretrained_without_eos(tmp_path):
 
 
 def test_saved_tokenizer_that_does_not_match_its_spec(tmp_path, reviews):
-    cfg = compose_cfg(tmp_path, ["tokenizer.vocab_size=400"]).tokenizer
+    cfg = compose(root=tmp_path, overrides=["tokenizer.vocab_size=400"]).tokenizer
     ktok.build(cfg, [t for _, t in reviews], seed=0).save(tmp_path / "tok")
     (tmp_path / "tok" / ktok.SPEC_FILE).write_text('{"kind": "sentencepiece", "vocab_size": 999, "eos_id": 2}')
     with pytest.raises(UserError, match="does not match its kr3_tokenizer.json"):
@@ -39,20 +39,17 @@ def test_saved_tokenizer_that_does_not_match_its_spec(tmp_path, reviews):
 def test_prepared_meta_of_another_version(tmp_path):
     (tmp_path / "meta.json").write_text('{"format_version": 99}')
     with pytest.raises(UserError, match="format_version 99"):
-        prepare.read_meta(tmp_path)
+        prepared.read_meta(tmp_path)
     with pytest.raises(UserError, match="no prepared data in"):
-        prepare.read_meta(tmp_path / "nothing")
+        prepared.read_meta(tmp_path / "nothing")
 
 
-def test_train_split_too_small_for_one_step(tmp_path):
-    import pandas as pd
+def test_train_split_too_small_for_one_step(tmp_path, make_reviews, write_parquet):
+    from kr3.stages import train
 
-    from kr3 import train
-
-    rows = make_reviews(60)
-    pd.DataFrame({"Rating": [r for r, _ in rows], "Review": [t for _, t in rows]}).to_parquet(tmp_path / "r.parquet")
-    cfg = compose_cfg(tmp_path, ["data=local", f"data.path={tmp_path / 'r.parquet'}", "tokenizer.vocab_size=380",
-                                 "model=tiny", "logger=none", "trainer.batch_size=512",
+    write_parquet(tmp_path / "r.parquet", make_reviews(60))
+    cfg = compose(root=tmp_path, overrides=["data=local", f"data.path={tmp_path / 'r.parquet'}", "tokenizer.vocab_size=380",
+                                 "experiment=smoke", "trainer.batch_size=512",
                                  f"paths.output_dir={tmp_path / 'run'}", "stage=train"])
     with pytest.raises(UserError, match="not one step of 512 windows"):
         train.run(cfg)
@@ -68,18 +65,18 @@ def _fake_checkpoint(tmp_path):
 
     model = GPT(GPTConfig(vocab_size=300, n_layers=1, n_heads=1, d_model=8, d_ffn=8, block_size=8))
     path = tmp_path / "run" / "checkpoints" / "best.pt"
-    checkpoint.save({"model_config": model.cfg.to_dict(), "model": model.state_dict(), "step": 0,
-                     "config": {"data": {"clean": {}}}, "tokenizer": {"files": {}},
-                     "data": {"dir": str(tmp_path / "gone"), "splits": {}, "dtype": "uint16"}}, path)
+    checkpoint.save(checkpoint.Checkpoint(model_config=model.cfg.to_dict(), model=model.state_dict(), step=0,
+                                          config={"data": {"clean": {}}}, tokenizer={"files": {}},
+                                          data={"dir": str(tmp_path / "gone"), "splits": {}, "dtype": "uint16"}), path)
     return path
 
 
 def test_evaluate_split_that_is_gone(tmp_path, monkeypatch):
-    from kr3 import evaluate
+    from kr3.stages import evaluate
 
     path = _fake_checkpoint(tmp_path)
     monkeypatch.setattr(ktok, "from_files", lambda files: None)
-    cfg = compose_cfg(tmp_path, ["stage=evaluate", f"checkpoint={path}", f"paths.output_dir={tmp_path / 'e'}"])
+    cfg = compose(root=tmp_path, overrides=["stage=evaluate", f"checkpoint={path}", f"paths.output_dir={tmp_path / 'e'}"])
     with pytest.raises(UserError, match=r"split 'val' of .* is not there"):
         evaluate.run(cfg)
 
@@ -87,12 +84,12 @@ def test_evaluate_split_that_is_gone(tmp_path, monkeypatch):
 @pytest.mark.parametrize("content, message", [(None, "does not exist"), (b"\n  \n", "has no prompts"),
                                               (b"\xff\xfe\x00a\n", "is not UTF-8 text — save it as UTF-8")])
 def test_prompts_file_errors(tmp_path, content, message):
-    from kr3 import generate
+    from kr3.stages import generate
 
     prompts = tmp_path / "prompts.txt"
     if content is not None:
         prompts.write_bytes(content)
-    cfg = compose_cfg(tmp_path, ["stage=generate", f"generate.prompts_file={prompts}", f"paths.output_dir={tmp_path}"])
+    cfg = compose(root=tmp_path, overrides=["stage=generate", f"generate.prompts_file={prompts}", f"paths.output_dir={tmp_path}"])
     with pytest.raises(UserError, match=message):
         generate.batch(cfg, completer=None)
     assert not (tmp_path / "generations.jsonl").exists()
@@ -105,18 +102,18 @@ def test_evaluate_refuses_data_prepared_again(tmp_path, monkeypatch):
 
     import numpy as np
 
-    from kr3 import evaluate
+    from kr3.stages import evaluate
 
     path = _fake_checkpoint(tmp_path)
     state = checkpoint.load(path)
-    prepared = tmp_path / "prepared"
-    prepared.mkdir()
-    np.arange(50, dtype=np.uint16).tofile(prepared / "val.bin")
-    (prepared / "meta.json").write_text(json.dumps({"format_version": prepare.FORMAT_VERSION, "fingerprint": "new"}))
-    state["data"].update(dir=str(prepared), splits={"val": {"file": "val.bin", "chars": 100}}, fingerprint="old")
+    folder = tmp_path / "prepared"
+    folder.mkdir()
+    np.arange(50, dtype=np.uint16).tofile(folder / "val.bin")
+    (folder / "meta.json").write_text(json.dumps({"format_version": prepared.FORMAT_VERSION, "fingerprint": "new"}))
+    state.data.update(dir=str(folder), splits={"val": {"file": "val.bin", "chars": 100}}, fingerprint="old")
     checkpoint.save(state, path)
     monkeypatch.setattr(ktok, "from_files", lambda files: None)
-    cfg = compose_cfg(tmp_path, ["stage=evaluate", f"checkpoint={path}", f"paths.output_dir={tmp_path / 'e'}"])
+    cfg = compose(root=tmp_path, overrides=["stage=evaluate", f"checkpoint={path}", f"paths.output_dir={tmp_path / 'e'}"])
     with pytest.raises(UserError, match="was prepared again .* since this checkpoint was trained on it"):
         evaluate.run(cfg)
     assert not (tmp_path / "e" / "eval.json").exists()
@@ -127,7 +124,7 @@ def test_evaluate_refuses_data_prepared_again(tmp_path, monkeypatch):
     ("evaluate.max_tokens=-5", "evaluate.max_tokens=-5 must be an integer ≥ 1, or null"),
 ])
 def test_bad_evaluate_values(tmp_path, override, message):
-    from kr3 import evaluate
+    from kr3.stages import evaluate
 
     with pytest.raises(UserError, match=message):
-        evaluate.run(compose_cfg(tmp_path, ["stage=evaluate", "checkpoint=x.pt", override]))
+        evaluate.run(compose(root=tmp_path, overrides=["stage=evaluate", "checkpoint=x.pt", override]))

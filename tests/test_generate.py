@@ -6,33 +6,30 @@ import sys
 
 import pytest
 import torch
-from conftest import compose_cfg, make_reviews
 
 from kr3 import checkpoint
-from kr3.config import ROOT
-from kr3.generate import Completer, sample_tokens
+from kr3.config import ROOT, compose
+from kr3.sampling import Completer, sample_tokens
 from kr3.tracking import read_metrics
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, make_reviews, write_parquet):
     """A tiny model trained for a few seconds on synthetic reviews: (run folder, root)."""
-    import pandas as pd
-
-    from kr3 import train
+    from kr3.stages import train
 
     root = tmp_path_factory.mktemp("gen")
-    rows = make_reviews(3000, seed=2)
-    pd.DataFrame({"Rating": [r for r, _ in rows], "Review": [t for _, t in rows]}).to_parquet(root / "kr3.parquet")
-    cfg = compose_cfg(root, ["data=local", f"data.path={root / 'kr3.parquet'}", "tokenizer.vocab_size=500", "model=tiny",
-                             "logger=none", "trainer.max_steps=150", "trainer.eval_interval=0", "trainer.sample_prompts=[]",
-                             "trainer.lr=3e-3", "trainer.warmup_steps=10", f"paths.output_dir={root / 'outputs/a/b'}"])
+    write_parquet(root / "kr3.parquet", make_reviews(3000, seed=2))
+    cfg = compose(root=root, overrides=["data=local", f"data.path={root / 'kr3.parquet'}", "tokenizer.vocab_size=500",
+                                        "experiment=smoke", "trainer.precision=fp32", "trainer.max_steps=150",
+                                        "trainer.eval_interval=0", "trainer.lr=3e-3", "trainer.warmup_steps=10",
+                                        f"paths.output_dir={root / 'outputs/a/b'}"])
     train.run(cfg)
     return root / "outputs/a/b", root
 
 
 def gen_cfg(root, *overrides):
-    return compose_cfg(root, ["stage=generate", *overrides]).generate
+    return compose(root=root, overrides=["stage=generate", *overrides]).generate
 
 
 def loaded(run_dir):
@@ -66,7 +63,7 @@ def test_greedy_stops_at_eos(trained):
 
 def test_same_seed_same_sample(trained):
     model, tok, state = loaded(trained[0])
-    c = Completer(model, tok, gen_cfg(trained[1], "generate.temperature=1.0"), state["config"]["data"]["clean"])
+    c = Completer(model, tok, gen_cfg(trained[1], "generate.temperature=1.0"), state.config["data"]["clean"])
     a, b = c.complete("이 가게", 0), c.complete("이 가게", 0)
     assert a["completion"] == b["completion"] and a["tokens"] == b["tokens"]
     assert len({c.complete("이 가게", s)["completion"] for s in range(6)}) > 1
@@ -74,7 +71,7 @@ def test_same_seed_same_sample(trained):
 
 def test_long_and_odd_prompts(trained, caplog):
     model, tok, state = loaded(trained[0])
-    c = Completer(model, tok, gen_cfg(trained[1], "generate.max_new_tokens=8"), state["config"]["data"]["clean"])
+    c = Completer(model, tok, gen_cfg(trained[1], "generate.max_new_tokens=8"), state.config["data"]["clean"])
     c.complete("맛있어요 " * 100)
     assert "keeping its last 63" in caplog.text
     for odd in ["🍜🍜 龍 \x07\x1b[31m", "ㅋㅋㅋㅋ", "a"]:
@@ -146,9 +143,9 @@ class PieceTokenizer:
 def test_stop_strings_are_never_shown(monkeypatch, stop, completion):
     import types
 
-    from kr3 import generate
+    from kr3 import sampling
 
-    monkeypatch.setattr(generate, "sample_tokens", lambda *a, **k: iter([2, 3, 4, 5, 6]))
+    monkeypatch.setattr(sampling, "sample_tokens", lambda *a, **k: iter([2, 3, 4, 5, 6]))
     model = types.SimpleNamespace(cfg=types.SimpleNamespace(block_size=16))
     g = types.SimpleNamespace(stop=stop, seed=0, max_new_tokens=5, temperature=0, top_k=None, top_p=None,
                               repetition_penalty=1.0)
@@ -179,7 +176,7 @@ def test_generate_errors(trained, args, message):
 ])
 def test_bad_decoding_values(tmp_path, override, message):
     from kr3.errors import UserError
-    from kr3.generate import check_generate
+    from kr3.stages.generate import check_generate
 
     with pytest.raises(UserError, match=re.escape(message)):
         check_generate(gen_cfg(tmp_path, override))
@@ -202,16 +199,17 @@ def test_corrupt_checkpoint_is_one_line(trained, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "is corrupt or not a kr3 checkpoint" in proc.stderr
 
 
-def test_evaluate_matches_trainer_and_reads_files(trained, tmp_path):
-    from kr3 import evaluate
+def test_evaluate_matches_trainer_and_reads_files(trained, tmp_path, make_reviews):
+    from kr3.stages import evaluate
 
     run_dir, root = trained
     logged = [r["val/loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "val/loss" in r][-1]
-    result = evaluate.run(compose_cfg(root, ["stage=evaluate", f"checkpoint={run_dir}", f"paths.output_dir={tmp_path / 'e'}"]))
+    result = evaluate.run(compose(root=root, overrides=["stage=evaluate", f"checkpoint={run_dir}", "evaluate.precision=fp32",
+                                                        f"paths.output_dir={tmp_path / 'e'}"]))
     assert result["loss"] == pytest.approx(logged, rel=1e-5)
     assert json.loads((tmp_path / "e" / "eval.json").read_text())["bpc"] == pytest.approx(result["bpc"])
     (tmp_path / "reviews.txt").write_text("\n".join(t for _, t in make_reviews(50, seed=9)), encoding="utf-8")
-    on_file = evaluate.run(compose_cfg(root, ["stage=evaluate", f"checkpoint={run_dir}", "data=local",
+    on_file = evaluate.run(compose(root=root, overrides=["stage=evaluate", f"checkpoint={run_dir}", "data=local",
                                               f"data.path={tmp_path / 'reviews.txt'}", f"paths.output_dir={tmp_path / 'f'}",
                                               "evaluate.max_tokens=300"]))
     assert on_file["tokens"] == 300 and 0 < on_file["bpc"] < 10

@@ -1,12 +1,17 @@
+import json
 import logging
 
 import numpy as np
 import pytest
-from conftest import DIRTY, KOGPT2, NSMC, compose_cfg, needs_shared, read_json
 
-from kr3 import prepare
+from kr3 import prepared
 from kr3 import tokenizer as ktok
+from kr3.config import compose
 from kr3.errors import UserError
+
+
+def read_json(path):
+    return json.loads(path.read_text())
 
 
 def leftovers(data_dir):
@@ -15,10 +20,10 @@ def leftovers(data_dir):
 
 def test_prepare_end_to_end(local_cfg, reviews):
     cfg = local_cfg()
-    out = prepare.run(cfg)
-    assert out.parent == prepare.prepared_dir(cfg).parent and out.name.startswith("local-spbpe400-")
+    out = prepared.ensure(cfg)
+    assert out.parent == prepared.prepared_dir(cfg).parent and out.name.startswith("local-spbpe400-")
     meta = read_json(out / "meta.json")
-    assert meta["format_version"] == prepare.FORMAT_VERSION
+    assert meta["format_version"] == prepared.FORMAT_VERSION
     assert meta["dtype"] == "uint16" and meta["vocab_size"] == 400
     # 400 clean reviews + 5 dirty ones (2 fixed, 3 dropped) + 1 duplicate
     c = meta["cleaning"]
@@ -43,60 +48,60 @@ def test_prepare_end_to_end(local_cfg, reviews):
 
 def test_prepare_reuses_then_force_redoes(local_cfg, caplog):
     caplog.set_level(logging.INFO)
-    out = prepare.run(local_cfg())
+    out = prepared.ensure(local_cfg())
     mtime = (out / "meta.json").stat().st_mtime_ns
-    assert prepare.run(local_cfg()) == out
+    assert prepared.ensure(local_cfg()) == out
     assert (out / "meta.json").stat().st_mtime_ns == mtime
     assert "up to date" in caplog.text
-    prepare.run(local_cfg("prepare.force=true"))
+    prepared.ensure(local_cfg("prepare.force=true"))
     assert (out / "meta.json").stat().st_mtime_ns != mtime
 
 
 def test_prepare_redoes_when_source_changes(local_cfg, corpus_parquet):
     import pandas as pd
 
-    out = prepare.run(local_cfg())
+    out = prepared.ensure(local_cfg())
     df = pd.read_parquet(corpus_parquet).iloc[:300]
     df.to_parquet(corpus_parquet)
-    assert prepare.run(local_cfg()) == out
+    assert prepared.ensure(local_cfg()) == out
     assert read_json(out / "meta.json")["cleaning"]["loaded"] == 300
 
 
 def test_a_local_dataset_folder_as_hub_id_is_watched_too(tmp_path, corpus_parquet):
-    cfg = compose_cfg(tmp_path, [f"data.hub_id={corpus_parquet.parent}"]).data
-    before = prepare.source_stamp(cfg)
+    cfg = compose(root=tmp_path, overrides=[f"data.hub_id={corpus_parquet.parent}"]).data
+    before = prepared.source_stamp(cfg)
     corpus_parquet.write_bytes(corpus_parquet.read_bytes() + b"x")
-    assert prepare.source_stamp(cfg) != before
+    assert prepared.source_stamp(cfg) != before
 
 
 def test_different_config_gets_a_different_folder(local_cfg):
-    a = prepare.prepared_dir(local_cfg())
-    assert prepare.prepared_dir(local_cfg("data.val_ratio=0.1")) != a
-    assert prepare.prepared_dir(local_cfg("tokenizer.vocab_size=500")) != a
-    assert prepare.prepared_dir(local_cfg("prepare.force=true")) == a
+    a = prepared.prepared_dir(local_cfg())
+    assert prepared.prepared_dir(local_cfg("data.val_ratio=0.1")) != a
+    assert prepared.prepared_dir(local_cfg("tokenizer.vocab_size=500")) != a
+    assert prepared.prepared_dir(local_cfg("prepare.force=true")) == a
 
 
 def test_killed_prepare_leaves_nothing_half_written(local_cfg, monkeypatch):
     cfg = local_cfg()
-    out = prepare.run(cfg)
+    out = prepared.ensure(cfg)
     before = (out / "train.bin").read_bytes()
 
     def die(*a, **k):
         raise KeyboardInterrupt  # what Ctrl-C or a kill between encode and meta.json looks like
 
-    monkeypatch.setattr(prepare, "_round_trip", die)
+    monkeypatch.setattr(prepared, "_round_trip", die)
     with pytest.raises(KeyboardInterrupt):
-        prepare.run(local_cfg("prepare.force=true"))
+        prepared.ensure(local_cfg("prepare.force=true"))
     assert (out / "train.bin").read_bytes() == before  # the old, complete folder is untouched
     assert not leftovers(out.parent)
-    other = prepare.prepared_dir(local_cfg("data.val_ratio=0.2"))
+    other = prepared.prepared_dir(local_cfg("data.val_ratio=0.2"))
     with pytest.raises(KeyboardInterrupt):
-        prepare.run(local_cfg("data.val_ratio=0.2"))
+        prepared.ensure(local_cfg("data.val_ratio=0.2"))
     assert not other.exists()
 
 
 def test_test_split_and_rating_filter(local_cfg):
-    out = prepare.run(local_cfg("data.test_ratio=0.1", "data.ratings=[0,1]"))
+    out = prepared.ensure(local_cfg("data.test_ratio=0.1", "data.ratings=[0,1]"))
     meta = read_json(out / "meta.json")
     assert set(meta["splits"]) == {"train", "val", "test"}
     assert meta["cleaning"]["rating_filtered"] > 100
@@ -104,21 +109,16 @@ def test_test_split_and_rating_filter(local_cfg):
 
 
 def test_nothing_written_on_bad_input(tmp_path):
-    cfg = compose_cfg(tmp_path, ["data=local", f"data.path={tmp_path / 'missing.parquet'}"])
+    cfg = compose(root=tmp_path, overrides=["data=local", f"data.path={tmp_path / 'missing.parquet'}"])
     with pytest.raises(UserError):
-        prepare.run(cfg)
+        prepared.ensure(cfg)
     assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
 
 
-def test_dirty_rows_fixture_is_dirty():
-    assert any(len(t) < 2 for _, t in DIRTY)
-
-
-@needs_shared
-def test_prepare_with_pretrained_tokenizer(tmp_path, corpus_parquet):
-    cfg = compose_cfg(tmp_path, ["data=local", f"data.path={corpus_parquet}", "tokenizer=pretrained",
-                                 f"tokenizer.name_or_path={KOGPT2}"])
-    out = prepare.run(cfg)
+def test_prepare_with_pretrained_tokenizer(tmp_path, corpus_parquet, kogpt2):
+    cfg = compose(root=tmp_path, overrides=["data=local", f"data.path={corpus_parquet}", "tokenizer=pretrained",
+                                 f"tokenizer.name_or_path={kogpt2}"])
+    out = prepared.ensure(cfg)
     meta = read_json(out / "meta.json")
     assert out.name.startswith("local-kogpt2-v1-")
     assert meta["tokenizer"]["kind"] == "pretrained" and meta["dtype"] == "uint16"
@@ -128,10 +128,9 @@ def test_prepare_with_pretrained_tokenizer(tmp_path, corpus_parquet):
     assert 0.3 < meta["round_trip"] < 1  # NFKC turns ㅋ into ᄏ: reviews with ㅋㅋ do not come back exactly
 
 
-@needs_shared
-def test_prepare_real_corpus_subset(tmp_path):
-    cfg = compose_cfg(tmp_path, ["data=local", f"data.path={NSMC}", "data.ratings=[0]", "tokenizer.vocab_size=2000"])
-    meta = read_json(prepare.run(cfg) / "meta.json")
+def test_prepare_real_corpus_subset(tmp_path, nsmc):
+    cfg = compose(root=tmp_path, overrides=["data=local", f"data.path={nsmc}", "data.ratings=[0]", "tokenizer.vocab_size=2000"])
+    meta = read_json(prepared.ensure(cfg) / "meta.json")
     assert meta["cleaning"]["kept"] > 100_000
     assert meta["round_trip"] > 0.999
     assert 1 < meta["splits"]["val"]["chars_per_token"] < 4

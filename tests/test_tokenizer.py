@@ -1,16 +1,16 @@
+import json
 import subprocess
 import sys
 
 import pytest
-from conftest import KOGPT2, compose_cfg, needs_shared
 
 from kr3 import tokenizer as ktok
-from kr3.config import ROOT
+from kr3.config import ROOT, compose
 from kr3.errors import UserError
 
 
 def sp_cfg(tmp_path, *overrides):
-    return compose_cfg(tmp_path, ["tokenizer=sentencepiece", *overrides]).tokenizer
+    return compose(root=tmp_path, overrides=["tokenizer=sentencepiece", *overrides]).tokenizer
 
 
 @pytest.fixture
@@ -31,13 +31,14 @@ def test_sentencepiece_round_trip_and_reload(tmp_path, texts):
     assert (again.vocab_size, again.eos_id) == (400, 2)
 
 
-def test_sentencepiece_is_deterministic_across_processes(tmp_path):
+def test_sentencepiece_is_deterministic_across_processes(tmp_path, make_reviews):
     """Sampling included (input_sentence_size < corpus): a new process must train the same model."""
+    (tmp_path / "texts.json").write_text(json.dumps([t for _, t in make_reviews(800)]))
     code = (
-        "import sys, hashlib; sys.path.insert(0, 'tests'); from conftest import make_reviews, compose_cfg;"
-        "from kr3 import tokenizer as k; from pathlib import Path;"
-        f"cfg = compose_cfg(Path({str(tmp_path)!r}), ['tokenizer.vocab_size=380', 'tokenizer.input_sentence_size=300']);"
-        "print(hashlib.md5(k.build(cfg.tokenizer, [t for _, t in make_reviews(800)], seed=1).proto).hexdigest())"
+        "import hashlib, json; from kr3 import tokenizer as k; from kr3.config import compose;"
+        f"cfg = compose(['tokenizer.vocab_size=380', 'tokenizer.input_sentence_size=300'], {str(tmp_path)!r});"
+        f"texts = json.loads(open({str(tmp_path / 'texts.json')!r}).read());"
+        "print(hashlib.md5(k.build(cfg.tokenizer, texts, seed=1).proto).hexdigest())"
     )
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT) for _ in range(2)]
     assert runs[0].returncode == 0, runs[0].stderr
@@ -67,7 +68,7 @@ def test_settings_sentencepiece_refuses(tmp_path, texts, override):
 
 def test_pretrained_folder_without_tokenizer(tmp_path):
     (tmp_path / "empty").mkdir()
-    cfg = compose_cfg(tmp_path, ["tokenizer=pretrained", f"tokenizer.name_or_path={tmp_path / 'empty'}"]).tokenizer
+    cfg = compose(root=tmp_path, overrides=["tokenizer=pretrained", f"tokenizer.name_or_path={tmp_path / 'empty'}"]).tokenizer
     with pytest.raises(UserError, match="has no tokenizer.json"):
         ktok.build(cfg, [], seed=0)
 
@@ -76,7 +77,7 @@ def test_pretrained_hub_unreachable(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    cfg = compose_cfg(tmp_path, ["tokenizer=pretrained"]).tokenizer
+    cfg = compose(root=tmp_path, overrides=["tokenizer=pretrained"]).tokenizer
     with pytest.raises(UserError, match=r"could not download tokenizer skt/kogpt2-base-v2 .*tokenizer.name_or_path="):
         ktok.build(cfg, [], seed=0, cache_dir=str(tmp_path / "hf"))
 
@@ -86,9 +87,8 @@ def test_load_without_saved_tokenizer(tmp_path):
         ktok.load(tmp_path)
 
 
-@needs_shared
-def test_pretrained_kogpt2_from_local_folder(tmp_path, texts):
-    cfg = compose_cfg(tmp_path, ["tokenizer=pretrained", f"tokenizer.name_or_path={KOGPT2}"]).tokenizer
+def test_pretrained_kogpt2_from_local_folder(tmp_path, texts, kogpt2):
+    cfg = compose(root=tmp_path, overrides=["tokenizer=pretrained", f"tokenizer.name_or_path={kogpt2}"]).tokenizer
     tok = ktok.build(cfg, [], seed=0)
     assert tok.vocab_size > 50_000
     assert tok.id_to_piece(tok.eos_id) == "</s>"

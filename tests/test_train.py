@@ -9,30 +9,29 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
-from conftest import compose_cfg, make_reviews
 
-from kr3 import checkpoint, distributed
-from kr3.config import ROOT
+from kr3 import checkpoint
+from kr3.batches import Batches
+from kr3.config import ROOT, compose
 from kr3.errors import UserError
 from kr3.tracking import read_metrics
-from kr3.train import Batches, lr_at
+from kr3.trainer import lr_at
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    import pandas as pd
-
+def corpus(tmp_path_factory, make_reviews, write_parquet):
     d = tmp_path_factory.mktemp("train_corpus")
-    rows = make_reviews(3000, seed=1)
-    pd.DataFrame({"Rating": [r for r, _ in rows], "Review": [t for _, t in rows]}).to_parquet(d / "kr3.parquet")
+    write_parquet(d / "kr3.parquet", make_reviews(3000, seed=1))
     return d
 
 
 def base(corpus, tmp_path):
+    """Smoke runs on the module's corpus, in fp32: the tests compare numbers (bf16 on CPUs that have it)."""
     return [f"paths.root_dir={tmp_path}", f"paths.data_dir={corpus / 'data'}", "data=local",
-            f"data.path={corpus / 'kr3.parquet'}", "tokenizer.vocab_size=500", "model=tiny", "logger=none",
-            "trainer.log_interval=1", "trainer.eval_tokens=1024", "trainer.sample_prompts=[]", "trainer.warmup_steps=5"]
+            f"data.path={corpus / 'kr3.parquet'}", "tokenizer.vocab_size=500", "experiment=smoke",
+            "trainer.precision=fp32"]
 
 
 def cli(args, env=None, torchrun=0, timeout=300):
@@ -43,9 +42,9 @@ def cli(args, env=None, torchrun=0, timeout=300):
 
 
 def train_in_process(corpus, tmp_path, *overrides):
-    from kr3 import train
+    from kr3.stages import train
 
-    cfg = compose_cfg(tmp_path, [*base(corpus, tmp_path)[1:], "stage=train", f"paths.output_dir={tmp_path / 'run'}",
+    cfg = compose(root=tmp_path, overrides=[*base(corpus, tmp_path)[1:], "stage=train", f"paths.output_dir={tmp_path / 'run'}",
                                  *overrides])
     return train.run(cfg), tmp_path / "run"
 
@@ -105,8 +104,8 @@ def test_train_end_to_end(corpus, tmp_path):
     assert [p.name for p in checkpoint.list_steps(run_dir)] == ["step-0000030.pt", "step-0000040.pt"]
     assert (run_dir / "checkpoints" / "best.pt").exists() and (run_dir / "loss.png").stat().st_size > 1000
     state = checkpoint.load(checkpoint.list_steps(run_dir)[-1])
-    assert state["step"] == 40 and state["model_config"]["n_layers"] == 2 and "spiece.model" in state["tokenizer"]["files"]
-    split = state["data"]["splits"]["val"]
+    assert state.step == 40 and state.model_config["n_layers"] == 2 and "spiece.model" in state.tokenizer["files"]
+    split = state.data["splits"]["val"]
     assert val["bpc"] == pytest.approx(val["loss"] * split["tokens"] / split["chars"] / math.log(2))
     assert losses(run_dir, "val/loss")[40] == pytest.approx(val["loss"])
 
@@ -114,28 +113,27 @@ def test_train_end_to_end(corpus, tmp_path):
 def test_embedding_lr_moves_only_the_token_table(corpus, tmp_path):
     """trainer.embedding_lr reaches the token table's group: at 0 the table (and tied output layer) keeps its
     initial values while every other matrix trains."""
-    import torch
-
     from kr3.model import GPT, GPTConfig
 
     train_in_process(corpus, tmp_path, "trainer.max_steps=5", "trainer.embedding_lr=0.0")
     state = checkpoint.load(checkpoint.list_steps(tmp_path / "run")[-1])
     torch.manual_seed(1337)  # the trainer's seed, so this is the run's initial model
-    init = GPT(GPTConfig(**state["model_config"])).state_dict()
-    assert torch.equal(state["model"]["tok_emb.weight"], init["tok_emb.weight"])
-    assert not torch.equal(state["model"]["blocks.0.mlp.fc.weight"], init["blocks.0.mlp.fc.weight"])
+    init = GPT(GPTConfig(**state.model_config)).state_dict()
+    assert torch.equal(state.model["tok_emb.weight"], init["tok_emb.weight"])
+    assert not torch.equal(state.model["blocks.0.mlp.fc.weight"], init["blocks.0.mlp.fc.weight"])
 
 
 def test_resume_of_another_optimizer_layout_or_of_weights_only_is_refused(corpus, tmp_path):
     train_in_process(corpus, tmp_path, "trainer.max_steps=3")
     path = checkpoint.list_steps(tmp_path / "run")[-1]
     state = checkpoint.load(path)
-    state["optimizer"]["param_groups"] = state["optimizer"]["param_groups"][:2]  # before embedding_lr
+    state.optimizer["param_groups"] = state.optimizer["param_groups"][:2]  # before embedding_lr
     checkpoint.save(state, path)
     with pytest.raises(UserError, match="older kr3"):
         train_in_process(corpus, tmp_path / "b", "trainer.max_steps=6", f"trainer.resume={path}")
-    del state["optimizer"]  # weights only, as when a model is shared
-    checkpoint.save(state, path)
+    raw = state.to_dict()
+    del raw["optimizer"]  # weights only, as when a model is shared
+    torch.save(raw, path)
     with pytest.raises(UserError, match="holds no optimizer .* cannot be resumed"):
         train_in_process(corpus, tmp_path / "c", "trainer.max_steps=6", f"trainer.resume={path}")
 
@@ -147,13 +145,48 @@ def test_muon_run_resumes_exactly(corpus, tmp_path):
               "trainer.eval_interval=0"]
     _, ref_dir = train_in_process(corpus, tmp_path / "a", *common)
     state = checkpoint.load(checkpoint.step_path(ref_dir, 4))
-    assert state["optimizer"]["param_groups"][-1]["muon"] and state["config"]["trainer"]["optimizer"] == "muon"
+    assert state.optimizer["param_groups"][-1]["muon"] and state.config["trainer"]["optimizer"] == "muon"
     _, run_dir = train_in_process(corpus, tmp_path / "b", *common, f"trainer.resume={checkpoint.step_path(ref_dir, 4)}")
     a, b = losses(ref_dir), losses(run_dir)
     assert sorted(b) == [5, 6, 7, 8]
     np.testing.assert_allclose([b[s] for s in b], [a[s] for s in b], rtol=1e-5, atol=1e-6)
     with pytest.raises(UserError, match="another trainer.optimizer"):
         train_in_process(corpus, tmp_path / "c", "trainer.max_steps=10", f"trainer.resume={ref_dir}")
+
+
+# the keys a checkpoint held before kr3.checkpoint.Checkpoint defined the format (format_version 1)
+LAYOUT_BEFORE_ISSUE_12 = ("format_version", "model_config", "model", "optimizer", "scheduler", "step", "best_val_loss",
+                          "best_val_tokens", "val", "rng", "data", "tokenizer", "config", "wandb_run_id", "torch_version")
+
+
+def test_checkpoint_in_the_layout_before_issue_12_still_resumes_and_loads(corpus, tmp_path):
+    """A plain dict with exactly the keys kr3 wrote before the format had a class: it loads for
+    generate/evaluate and resumes exactly."""
+    common = ["trainer.max_steps=6", "trainer.ckpt_interval=3", "trainer.eval_interval=0"]
+    _, ref_dir = train_in_process(corpus, tmp_path / "a", *common)
+    written = checkpoint.load(checkpoint.step_path(ref_dir, 3)).to_dict()
+    old = {key: written[key] for key in LAYOUT_BEFORE_ISSUE_12}
+    path = tmp_path / "old" / "checkpoints" / "step-0000003.pt"
+    path.parent.mkdir(parents=True)
+    torch.save(old, path)
+    model, tok, ckpt = checkpoint.load_model(path, "cpu")
+    assert ckpt.step == 3 and tok.decode(tok.encode("이 집 짜장면은")) == "이 집 짜장면은"
+    _, run_dir = train_in_process(corpus, tmp_path / "b", *common, f"trainer.resume={path}")
+    a, b = losses(ref_dir), losses(run_dir)
+    assert sorted(b) == [4, 5, 6]
+    np.testing.assert_allclose([b[s] for s in b], [a[s] for s in b], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_training_follows_fp32(corpus, tmp_path):
+    """The other tests pin fp32; this one runs bf16 autocast (native on CPUs with AVX512-BF16, emulated and slow
+    on AVX2-only ones), which must follow the fp32 run to bf16's precision."""
+    common = ["trainer.max_steps=6", "trainer.eval_interval=0"]
+    fp32, fp32_dir = train_in_process(corpus, tmp_path / "fp32", *common)
+    bf16, bf16_dir = train_in_process(corpus, tmp_path / "bf16", *common, "trainer.precision=bf16")
+    a, b = losses(fp32_dir), losses(bf16_dir)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=2e-2)
+    assert bf16["loss"] == pytest.approx(fp32["loss"], rel=2e-2) and bf16["loss"] < b[1] - 0.2
 
 
 def test_resume_with_other_tokenizer_is_refused(corpus, tmp_path):
@@ -209,16 +242,16 @@ def test_interrupt_saves_where_it_stopped(corpus, tmp_path):
     assert proc.returncode == 130, err
     saved = checkpoint.list_steps(run_dir)
     assert len(saved) == 1 and f"interrupted: saved step {checkpoint.step_of(saved[0])}" in out + err
-    assert checkpoint.load(saved[0])["step"] == checkpoint.step_of(saved[0]) >= 3
+    assert checkpoint.load(saved[0]).step == checkpoint.step_of(saved[0]) >= 3
 
 
 def test_resume_takes_optimizer_settings_from_the_config(corpus, tmp_path):
     _, run_dir = train_in_process(corpus, tmp_path, "trainer.max_steps=4", "trainer.eval_interval=0")
     train_in_process(corpus, tmp_path, "trainer.max_steps=5", "trainer.eval_interval=0", "trainer.resume=auto",
                      "trainer.weight_decay=0.0", "trainer.betas=[0.8,0.9]")
-    groups = checkpoint.load(checkpoint.step_path(run_dir, 5))["optimizer"]["param_groups"]
+    groups = checkpoint.load(checkpoint.step_path(run_dir, 5)).optimizer["param_groups"]
     assert [g["weight_decay"] for g in groups] == [0.0, 0.0, 0.0] and all(g["betas"] == (0.8, 0.9) for g in groups)
-    assert checkpoint.load(checkpoint.step_path(run_dir, 4))["optimizer"]["param_groups"][0]["weight_decay"] == 0.1
+    assert checkpoint.load(checkpoint.step_path(run_dir, 4)).optimizer["param_groups"][0]["weight_decay"] == 0.1
 
 
 def test_resume_into_a_folder_with_later_checkpoints_is_refused(corpus, tmp_path):
@@ -305,7 +338,7 @@ def test_resume_of_a_finished_run_trains_nothing(corpus, tmp_path, caplog):
     # best.pt of a periodic evaluation (lr 0: step 4 is no better) holds a val, but not the run's last
     _, periodic = train_in_process(corpus, tmp_path / "p", *common, "trainer.max_steps=4", "trainer.eval_interval=2",
                                    "trainer.lr=0")
-    assert checkpoint.load(periodic / "checkpoints" / "best.pt")["step"] == 2
+    assert checkpoint.load(periodic / "checkpoints" / "best.pt").step == 2
     _, rerun = train_in_process(corpus, tmp_path / "q", *common, "trainer.max_steps=2",
                                 f"trainer.resume={periodic / 'checkpoints' / 'best.pt'}")
     assert sorted(losses(rerun, "val/loss")) == [2]  # evaluated, as a run that stops at step 2 does
@@ -314,7 +347,7 @@ def test_resume_of_a_finished_run_trains_nothing(corpus, tmp_path, caplog):
                          f"trainer.resume={checkpoint.step_path(run_dir, 2)}")
     _, more = train_in_process(corpus, tmp_path / "c", *common, "trainer.max_steps=6", f"trainer.resume={run_dir}",
                                "model.n_layers=3")
-    assert sorted(losses(more)) == [5, 6] and checkpoint.load(checkpoint.step_path(more, 6))["model_config"]["n_layers"] == 2
+    assert sorted(losses(more)) == [5, 6] and checkpoint.load(checkpoint.step_path(more, 6)).model_config["n_layers"] == 2
     assert "the schedule now ends at step 6, not 4" in caplog.text
     assert "ignored: model.n_layers=3 (checkpoint: 2)" in caplog.text
 
@@ -323,18 +356,16 @@ def test_best_checkpoint_compares_the_same_val_tokens(corpus, tmp_path):
     """Periodic evaluations score whole windows at val's start; the final one scores those again inside its
     pass over all of val (exactly: split at a window boundary, the second part's context is the token
     before it), and best.pt is chosen on that share alone."""
-    import torch
-
-    from kr3.evaluate import token_loss
+    from kr3.scoring import token_loss
 
     _, run_dir = train_in_process(corpus, tmp_path, "trainer.max_steps=4", "trainer.eval_interval=2",
                                   "trainer.eval_tokens=100", "trainer.ckpt_interval=2", "trainer.keep_last=0")
     state = checkpoint.load(checkpoint.step_path(run_dir, 4))
-    val = np.memmap(Path(state["data"]["dir"]) / "val.bin", dtype=state["data"]["dtype"], mode="r")
-    eos = state["data"]["eos_id"]
-    block = state["model_config"]["block_size"]
+    val = np.memmap(Path(state.data["dir"]) / "val.bin", dtype=state.data["dtype"], mode="r")
+    eos = state.data["eos_id"]
+    block = state.model_config["block_size"]
     share = -(-100 // block) * block
-    assert state["best_val_tokens"] == share < len(val)
+    assert state.best_val_tokens == share < len(val)
 
     def score(tokens, step=4, **kw):
         model, _, _ = checkpoint.load_model(checkpoint.step_path(run_dir, step), "cpu")
@@ -348,7 +379,7 @@ def test_best_checkpoint_compares_the_same_val_tokens(corpus, tmp_path):
     assert head[0] + tail[0] == pytest.approx(whole[0], rel=1e-6)
     assert losses(run_dir, "val/loss")[4] == pytest.approx(whole[0] / whole[1], rel=1e-5)
     # best: the lower of step 2's share (what it logged) and step 4's share — not step 4's whole val
-    assert state["best_val_loss"] == pytest.approx(min(losses(run_dir, "val/loss")[2], head[0] / head[1]), rel=1e-5)
+    assert state.best_val_loss == pytest.approx(min(losses(run_dir, "val/loss")[2], head[0] / head[1]), rel=1e-5)
 
 
 @pytest.mark.slow
@@ -371,24 +402,25 @@ def test_wandb_sweep_command_is_accepted(corpus, tmp_path):
             continue
         cmd += {"${interpreter}": [sys.executable], "${program}": [str(ROOT / sweep["program"])],
                 "${args_no_hyphens}": [f"{k}={v}" for k, v in params.items()]}.get(part, [part])
-    cmd += [a for a in base(corpus, tmp_path) if a != "logger=none"] + ["trainer.max_steps=2"]
+    cmd += [*base(corpus, tmp_path), "logger=wandb", "trainer.max_steps=2"]  # smoke's logger is none
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "offline"}, timeout=300)
     assert proc.returncode == 0, proc.stderr
     run = next((tmp_path / "outputs").glob("*/*"))
-    assert checkpoint.load(checkpoint.list_steps(run)[-1])["model_config"]["n_layers"] == 4
+    assert checkpoint.load(checkpoint.list_steps(run)[-1]).model_config["n_layers"] == 4
 
 
-def test_experiment_original(tmp_path):
-    cfg = compose_cfg(tmp_path, ["experiment=original"])
-    assert (cfg.model.n_layers, cfg.model.d_ffn, cfg.model.block_size) == (6, 1024, 256)
-    assert (cfg.trainer.batch_size, cfg.trainer.lr, cfg.trainer.epochs) == (64, 1e-3, 1)
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")))
+def test_every_experiment_builds_a_model_and_an_optimizer(tmp_path, name):
+    """Each preset composes, and its model and trainer values pass the checks a run makes before training."""
+    from kr3 import optim
+    from kr3.model import GPT, GPTConfig
+    from kr3.trainer import check_trainer
 
-
-def test_experiment_cpu_15min_is_the_benchmarked_recipe(tmp_path):
-    cfg = compose_cfg(tmp_path, ["experiment=cpu_15min"])
-    assert (cfg.model.n_layers, cfg.model.d_model, cfg.model.d_ffn, cfg.model.block_size) == (2, 96, 384, 64)
-    assert (cfg.trainer.lr, cfg.trainer.embedding_lr, cfg.trainer.grad_clip, cfg.trainer.max_steps) == (1e-2, 0.3, 0, 2640)
-    assert (cfg.trainer.optimizer, cfg.trainer.muon_lr) == ("muon", 0.05)
+    cfg = compose(root=tmp_path, overrides=[f"experiment={name}"])
+    check_trainer(cfg.trainer)
+    model = GPT(GPTConfig.from_cfg(cfg.model, vocab_size=300))
+    assert model.cfg.n_layers == cfg.model.n_layers and model.cfg.block_size == cfg.model.block_size
+    optim.build(model, cfg.trainer, torch.device("cpu"))
 
 
 def test_bad_model_override_is_one_line(corpus, tmp_path):
@@ -401,10 +433,6 @@ def test_bad_embedding_lr_is_one_line(corpus, tmp_path):
     proc = cli([*base(corpus, tmp_path), "stage=train", "trainer.lr=0", "trainer.embedding_lr=0.3"])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "error: trainer.embedding_lr=0.3 with trainer.lr=0" in proc.stderr
-
-
-def test_single_process_is_rank_zero():
-    assert distributed.world_size() == 1 and distributed.is_main()
 
 
 def test_ranks_wait_for_rank_zero_beyond_the_collective_timeout(tmp_path):

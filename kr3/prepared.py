@@ -1,5 +1,7 @@
-"""stage=prepare: data → clean → split → tokenizer → token files + meta.json, written atomically into
-`<paths.data_dir>/<name>/`, where the name is derived from the data and tokenizer config."""
+"""The prepared-data format: data → clean → split → tokenizer → token files + meta.json, written atomically
+into `<paths.data_dir>/<name>/`, where the name is derived from the data and tokenizer config. `ensure`
+prepares a folder if it is missing or stale (stage=prepare and stage=train both call it); `PreparedData`
+reads one."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import logging
 import os
 import shutil
 import time
+from contextlib import contextmanager
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +33,10 @@ ENCODE_CHUNK = 8192
 
 def dataset_name(cfg) -> str:
     """Folder name for a prepared dataset: readable prefix + hash of everything that shapes its contents."""
-    d, t = cfg.data, cfg.tokenizer
+    d, tc = cfg.data, cfg.tokenizer
     keyed = {
         "data": OmegaConf.to_container(d, resolve=True),
-        "tokenizer": OmegaConf.to_container(t, resolve=True),
+        "tokenizer": OmegaConf.to_container(tc, resolve=True),
         "seed": cfg.seed,
         "format_version": FORMAT_VERSION,
     }
@@ -40,16 +44,12 @@ def dataset_name(cfg) -> str:
         keyed["data"]["path"] = str(Path(d.path).expanduser().resolve())
     keyed["data"].pop("cache_dir", None)
     digest = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:8]
-    if t.kind == "sentencepiece":
-        tag = f"sp{t.model_type}{t.vocab_size}"
-    else:
-        tag = Path(str(t.name_or_path).rstrip("/")).name
-    return f"{d.name}-{tag}-{digest}"
+    return f"{d.name}-{ktok.kind(tc).tag(tc)}-{digest}"
 
 
 def source_stamp(dcfg) -> str:
     """Cheap identity of the source, to decide whether a prepared folder is still current."""
-    local = dcfg.path if dcfg.source == "local" else dcfg.hub_id  # a Hub id may also be a local dataset folder
+    local = kdata.location(dcfg)  # a Hub id may also be a local dataset folder
     if local and Path(local).expanduser().exists():
         files = kdata.source_files(Path(local).expanduser().resolve())
         return json.dumps([(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
@@ -73,73 +73,114 @@ def read_meta(directory: str | Path) -> dict:
     return meta
 
 
-def run(cfg) -> Path:
+class PreparedData:
+    """A prepared folder: meta.json, the token files (read with np.memmap) and the tokenizer."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        self.meta = read_meta(self.dir)
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.dir / self.meta["tokenizer"]["dir"]
+
+    def split(self, name: str) -> dict:
+        return self.meta["splits"][name]
+
+    def tokens(self, name: str) -> np.memmap:
+        return np.memmap(self.dir / self.split(name)["file"], dtype=np.dtype(self.meta["dtype"]), mode="r")
+
+    @cached_property
+    def tokenizer(self) -> ktok.Tokenizer:
+        return ktok.load(self.tokenizer_dir)
+
+
+class Timings(dict):
+    """Seconds per named section: `with timings("load"): ...`."""
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        yield
+        self[name] = time.perf_counter() - start
+
+
+def ensure(cfg) -> Path:
+    """The prepared folder for this data and tokenizer config: reused when up to date, else built."""
     out = prepared_dir(cfg)
     stamp = source_stamp(cfg.data)
     if (out / META).exists() and not cfg.prepare.force:
-        meta = read_meta(out)
-        if meta["source"]["stamp"] == stamp:
+        if read_meta(out)["source"]["stamp"] == stamp:
             log.info(f"prepared data is up to date in {out} (prepare.force=true redoes it)")
             return out
         log.info("the source changed since the last prepare: preparing again")
+    build(cfg, out, stamp)
+    return out
 
-    t0 = time.perf_counter()
-    timings = {}
 
-    def timed(name, fn, *args, **kw):
-        t = time.perf_counter()
-        result = fn(*args, **kw)
-        timings[name] = time.perf_counter() - t
-        return result
+def build(cfg, out: Path, stamp: str) -> dict:
+    """load → clean → split → tokenizer → token files + meta.json, into a temp folder renamed to `out`."""
+    timings = Timings()
+    with timings("total"):
+        log.info(f"loading {kdata.location(cfg.data)}")
+        with timings("load"):
+            corpus = kdata.load(cfg.data)
+        with timings("clean"):
+            corpus = kdata.clean(corpus, cfg.data,
+                                 progress=lambda it: progress(it, desc="clean", total=len(it), unit="review"))
+        log.info("cleaning: " + ", ".join(f"{k} {v:,}" for k, v in corpus.counts.items()))
+        with timings("split"):
+            splits = kdata.split(corpus, cfg.data.val_ratio, cfg.data.test_ratio, cfg.seed)
+        log.info(f"tokenizer: {cfg.tokenizer.kind}" + (" (training)" if cfg.tokenizer.kind == "sentencepiece" else ""))
+        with timings("tokenizer"):
+            tok = ktok.build(cfg.tokenizer, splits["train"].texts, cfg.seed, cache_dir=cfg.data.cache_dir)
+        with _temp_dir(out) as tmp:
+            meta = _write(cfg, tok, corpus, splits, (out.name, stamp), tmp, timings)
+            _replace_dir(tmp, out)
+    log.info("\n" + summary(meta, out, timings))
+    return meta
 
-    log.info(f"loading {cfg.data.hub_id if cfg.data.source == 'hub' else cfg.data.path}")
-    corpus = timed("load", kdata.load, cfg.data)
-    corpus = timed("clean", kdata.clean, corpus, cfg.data,
-                   progress=lambda it: progress(it, desc="clean", total=len(it), unit="review"))
-    log.info("cleaning: " + ", ".join(f"{k} {v:,}" for k, v in corpus.counts.items()))
-    splits = timed("split", kdata.split, corpus, cfg.data.val_ratio, cfg.data.test_ratio, cfg.seed)
 
-    log.info(f"tokenizer: {cfg.tokenizer.kind}" + (" (training)" if cfg.tokenizer.kind == "sentencepiece" else ""))
-    tok = timed("tokenizer", ktok.build, cfg.tokenizer, splits["train"].texts, cfg.seed, cache_dir=cfg.data.cache_dir)
+def _write(cfg, tok: ktok.Tokenizer, corpus, splits: dict, name_stamp: tuple[str, str], tmp: Path,
+           timings: Timings) -> dict:
     if tok.vocab_size > np.iinfo(np.uint32).max:
         raise UserError(f"vocabulary of {tok.vocab_size} tokens does not fit uint32 token files")
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
+    with timings("encode"):
+        stats = {name: _encode_split(tok, c.texts, tmp / f"{name}.bin", dtype) for name, c in splits.items()}
+    with timings("round_trip"):
+        fidelity = _round_trip(tok, splits["val"].texts)
+    tok.save(tmp / TOKENIZER_DIR)
+    name, stamp = name_stamp
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "vocab_size": tok.vocab_size,
+        "eos_id": tok.eos_id,
+        "dtype": np.dtype(dtype).name,
+        "splits": stats,
+        "tokenizer": {**tok.spec(), "dir": TOKENIZER_DIR, "config": OmegaConf.to_container(cfg.tokenizer, resolve=True)},
+        "round_trip": fidelity,
+        "cleaning": corpus.counts,
+        "source": {"name": corpus.source, "stamp": stamp, "fingerprint": corpus.fingerprint},
+        "config": {"data": OmegaConf.to_container(cfg.data, resolve=True), "seed": cfg.seed},
+        "fingerprint": hashlib.sha256(json.dumps([corpus.fingerprint, name], sort_keys=True).encode()).hexdigest(),
+    }
+    (tmp / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+    return meta
 
+
+@contextmanager
+def _temp_dir(out: Path):
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        t = time.perf_counter()
-        stats = {name: _encode_split(tok, c.texts, tmp / f"{name}.bin", dtype) for name, c in splits.items()}
-        timings["encode"] = time.perf_counter() - t
-        fidelity = timed("round_trip", _round_trip, tok, splits["val"].texts)
-        tok.save(tmp / TOKENIZER_DIR)
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "name": out.name,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "vocab_size": tok.vocab_size,
-            "eos_id": tok.eos_id,
-            "dtype": np.dtype(dtype).name,
-            "splits": stats,
-            "tokenizer": {**tok.spec(), "dir": TOKENIZER_DIR,
-                          "config": OmegaConf.to_container(cfg.tokenizer, resolve=True)},
-            "round_trip": fidelity,
-            "cleaning": corpus.counts,
-            "source": {"name": corpus.source, "stamp": stamp, "fingerprint": corpus.fingerprint},
-            "config": {"data": OmegaConf.to_container(cfg.data, resolve=True), "seed": cfg.seed},
-        }
-        meta["fingerprint"] = hashlib.sha256(
-            json.dumps([corpus.fingerprint, out.name], sort_keys=True).encode()
-        ).hexdigest()
-        (tmp / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
-        _replace_dir(tmp, out)
+        yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    timings["total"] = time.perf_counter() - t0
-    log.info("\n" + summary(meta, out, timings))
-    return out
 
 
 def _encode_split(tok: ktok.Tokenizer, texts: list[str], path: Path, dtype) -> dict:

@@ -1,0 +1,105 @@
+"""Resuming a run exactly: which checkpoint `trainer.resume` means, whether it fits this run, and putting its
+weights, optimizer moments, step and RNG states back."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kr3 import checkpoint, distributed
+from kr3.checkpoint import Checkpoint
+from kr3.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Resumed:
+    path: Path
+    ckpt: Checkpoint
+    in_place: bool  # in the checkpoint's own run folder: one folder, one history, one W&B run
+
+    @property
+    def step(self) -> int:
+        return self.ckpt.step
+
+    def is_finished(self, total_steps: int) -> bool:
+        """It holds its run's final evaluation, and this run would train no further."""
+        finished = self.ckpt.val is not None and self.step >= self.ckpt.scheduler["total_steps"]
+        if not finished and self.step > total_steps:
+            raise UserError(f"checkpoint {self.path} is at step {self.step}, past this run's {total_steps} steps — "
+                            "raise trainer.max_steps (or trainer.epochs)")
+        return finished and self.step >= total_steps
+
+
+def find(resume: str | None, run_dir: Path) -> Path | None:
+    """trainer.resume: null (train anew), `auto` (this run folder's newest checkpoint, if any) or a path."""
+    if not resume:
+        return None
+    if resume == "auto":
+        steps = checkpoint.list_steps(run_dir)
+        return steps[-1] if steps else None
+    return checkpoint.resolve(resume)
+
+
+def load(cfg, run_dir: Path, meta: dict) -> Resumed | None:
+    """The checkpoint to resume from, refused when trained on other prepared data than `meta`'s."""
+    path = find(cfg.trainer.resume, run_dir)
+    if path is None:
+        return None
+    ckpt = checkpoint.load(path, resume=True)
+    if ckpt.data["fingerprint"] != meta["fingerprint"]:
+        raise UserError(
+            f"checkpoint {path} was trained on other data or another tokenizer ({ckpt.data['name']}, vocab "
+            f"{ckpt.model_config['vocab_size']}) than {meta['name']} (vocab {meta['vocab_size']}) "
+            "— resume with the data/tokenizer config it was trained with"
+        )
+    ignored = [f"model.{k}={cfg.model[k]} (checkpoint: {v})" for k, v in ckpt.model_config.items()
+               if k in cfg.model and cfg.model[k] != v]
+    if ignored and distributed.is_main():
+        log.warning(f"resuming keeps the checkpoint's model; ignored: {', '.join(ignored)}")
+    return Resumed(path, ckpt, in_place=path.resolve().parent.parent == Path(run_dir).resolve())
+
+
+def restore(resumed: Resumed, model, opt, run_dir: Path) -> None:
+    """Weights and optimizer state back into `model` and `opt` (the optimizer's settings stay this run's)."""
+    model.load_state_dict(resumed.ckpt.model)
+    if len(resumed.ckpt.optimizer["param_groups"]) != len(opt.param_groups):
+        raise UserError(f"checkpoint {resumed.path} holds optimizer state of other parameter groups (another "
+                        "trainer.optimizer, or an older kr3) — resume with the trainer.optimizer it was trained "
+                        "with; it still works with stage=generate/evaluate")
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    opt.load_state_dict(resumed.ckpt.optimizer)  # moments and step counts; settings (lr_scale too) are this run's
+    for group, own in zip(opt.param_groups, settings):
+        group.update(own)
+    newer = [p.name for p in checkpoint.list_steps(run_dir) if checkpoint.step_of(p) > resumed.step]
+    if newer:
+        raise UserError(f"{run_dir} already holds checkpoints after step {resumed.step} ({', '.join(newer)}): resuming "
+                        "here would mix two histories — resume from the newest (trainer.resume=auto) or into a new "
+                        "run folder (hydra.run.dir=...)")
+
+
+def warn_changes(resumed: Resumed, total_steps: int, windows_per_step: int) -> None:
+    if resumed.ckpt.data["position"]["windows_per_step"] != windows_per_step:
+        log.warning("the global batch changed since the checkpoint: the data order after it will differ")
+    if resumed.ckpt.scheduler["total_steps"] != total_steps:
+        log.warning(f"the schedule now ends at step {total_steps}, not {resumed.ckpt.scheduler['total_steps']}: "
+                    f"from step {resumed.step} the learning rate follows the cosine to step {total_steps}")
+    log.info(f"resumed from {resumed.path} at step {resumed.step}")
+
+
+def rng_state() -> dict:
+    # the only randomness in a step is torch's (dropout); the data order is a function of seed and epoch
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

@@ -1,0 +1,45 @@
+"""Scoring a model on a token stream: summed next-token loss, and loss / perplexity / bits per character."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from kr3 import distributed, hardware
+from kr3.tracking import progress
+
+
+@torch.no_grad()
+def token_loss(model, tokens: np.ndarray, eos_id: int, block_size: int, batch_size: int, device, dtype,
+               show_progress: bool = False, context: int | None = None) -> tuple[float, int]:
+    """Sum of next-token losses (nats) and the number of tokens scored: every token of `tokens` once,
+    the first one predicted from `context` (default: an end-of-review token), in windows of `block_size`.
+    Scoring t[:k·block_size] and then t[k·block_size:] with context t[k·block_size - 1] gives the windows
+    of one pass over t. Under DDP each rank scores a disjoint share of the windows; the sums are all-reduced."""
+    stream = np.concatenate([[eos_id if context is None else context], np.asarray(tokens, dtype=np.int64)])
+    starts = list(range(0, len(stream) - 1, block_size))[distributed.rank() :: distributed.world_size()]
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    batches = [starts[i : i + batch_size] for i in range(0, len(starts), batch_size)]
+    for group in progress(batches, desc="eval", unit="batch", enabled=show_progress and distributed.is_main()):
+        full = [s for s in group if s + block_size + 1 <= len(stream)]
+        for part in ([full] if full else []) + [[s] for s in group if s not in full]:
+            span = min(block_size, len(stream) - 1 - part[0])
+            x = torch.from_numpy(np.stack([stream[s : s + span] for s in part])).to(device)
+            y = torch.from_numpy(np.stack([stream[s + 1 : s + span + 1] for s in part])).to(device)
+            with hardware.autocast(device, dtype):
+                total[0] += model(x, y).double() * y.numel()
+            total[1] += y.numel()
+    distributed.all_reduce_sum(total)
+    model.train(was_training)
+    return float(total[0]), int(total[1])
+
+
+def metrics(nats: float, n_tokens: int, split_tokens: int, split_chars: int) -> dict:
+    """loss (nats/token), perplexity, and bits per character = loss × tokens / characters / ln 2,
+    with the split's token and character counts from meta.json (exact when the whole split is scored)."""
+    loss = nats / max(1, n_tokens)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50)), "bpc": loss * split_tokens / split_chars / math.log(2)}

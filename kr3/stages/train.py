@@ -1,0 +1,49 @@
+"""stage=train: GPT on the prepared token files, one process or many under torchrun (DDP)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from kr3 import checkpoint, distributed, hardware, optim, prepared, resume
+from kr3.batches import Batches
+from kr3.model import GPT, GPTConfig
+from kr3.trainer import Trainer, check_trainer, total_steps
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg) -> dict:
+    distributed.init()
+    t = cfg.trainer
+    check_trainer(t)
+    run_dir = Path(cfg.paths.output_dir)
+    main = distributed.is_main()
+    dev, dtype = hardware.setup(t.device, t.precision, t.threads)
+    with distributed.main_first():  # rank 0 prepares (or reuses) the data, the others wait
+        data = prepared.PreparedData(prepared.ensure(cfg) if main else prepared.prepared_dir(cfg))
+    resumed = resume.load(cfg, run_dir, data.meta)
+    mcfg = GPTConfig(**resumed.ckpt.model_config) if resumed else GPTConfig.from_cfg(cfg.model, data.meta["vocab_size"])
+
+    torch.manual_seed(cfg.seed)
+    model = GPT(mcfg).to(dev)
+    opt = optim.build(model, t, dev)
+    batches = Batches(data.dir / data.split("train")["file"], data.meta["dtype"], mcfg.block_size, t.batch_size,
+                      t.grad_accum, cfg.seed)
+    batches.check_one_step()
+    total = total_steps(t, batches)
+    if resumed:
+        resume.restore(resumed, model, opt, run_dir)
+        if resumed.is_finished(total):
+            if main:
+                log.info(f"{resumed.path} finished at step {resumed.step} (val loss {resumed.ckpt.val['loss']:.4f}, "
+                         f"bpc {resumed.ckpt.val['bpc']:.4f}): nothing to train — raise trainer.max_steps (or "
+                         "trainer.epochs) to go on")
+            return resumed.ckpt.val
+        if main:
+            resume.warn_changes(resumed, total, batches.per_step)
+    if main:
+        checkpoint.remove_temps(run_dir)
+    return Trainer(cfg, model, opt, data, batches, total, dev, dtype, resumed, run_dir).fit()

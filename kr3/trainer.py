@@ -1,0 +1,276 @@
+"""The training loop, nanoGPT-style: step, log, evaluate, checkpoint. One `Trainer` holds the run's state
+(step, best val loss, the logging window) as attributes; each concern is a small method."""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from kr3 import checkpoint, distributed, hardware, resume, sampling, scoring
+from kr3 import tokenizer as ktok
+from kr3.batches import Batches
+from kr3.checkpoint import Checkpoint
+from kr3.errors import check_values
+from kr3.prepared import PreparedData
+from kr3.tracking import Tracker, progress, table
+
+log = logging.getLogger(__name__)
+
+
+def check_trainer(t) -> None:
+    check_values("trainer", t, {
+        "batch_size": ("int", 1, None, False), "grad_accum": ("int", 1, None, False),
+        "log_interval": ("int", 1, None, False), "eval_batch_size": ("int", 1, None, False),
+        "warmup_steps": ("int", 0, None, False), "keep_last": ("int", 0, None, False),
+        "eval_tokens": ("int", 1, None, True), "final_eval_tokens": ("int", 1, None, True),
+        "lr": ("number", 0, None, False),
+    })
+
+
+def lr_at(step: int, total: int, t) -> float:
+    """Linear warmup, then cosine decay to min_lr_ratio × lr."""
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    done = min(1.0, (step - t.warmup_steps) / max(1, total - t.warmup_steps))
+    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * done)))
+
+
+def total_steps(t, batches: Batches) -> int:
+    return int(t.max_steps) if t.max_steps else int(t.epochs * batches.steps_per_epoch)
+
+
+def eval_sizes(t, n_val: int, block_size: int) -> tuple[int, int]:
+    """(share, final): periodic evaluations score the same whole windows at val's start, so their losses
+    compare (best.pt); the final one scores them again as the start of its pass, then the rest."""
+    final = min(n_val, int(t.final_eval_tokens)) if t.final_eval_tokens else n_val
+    share = min(final, -(-int(t.eval_tokens) // block_size) * block_size) if t.eval_tokens else final
+    return share, final
+
+
+class Interrupts:
+    """Ctrl-C and SIGTERM (how torchrun and schedulers stop a job) raise KeyboardInterrupt, so the trainer
+    saves where it is; never inside `update()`, since a checkpoint of a half-applied optimizer step would
+    not resume exactly: the signal waits for its end. `ignore()` while saving on the way out: `uv run` and
+    torchrun forward a second signal, which must not kill the save."""
+
+    def __init__(self):
+        self.in_update = self.pending = False
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame):
+        if not self.in_update:
+            raise KeyboardInterrupt
+        self.pending = True
+
+    @contextmanager
+    def update(self):
+        self.in_update = True
+        try:
+            yield
+        finally:
+            self.in_update = False
+        if self.pending:
+            raise KeyboardInterrupt
+
+    def ignore(self):
+        for s in self.previous:
+            signal.signal(s, signal.SIG_IGN)
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class Trainer:
+    def __init__(self, cfg, model, opt, data: PreparedData, batches: Batches, total: int, device, dtype,
+                 resumed: resume.Resumed | None, run_dir: Path):
+        self.cfg, self.t = cfg, cfg.trainer
+        self.model, self.opt, self.data, self.batches = model, opt, data, batches
+        self.total, self.device, self.dtype, self.run_dir = total, device, dtype, Path(run_dir)
+        self.main = distributed.is_main()
+        self.step = resumed.step if resumed else 0
+        self.val_tokens = data.tokens("val")
+        self.share_n, self.final_n = eval_sizes(self.t, len(self.val_tokens), model.cfg.block_size)
+        # the checkpoint's best counts only if measured on the same val tokens
+        same = resumed is not None and resumed.ckpt.best_val_tokens == self.share_n
+        self.best = resumed.ckpt.best_val_loss if same else float("inf")
+        self.tracker = Tracker(cfg, run_dir, enabled=self.main,
+                               resume_id=resumed.ckpt.wandb_run_id if resumed and resumed.in_place else None)
+        self.ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) \
+            if distributed.is_distributed() else None
+        self.forward = torch.compile(self.ddp or model) if self.t.compile else self.ddp or model
+        self.tokenizer = data.tokenizer
+        self.tokens_per_step = batches.per_step * model.cfg.block_size
+        self.peak = hardware.peak_flops(device, dtype, self.t.peak_flops)
+        if resumed:
+            resume.set_rng_state(resumed.ckpt.rng)  # last: measuring the peak above draws random numbers
+
+    def describe(self) -> str:
+        m, meta = self.model, self.data.meta
+        return table([
+            ("data", f"{self.data.dir} ({meta['splits']['train']['tokens']:,} train tokens)"),
+            ("model", f"{m.num_params() / 1e6:.2f}M parameters, {m.cfg.n_layers} layers, d_model {m.cfg.d_model}"),
+            ("device", f"{self.device} × {distributed.world_size()} process(es), {str(self.dtype).replace('torch.', '')}"
+                       f"{', compiled' if self.t.compile else ''}, {torch.get_num_threads()} threads"),
+            ("steps", f"{self.step} → {self.total} ({self.batches.steps_per_epoch} per epoch, "
+                      f"{self.tokens_per_step:,} tokens each)"),
+            ("run folder", str(self.run_dir)),
+        ], "train")
+
+    def fit(self) -> dict:
+        """Train to the last step, evaluate on val, save; on Ctrl-C or SIGTERM save the step reached."""
+        if self.main:
+            log.info("\n" + self.describe())
+        self.model.train()
+        bar = progress(total=self.total, initial=self.step, desc="train", unit="step", enabled=self.main)
+        self._start_window()
+        interrupts = Interrupts()
+        try:
+            while self.step < self.total:
+                self._train_step(interrupts)
+                bar.update(1)
+                self._after_step(bar)
+            bar.close()
+            val = self._evaluate_and_log(final=True)
+            self._save_step(val)
+        except KeyboardInterrupt:
+            interrupts.ignore()
+            self._save_on_interrupt()
+            raise
+        finally:
+            interrupts.restore()
+            self.tracker.finish()
+        if self.main:
+            log.info(f"done: step {self.step}, val loss {val['loss']:.4f}, bpc {val['bpc']:.4f}; checkpoints in "
+                     f"{self.run_dir / checkpoint.CKPT_DIR}")
+        return val
+
+    def _train_step(self, interrupts: Interrupts) -> None:
+        self.lr = lr_at(self.step, self.total, self.t)
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr * g["lr_scale"]
+        accum = self.t.grad_accum
+        for micro in range(accum):
+            x, y = (a.to(self.device, non_blocking=True) for a in self.batches.get(self.step, micro))
+            # all-reduce the gradients on the last micro-step only (also when compiled: ddp is the inner module)
+            sync = self.ddp is None or micro == accum - 1
+            with (nullcontext() if sync else self.ddp.no_sync()), hardware.autocast(self.device, self.dtype):
+                loss = self.forward(x, y) / accum
+            loss.backward()
+            self.window_loss += loss.detach()
+        self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip or float("inf"))
+        with interrupts.update():
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.step += 1
+        self.window_steps += 1
+
+    def _after_step(self, bar) -> None:
+        """Metrics, periodic evaluation and checkpoints, each at its own interval."""
+        t, step, last = self.t, self.step, self.step == self.total
+        if step % t.log_interval == 0 or last:
+            self._log_window(bar)
+        if t.eval_interval and step % t.eval_interval == 0 and not last:
+            self._evaluate_and_log()
+            self.window_start = time.perf_counter()
+        if t.ckpt_interval and step % t.ckpt_interval == 0 and not last:
+            self._save_step()
+
+    def _start_window(self) -> None:
+        self.window_loss = torch.zeros((), device=self.device)
+        self.window_steps, self.window_start = 0, time.perf_counter()
+
+    def _log_window(self, bar) -> None:
+        world = distributed.world_size()
+        loss = distributed.all_reduce_sum(self.window_loss.clone()).item() / self.window_steps / world
+        tps = self.tokens_per_step * self.window_steps / (time.perf_counter() - self.window_start)
+        row = {"train/loss": loss, "train/lr": self.lr, "train/grad_norm": float(self.grad_norm),
+               "train/tokens_per_s": tps, "train/epoch": self.step / self.batches.steps_per_epoch}
+        if self.peak:
+            row["train/mfu"] = self.model.flops_per_token() * tps / (self.peak * world)
+        if self.device.type == "cuda":
+            row["train/peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.tracker.log(row, self.step)
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
+        self._start_window()
+
+    def _score(self, start: int, end: int, final: bool) -> tuple[float, int]:
+        context = int(self.val_tokens[start - 1]) if start else None
+        return scoring.token_loss(self.model, self.val_tokens[start:end], self.data.meta["eos_id"],
+                                  self.model.cfg.block_size, self.t.eval_batch_size, self.device, self.dtype,
+                                  show_progress=final, context=context)
+
+    def evaluate(self, final: bool) -> tuple[dict, dict]:
+        """(metrics of the periodic share, metrics of this evaluation)"""
+        split = self.data.split("val")
+        nats, n = self._score(0, self.share_n, final)
+        share = scoring.metrics(nats, n, split["tokens"], split["chars"])
+        if not final or self.share_n == self.final_n:
+            return share, share
+        rest_nats, rest_n = self._score(self.share_n, self.final_n, final)
+        return share, scoring.metrics(nats + rest_nats, n + rest_n, split["tokens"], split["chars"])
+
+    def samples(self) -> list[tuple[str, str]]:
+        rows = []
+        self.model.eval()  # no dropout, and no draws from the training RNG (resume stays exact)
+        for prompt in self.t.sample_prompts or []:
+            ids = list(sampling.sample_tokens(self.model, self.tokenizer.encode(prompt), self.t.sample_tokens,
+                                              self.tokenizer.eos_id, temperature=0.8, top_k=50,
+                                              generator=torch.Generator().manual_seed(self.cfg.seed)))
+            rows.append((prompt, self.tokenizer.decode(ids)))
+        self.model.train()
+        return rows
+
+    def _evaluate_and_log(self, final: bool = False) -> dict:
+        share, val = self.evaluate(final)
+        is_best = share["loss"] < self.best
+        self.best = min(self.best, share["loss"])
+        self.tracker.log({f"val/{k}": v for k, v in val.items()}, self.step)
+        if self.main:
+            log.info(f"step {self.step}: val loss {val['loss']:.4f}, ppl {val['ppl']:.2f}, bpc {val['bpc']:.4f}")
+            self._log_samples()
+        if is_best and self.main:
+            checkpoint.save(self.checkpoint(val), self.run_dir / checkpoint.CKPT_DIR / checkpoint.BEST)
+        return val
+
+    def _log_samples(self) -> None:
+        if not self.t.sample_prompts:
+            return
+        rows = self.samples()
+        self.tracker.log_samples(rows, self.step)
+        for prompt, completion in rows:
+            log.info(f"  {prompt} → {completion}")
+
+    def _save_step(self, val: dict | None = None) -> None:
+        if self.main:
+            checkpoint.save(self.checkpoint(val), checkpoint.step_path(self.run_dir, self.step))
+            checkpoint.prune(self.run_dir, self.t.keep_last)
+
+    def _save_on_interrupt(self) -> None:
+        if self.main and self.step > 0:
+            self._save_step()
+            log.warning(f"interrupted: saved step {self.step}; continue with trainer.resume={self.run_dir}")
+
+    def checkpoint(self, val: dict | None) -> Checkpoint:
+        """The run as it stands: everything generate, evaluate and an exact resume need."""
+        meta, t = self.data.meta, self.t
+        return Checkpoint(
+            model_config=self.model.cfg.to_dict(), model=self.model.state_dict(), optimizer=self.opt.state_dict(),
+            scheduler={"kind": "warmup_cosine", "total_steps": self.total, "warmup_steps": t.warmup_steps},
+            step=self.step, best_val_loss=self.best, best_val_tokens=self.share_n, val=val, rng=resume.rng_state(),
+            data={"dir": str(self.data.dir), "name": meta["name"], "fingerprint": meta["fingerprint"],
+                  "position": self.batches.position(self.step), "splits": meta["splits"], "eos_id": meta["eos_id"],
+                  "dtype": meta["dtype"]},
+            tokenizer={"dir": str(self.data.tokenizer_dir), "spec": meta["tokenizer"],
+                       "files": ktok.to_files(self.data.tokenizer_dir)},
+            config=OmegaConf.to_container(self.cfg, resolve=True), wandb_run_id=self.tracker.run_id,
+            torch_version=str(torch.__version__),
+        )
