@@ -1,4 +1,4 @@
-"""Hydra/OmegaConf glue shared by run.py and the tests."""
+"""Hydra/OmegaConf glue shared by the command (kr3.cli) and the tests."""
 
 import os
 import re
@@ -8,8 +8,12 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-ROOT = Path(__file__).resolve().parent.parent  # the project folder: conf/ and run.py live here
-CONFIG_DIR = ROOT / "conf"
+_CHECKOUT = Path(__file__).resolve().parent.parent
+_IN_CHECKOUT = (_CHECKOUT / "conf" / "config.yaml").is_file()
+# the project folder (data/, outputs/, multirun/ go under it): the checkout where conf/ and run.py live, or, for an
+# installed kr3 (`pip install .`), the folder the command runs in; the wheel carries conf/ as kr3/conf
+ROOT = _CHECKOUT if _IN_CHECKOUT else Path.cwd()
+CONFIG_DIR = _CHECKOUT / "conf" if _IN_CHECKOUT else Path(__file__).resolve().parent / "conf"
 _STARTED = time.time()
 
 

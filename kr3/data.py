@@ -72,14 +72,19 @@ def source_files(path: Path) -> list[Path]:
                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
 
 
-def _load_local(cfg, cache_dir):
-    import datasets
-
+def _local_path(cfg) -> Path:
     if not cfg.path:
         raise UserError("data=local needs a file — add data.path=/path/to/reviews.parquet (or .csv/.tsv/.jsonl/.txt)")
     path = Path(cfg.path).expanduser()
     if not path.exists():
         raise UserError(f"data.path={path} does not exist — check the path")
+    return path
+
+
+def _load_local(cfg, cache_dir):
+    import datasets
+
+    path = _local_path(cfg)
     files = source_files(path)
     exts = {p.suffix.lower() for p in files}
     if not files or not exts <= FORMATS.keys():
@@ -108,14 +113,21 @@ def _load_local(cfg, cache_dir):
 class Source:
     load: object  # (data cfg, cache_dir) -> Corpus
     location_key: str  # the data.* key naming what it reads
+    check: object = None  # (data cfg) -> None: the one-line error for a source that cannot be there, before any work
 
 
 # data.source -> how to load it; a new source is a loader added here
-SOURCES = {"hub": Source(_load_hub, "hub_id"), "local": Source(_load_local, "path")}
+SOURCES = {"hub": Source(_load_hub, "hub_id"), "local": Source(_load_local, "path", _local_path)}
 
 
 def source(cfg) -> Source:
     return lookup(SOURCES, cfg.source, "data.source")
+
+
+def check(cfg) -> None:
+    """Fail now, before anything is written, when the source cannot be there (a missing file)."""
+    if source(cfg).check:
+        source(cfg).check(cfg)
 
 
 def location(cfg) -> str | None:

@@ -1,7 +1,7 @@
 """The prepared-data format: data → clean → split → tokenizer → token files + meta.json, written atomically
 into `<paths.data_dir>/<name>/`, where the name is derived from the data and tokenizer config. `ensure`
 prepares a folder if it is missing or stale (stage=prepare and stage=train both call it); `PreparedData`
-reads one."""
+reads one. One prepare at a time per folder: a second one waits on its lock, then reuses what the first built."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from contextlib import contextmanager
@@ -16,10 +17,12 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock, Timeout
 from omegaconf import OmegaConf
 
 from kr3 import data as kdata
 from kr3 import tokenizer as ktok
+from kr3.atomic import disk_full_as_user_error
 from kr3.errors import UserError
 from kr3.tracking import progress, table
 
@@ -29,6 +32,7 @@ FORMAT_VERSION = 1
 META = "meta.json"
 TOKENIZER_DIR = "tokenizer"
 ENCODE_CHUNK = 8192
+ROUND_TRIP_WARN = 0.99  # below it, a normalizing tokenizer is the likely cause (kogpt2's NFKC: 80.8 %)
 
 
 def dataset_name(cfg) -> str:
@@ -106,16 +110,63 @@ class Timings(dict):
 
 
 def ensure(cfg) -> Path:
-    """The prepared folder for this data and tokenizer config: reused when up to date, else built."""
+    """The prepared folder for this data and tokenizer config: reused when up to date, else built. Checked
+    under the folder's lock, so a prepare that waited for another one reuses what that one built."""
+    kdata.check(cfg.data)
     out = prepared_dir(cfg)
     stamp = source_stamp(cfg.data)
-    if (out / META).exists() and not cfg.prepare.force:
-        if read_meta(out)["source"]["stamp"] == stamp:
-            log.info(f"prepared data is up to date in {out} (prepare.force=true redoes it)")
-            return out
-        log.info("the source changed since the last prepare: preparing again")
-    build(cfg, out, stamp)
+    with _locked(out):
+        _remove_stale(out)
+        if cfg.prepare.force or not _up_to_date(out, stamp):
+            build(cfg, out, stamp)
     return out
+
+
+def _up_to_date(out: Path, stamp: str) -> bool:
+    if not (out / META).exists():
+        return False
+    if read_meta(out)["source"]["stamp"] == stamp:
+        log.info(f"prepared data is up to date in {out} (prepare.force=true redoes it)")
+        return True
+    log.info("the source changed since the last prepare: preparing again")
+    return False
+
+
+@contextmanager
+def _locked(out: Path):
+    """Hold `.<name>.lock` beside the folder: two prepares swapping one folder at once would fail."""
+    lock = FileLock(out.parent / f".{out.name}.lock")
+    with disk_full_as_user_error(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log.info(f"another process is preparing {out} (lock {lock.lock_file}): waiting for it to finish")
+            lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _remove_stale(out: Path):
+    """Remove the temp and old folders of this name whose prepare is gone: a SIGKILL runs no cleanup."""
+    left = re.compile(rf"\.{re.escape(out.name)}\.(?:tmp|old)-(\d+)")
+    for path in out.parent.iterdir():
+        match = left.fullmatch(path.name)
+        if match and not _alive(int(match[1])):
+            log.info(f"removing {path}, left by a prepare that was killed")
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def build(cfg, out: Path, stamp: str) -> dict:
@@ -150,6 +201,7 @@ def _write(cfg, tok: ktok.Tokenizer, corpus, splits: dict, name_stamp: tuple[str
         stats = {name: _encode_split(tok, c.texts, tmp / f"{name}.bin", dtype) for name, c in splits.items()}
     with timings("round_trip"):
         fidelity = _round_trip(tok, splits["val"].texts)
+    _warn_if_lossy(fidelity)
     tok.save(tmp / TOKENIZER_DIR)
     name, stamp = name_stamp
     meta = {
@@ -173,14 +225,15 @@ def _write(cfg, tok: ktok.Tokenizer, corpus, splits: dict, name_stamp: tuple[str
 
 @contextmanager
 def _temp_dir(out: Path):
-    out.parent.mkdir(parents=True, exist_ok=True)
+    """`.<name>.tmp-<pid>` beside `out`, removed however the block ends (a full disk: one line, after removing it)."""
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    finally:
+    with disk_full_as_user_error(out):
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _encode_split(tok: ktok.Tokenizer, texts: list[str], path: Path, dtype) -> dict:
@@ -214,6 +267,13 @@ def _round_trip(tok: ktok.Tokenizer, texts: list[str]) -> float:
         chunk = texts[start : start + ENCODE_CHUNK]
         ok += sum(tok.decode(ids) == t for ids, t in zip(tok.encode_batch(chunk), chunk))
     return round(ok / len(texts), 6)
+
+
+def _warn_if_lossy(fidelity: float):
+    if fidelity < ROUND_TRIP_WARN:
+        log.warning(f"only {fidelity:.1%} of val reviews come back exactly from decode(encode(review)): the tokenizer "
+                    "most likely normalizes text (e.g. NFKC turns ㅋ into ᄏ), so decoding does not give the review "
+                    "back — tokenizer=sentencepiece trains one on this corpus with identity normalization")
 
 
 def _replace_dir(tmp: Path, out: Path):

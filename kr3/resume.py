@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf, open_dict
 
 from kr3 import checkpoint, distributed
 from kr3.checkpoint import Checkpoint
@@ -45,17 +46,41 @@ def find(resume: str | None, run_dir: Path) -> Path | None:
     return checkpoint.resolve(resume)
 
 
-def load(cfg, run_dir: Path, meta: dict) -> Resumed | None:
-    """The checkpoint to resume from, refused when trained on other prepared data than `meta`'s."""
+# what shapes the prepared data: taken from the checkpoint on resume unless the command gives one of them
+DATA_KEYS = ("data", "tokenizer", "seed", "paths.data_dir")
+
+
+def with_checkpoint_data(cfg, ckpt: Checkpoint, given: list[str] | None):
+    """`cfg` with the checkpoint's data, tokenizer, seed and data folder, so that `trainer.resume=...` needs no
+    data settings repeated. If the command gives any of them (`given`: its overrides; None: not known, as for a
+    config built in Python), `cfg` is kept as it is: the fingerprint check then accepts it or refuses it."""
+    def sets(override: str) -> bool:
+        key = override.lstrip("+~").split("=")[0]
+        return any(key == k or key.startswith(k + ".") for k in DATA_KEYS)
+
+    if given is None or any(map(sets, given)):
+        return cfg
+    saved = OmegaConf.create(ckpt.config)
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        for key in DATA_KEYS:
+            OmegaConf.update(cfg, key, OmegaConf.select(saved, key), merge=False)
+    return cfg
+
+
+def load(cfg, run_dir: Path) -> tuple[Path, Checkpoint] | None:
+    """The checkpoint `trainer.resume` names, read with everything resuming needs."""
     path = find(cfg.trainer.resume, run_dir)
-    if path is None:
-        return None
-    ckpt = checkpoint.load(path, resume=True)
+    return (path, checkpoint.load(path, resume=True)) if path else None
+
+
+def check(cfg, path: Path, ckpt: Checkpoint, run_dir: Path, meta: dict) -> Resumed:
+    """The checkpoint as a Resumed, refused when trained on other prepared data than `meta`'s."""
     if ckpt.data["fingerprint"] != meta["fingerprint"]:
         raise UserError(
             f"checkpoint {path} was trained on other data or another tokenizer ({ckpt.data['name']}, vocab "
             f"{ckpt.model_config['vocab_size']}) than {meta['name']} (vocab {meta['vocab_size']}) "
-            "— resume with the data/tokenizer config it was trained with"
+            "— leave the data and tokenizer settings out (resuming takes the checkpoint's) or give those it was trained with"
         )
     ignored = [f"model.{k}={cfg.model[k]} (checkpoint: {v})" for k, v in ckpt.model_config.items()
                if k in cfg.model and cfg.model[k] != v]

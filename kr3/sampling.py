@@ -13,6 +13,7 @@ from kr3.data import clean_text
 from kr3.model import GPT, KVCache
 
 log = logging.getLogger(__name__)
+END_OF_REVIEW = "<end of review>"  # next_tokens' text for the end-of-review (EOS) token
 
 
 @torch.no_grad()
@@ -71,8 +72,12 @@ class Completer:
         self.clean = (bool(clean_cfg.get("nfc", True)), bool(clean_cfg.get("strip_control", True)),
                       bool(clean_cfg.get("collapse_whitespace", True)))
 
+    def cleaned(self, prompt: str) -> str:
+        """The prompt as the model is given it: normalized like the training data."""
+        return clean_text(prompt, *self.clean)
+
     def encode_prompt(self, prompt: str) -> list[int]:
-        ids = self.tok.encode(clean_text(prompt, *self.clean))  # the same normalization as the training data
+        ids = self.tok.encode(self.cleaned(prompt))
         room = self.model.cfg.block_size - 1
         if len(ids) > room:
             log.warning(f"the prompt has {len(ids)} tokens; keeping its last {room} (model.block_size)")
@@ -115,12 +120,22 @@ class Completer:
         return {"prompt": prompt, "sample": sample, **stats}
 
     def next_tokens(self, prompt: str, k: int) -> list[tuple[str, float]]:
+        """The k most likely next tokens after the prompt as (text, probability), most likely first."""
         ids = self.encode_prompt(prompt) or [self.tok.eos_id]
         with torch.no_grad():
             logits = self.model(torch.tensor([ids], device=next(self.model.parameters()).device))[0, -1].float()
         probs = torch.softmax(logits, -1)
         top = torch.topk(probs, min(k, probs.numel()))
-        return [(self.tok.id_to_piece(int(i)), float(p)) for p, i in zip(top.values, top.indices)]
+        return [(self.token_text(ids, int(i)), float(p)) for p, i in zip(top.values, top.indices)]
+
+    def token_text(self, ids: list[int], i: int) -> str:
+        """The text token i adds after `ids`: decoded with them, so a leading space stays (" 좋은"). EOS is
+        END_OF_REVIEW; a token with no text of its own (a control token, one byte of a longer character) is its
+        piece, e.g. <0xEC>."""
+        if i == self.tok.eos_id:
+            return END_OF_REVIEW
+        text = self.tok.decode([*ids, i])[len(self.tok.decode(ids)) :]
+        return text if text and not text.endswith("\ufffd") else self.tok.id_to_piece(i)
 
 
 def stop_strings(g) -> list:

@@ -54,14 +54,14 @@ class WandbSink(Sink):
     def __init__(self, cfg, run_dir: Path, resume_id: str | None):
         import wandb
 
-        mode = os.environ.get("WANDB_MODE") or cfg.logger.mode
+        self.mode = os.environ.get("WANDB_MODE") or cfg.logger.mode
         self.run = wandb.init(
             project=cfg.logger.project,
             entity=cfg.logger.entity,
-            group=cfg.logger.group,
+            group=cfg.logger.group or sweep_name(),
             name=cfg.logger.name,
             tags=list(cfg.logger.tags or []),
-            mode=mode,
+            mode=self.mode,
             dir=str(run_dir),
             config=OmegaConf.to_container(cfg, resolve=True),
             id=resume_id,
@@ -70,7 +70,8 @@ class WandbSink(Sink):
             reinit="finish_previous",
         )
         self.run_id = self.run.id
-        log.info(f"W&B run {self.run.id} ({mode}) in {run_dir / 'wandb'}")
+        group = f", group {self.run.group}" if self.run.group else ""
+        log.info(f"W&B run {self.run.id} ({self.mode}{group}) in {run_dir / 'wandb'}")
 
     def log(self, metrics: dict, step: int) -> None:
         self.run.log(metrics, step=step)
@@ -85,7 +86,21 @@ class WandbSink(Sink):
 
         if plot is not None:
             self.run.log({"loss_curve": wandb.Image(str(plot))})
+        files = Path(self.run.dir).parent
         self.run.finish()
+        if self.mode == "offline":  # W&B's own hint is silenced with the rest of its output
+            log.info(f"W&B run saved offline; upload it with: wandb sync {files}")
+
+
+def sweep_name() -> str | None:
+    """A multirun's folder (`<date>/<time>`), the W&B group its jobs share; None for a single run."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    sweep = Path(HydraConfig.get().sweep.dir)
+    return f"{sweep.parent.name}/{sweep.name}"
 
 
 # logger.kind -> backend; a new logger is a Sink subclass added here
@@ -96,15 +111,24 @@ class Tracker:
     """metrics.jsonl (always), the logger's backend, and the loss plot at `finish`. Only the main process
     tracks: elsewhere every call does nothing."""
 
-    def __init__(self, cfg, run_dir: Path, enabled: bool, resume_id: str | None = None):
+    def __init__(self, cfg, run_dir: Path, enabled: bool, resume_id: str | None = None, history_until: int | None = None):
+        """`history_until`: resuming in this folder from that step, so rows logged after it (by a run killed
+        later than its last checkpoint) are dropped: one history, as the resumed run will log it again."""
         self.enabled, self.run_dir = enabled, Path(run_dir)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.sink = None
         self.run_id = resume_id
         if enabled:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            if history_until is not None and self.metrics_path.exists():
+                self._keep_history_until(history_until)
             self.sink = lookup(SINKS, cfg.logger.kind, "logger.kind")(cfg, self.run_dir, resume_id)
             self.run_id = self.sink.run_id
+
+    def _keep_history_until(self, step: int) -> None:
+        kept = [r for r in read_metrics(self.metrics_path) if r["step"] <= step]
+        with replacing(self.metrics_path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def log(self, metrics: dict, step: int) -> None:
         if self.sink is None:

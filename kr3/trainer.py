@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import re
 import signal
 import time
 from contextlib import contextmanager, nullcontext
@@ -16,10 +18,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from kr3 import checkpoint, distributed, hardware, resume, sampling, scoring
 from kr3 import tokenizer as ktok
+from kr3.atomic import replacing
 from kr3.batches import Batches
 from kr3.checkpoint import Checkpoint
-from kr3.errors import check_values
+from kr3.errors import UserError, check_values
 from kr3.prepared import PreparedData
+from kr3.profiling import StepProfiler
 from kr3.tracking import Tracker, progress, table
 
 log = logging.getLogger(__name__)
@@ -33,6 +37,7 @@ def check_trainer(t) -> None:
         "eval_tokens": ("int", 1, None, True), "final_eval_tokens": ("int", 1, None, True),
         "lr": ("number", 0, None, False),
     })
+    check_values("trainer.profile", t.profile, {"start": ("int", 0, None, False), "steps": ("int", 0, None, False)})
 
 
 def lr_at(step: int, total: int, t) -> float:
@@ -43,7 +48,24 @@ def lr_at(step: int, total: int, t) -> float:
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * done)))
 
 
-def total_steps(t, batches: Batches) -> int:
+CALIBRATION_STEPS = 20  # timed steps before trainer.max_time fixes max_steps (at most warmup_steps)
+
+
+def parse_duration(value) -> float | None:
+    """trainer.max_time in seconds: a number of seconds, or a number with s, m or h (90s, 15m, 2h)."""
+    if value is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", str(value))
+    if not match or float(match[1]) <= 0:
+        raise UserError(f"trainer.max_time={value} is not a duration — e.g. trainer.max_time=15m, 2h or 90s")
+    return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[match[2]]
+
+
+def total_steps(t, batches: Batches, resumed: resume.Resumed | None = None) -> int:
+    """The schedule's last step: max_steps, else epochs. Under max_time this is provisional (the run fixes it
+    after timing its first steps), except on resume, which keeps the one the run chose."""
+    if t.max_time and resumed and resumed.ckpt.scheduler.get("max_time"):
+        return int(resumed.ckpt.scheduler["total_steps"])
     return int(t.max_steps) if t.max_steps else int(t.epochs * batches.steps_per_epoch)
 
 
@@ -91,25 +113,33 @@ class Interrupts:
 
 class Trainer:
     def __init__(self, cfg, model, opt, data: PreparedData, batches: Batches, total: int, device, dtype,
-                 resumed: resume.Resumed | None, run_dir: Path):
+                 resumed: resume.Resumed | None, run_dir: Path, command: str = "python run.py stage=train"):
+        """`command`: how this run was started, for the line that says how to continue it."""
         self.cfg, self.t = cfg, cfg.trainer
         self.model, self.opt, self.data, self.batches = model, opt, data, batches
         self.total, self.device, self.dtype, self.run_dir = total, device, dtype, Path(run_dir)
         self.main = distributed.is_main()
+        self.command = command
         self.step = resumed.step if resumed else 0
         self.val_tokens = data.tokens("val")
         self.share_n, self.final_n = eval_sizes(self.t, len(self.val_tokens), model.cfg.block_size)
         # the checkpoint's best counts only if measured on the same val tokens
         same = resumed is not None and resumed.ckpt.best_val_tokens == self.share_n
         self.best = resumed.ckpt.best_val_loss if same else float("inf")
-        self.tracker = Tracker(cfg, run_dir, enabled=self.main,
-                               resume_id=resumed.ckpt.wandb_run_id if resumed and resumed.in_place else None)
+        in_place = resumed is not None and resumed.in_place
+        self.tracker = Tracker(cfg, run_dir, enabled=self.main, resume_id=resumed.ckpt.wandb_run_id if in_place else None,
+                               history_until=resumed.step if in_place else None)
         self.ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) \
             if distributed.is_distributed() else None
         self.forward = torch.compile(self.ddp or model) if self.t.compile else self.ddp or model
         self.tokenizer = data.tokenizer
         self.tokens_per_step = batches.per_step * model.cfg.block_size
         self.peak = hardware.peak_flops(device, dtype, self.t.peak_flops)
+        self.tokens_per_s = None  # of the latest logged window
+        self.budget_s = parse_duration(self.t.max_time) if not (resumed and "max_time" in resumed.ckpt.scheduler) else None
+        self.calibrated_at = self.step + max(2, min(CALIBRATION_STEPS, self.t.warmup_steps))
+        self.first_step = self.first_step_done = None  # when this process finished its first step
+        self.profiler = StepProfiler(self.t.profile, self.run_dir / "profile", enabled=self.main)
         if resumed:
             resume.set_rng_state(resumed.ckpt.rng)  # last: measuring the peak above draws random numbers
 
@@ -129,24 +159,32 @@ class Trainer:
         """Train to the last step, evaluate on val, save; on Ctrl-C or SIGTERM save the step reached."""
         if self.main:
             log.info("\n" + self.describe())
+        self.started = time.perf_counter()
+        if self.main:
+            (self.run_dir / "result.json").unlink(missing_ok=True)  # running again: no longer how it ended
         self.model.train()
         bar = progress(total=self.total, initial=self.step, desc="train", unit="step", enabled=self.main)
         self._start_window()
         interrupts = Interrupts()
         try:
             while self.step < self.total:
+                self.profiler.at(self.step)
                 self._train_step(interrupts)
                 bar.update(1)
                 self._after_step(bar)
             bar.close()
+            self._announce_final_evaluation()
             val = self._evaluate_and_log(final=True)
             self._save_step(val)
+            self._write_result("finished", val)
         except KeyboardInterrupt:
             interrupts.ignore()
             self._save_on_interrupt()
+            self._write_result("interrupted", None)
             raise
         finally:
             interrupts.restore()
+            self.profiler.close()
             self.tracker.finish()
         if self.main:
             log.info(f"done: step {self.step}, val loss {val['loss']:.4f}, bpc {val['bpc']:.4f}; checkpoints in "
@@ -172,9 +210,13 @@ class Trainer:
             self.opt.zero_grad(set_to_none=True)
             self.step += 1
         self.window_steps += 1
+        if self.first_step_done is None:
+            self.first_step, self.first_step_done = self.step, time.perf_counter()
 
     def _after_step(self, bar) -> None:
         """Metrics, periodic evaluation and checkpoints, each at its own interval."""
+        if self.budget_s and self.step == self.calibrated_at:
+            self._fit_schedule_to_budget(bar)
         t, step, last = self.t, self.step, self.step == self.total
         if step % t.log_interval == 0 or last:
             self._log_window(bar)
@@ -183,6 +225,22 @@ class Trainer:
             self.window_start = time.perf_counter()
         if t.ckpt_interval and step % t.ckpt_interval == 0 and not last:
             self._save_step()
+
+    def _fit_schedule_to_budget(self, bar) -> None:
+        """trainer.max_time: fix the last step so that training and its evaluations end on time, from the
+        speed of the steps since the first (which pays one-off costs such as compilation)."""
+        now = time.perf_counter()
+        step_s = (now - self.first_step_done) / (self.step - self.first_step)
+        tokens_per_s = self.tokens_per_step / step_s
+        # scoring is a forward pass only: about a third of a training step's work per token
+        share_s = self.share_n / (3 * tokens_per_s)
+        per_step = step_s + (share_s / self.t.eval_interval if self.t.eval_interval else 0.0)
+        left = self.budget_s - (now - self.started) - self.final_n / (3 * tokens_per_s)
+        self.total = max(self.step + 1, self.step + int(left / per_step))
+        bar.total = self.total
+        bar.refresh()
+        log.info(f"trainer.max_time={self.t.max_time}: {step_s * 1e3:.0f} ms per step here, so max_steps={self.total} "
+                 f"(trainer.max_steps={self.total} without max_time repeats this run)")
 
     def _start_window(self) -> None:
         self.window_loss = torch.zeros((), device=self.device)
@@ -199,8 +257,17 @@ class Trainer:
         if self.device.type == "cuda":
             row["train/peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.tracker.log(row, self.step)
+        self.tokens_per_s = tps
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
         self._start_window()
+
+    def _announce_final_evaluation(self) -> None:
+        """Its cost before it starts: all of val by default, which on a large corpus outlasts a short run."""
+        if not self.main:
+            return
+        # scoring is a forward pass only: about a third of a training step's work per token
+        estimate = f", about {self.final_n / (3 * self.tokens_per_s):,.0f} s at this run's speed" if self.tokens_per_s else ""
+        log.info(f"final evaluation: {self.final_n:,} val tokens{estimate} (trainer.final_eval_tokens bounds it)")
 
     def _score(self, start: int, end: int, final: bool) -> tuple[float, int]:
         context = int(self.val_tokens[start - 1]) if start else None
@@ -254,17 +321,27 @@ class Trainer:
             checkpoint.save(self.checkpoint(val), checkpoint.step_path(self.run_dir, self.step))
             checkpoint.prune(self.run_dir, self.t.keep_last)
 
+    def _write_result(self, state: str, val: dict | None) -> None:
+        """result.json: how the run ended, for `stage=report` (a run with none failed or is running)."""
+        if self.main:
+            result = {"state": state, "step": self.step, "val": val, "tokens_per_s": self.tokens_per_s,
+                      "wall_s": round(time.perf_counter() - self.started, 1)}
+            with replacing(self.run_dir / "result.json") as tmp:
+                tmp.write_text(json.dumps(result, indent=2))
+
     def _save_on_interrupt(self) -> None:
         if self.main and self.step > 0:
             self._save_step()
-            log.warning(f"interrupted: saved step {self.step}; continue with trainer.resume={self.run_dir}")
+            log.warning(f"interrupted: saved step {self.step}; continue with: {self.command} "
+                        f"hydra.run.dir={self.run_dir} trainer.resume=auto")
 
     def checkpoint(self, val: dict | None) -> Checkpoint:
         """The run as it stands: everything generate, evaluate and an exact resume need."""
         meta, t = self.data.meta, self.t
         return Checkpoint(
             model_config=self.model.cfg.to_dict(), model=self.model.state_dict(), optimizer=self.opt.state_dict(),
-            scheduler={"kind": "warmup_cosine", "total_steps": self.total, "warmup_steps": t.warmup_steps},
+            scheduler={"kind": "warmup_cosine", "total_steps": self.total, "warmup_steps": t.warmup_steps,
+                       **({"max_time": t.max_time} if t.max_time else {})},
             step=self.step, best_val_loss=self.best, best_val_tokens=self.share_n, val=val, rng=resume.rng_state(),
             data={"dir": str(self.data.dir), "name": meta["name"], "fingerprint": meta["fingerprint"],
                   "position": self.batches.position(self.step), "splits": meta["splits"], "eos_id": meta["eos_id"],

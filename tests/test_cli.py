@@ -1,21 +1,29 @@
-"""run.py as users type it: one-line errors, exit codes, outputs only where they belong."""
+"""run.py (and the installed `kr3`) as users type it: one-line errors, exit codes, outputs only where they belong,
+--help, packaging."""
 
+import os
+import re
+import shutil
 import subprocess
 import sys
+import sysconfig
+import zipfile
 
+import pytest
+
+from kr3.cli import STAGES
 from kr3.config import ROOT
 
 
-def run_cli(tmp_path, *args, stdin=None, timeout=300):
+def run_cli(tmp_path, *args, stdin=None, timeout=300, env=None):
+    # the root last: Hydra's parser takes flags (-m, --help) only before the first override
     return subprocess.run(
-        [sys.executable, str(ROOT / "run.py"), f"paths.root_dir={tmp_path}", *args],
-        capture_output=True, text=True, input=stdin, timeout=timeout, cwd=tmp_path,
+        [sys.executable, str(ROOT / "run.py"), *args, f"paths.root_dir={tmp_path}"],
+        capture_output=True, text=True, input=stdin, timeout=timeout, cwd=tmp_path, env=env,
     )
 
 
 def assert_one_line_error(proc, pattern):
-    import re
-
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
@@ -39,8 +47,99 @@ def test_missing_file(tmp_path):
 
 def test_bad_group_override_lists_options(tmp_path):
     proc = run_cli(tmp_path, "data=nope")
-    assert proc.returncode != 0
-    assert "Could not find 'data/nope'" in proc.stderr and "local" in proc.stderr
+    assert_one_line_error(proc, r"^error: data=nope is not an option of data/ — use one of: kr3, local$")
+    proc = run_cli(tmp_path, "-m", "model=tiny,huge")  # each option of a sweep too
+    assert_one_line_error(proc, r"^error: model=huge is not an option of model/ — use one of: base, small, tiny$")
+    assert not (tmp_path / "multirun").exists()
+
+
+@pytest.mark.parametrize("override", ["trainer.lrr=1", "+trainer.lrr=1", "++trainer.lrr=1", "~trainer.lrr"])
+def test_unknown_key_names_the_nearest(tmp_path, override):
+    """Hydra answers `trainer.lrr=1` with a hint to add `+`, and `+trainer.lrr=1` trains with the typo ignored."""
+    proc = run_cli(tmp_path, "stage=prepare", override)
+    assert_one_line_error(proc, r"^error: trainer\.lrr is not a kr3 setting — did you mean trainer\.lr or ")
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "data").exists()
+
+
+def test_unknown_key_hints(tmp_path):
+    """A key in the wrong section, a key of the chosen experiment's model, and one like nothing known."""
+    assert_one_line_error(run_cli(tmp_path, "lr=1"), r"^error: lr is not a kr3 setting — did you mean trainer\.lr\?$")
+    proc = run_cli(tmp_path, "experiment=smoke", "model.n_layer=2")
+    assert_one_line_error(proc, r"model\.n_layer is not a kr3 setting — did you mean model\.n_layers")
+    assert_one_line_error(run_cli(tmp_path, "zzz=1"), r"zzz is not a kr3 setting — --cfg job prints every key$")
+    assert_one_line_error(run_cli(tmp_path, "+trainer.lr=1"), r"trainer\.lr is already in the config — set it without the \+")
+
+
+def test_hydra_syntax_still_passes_the_key_check(tmp_path):
+    """hydra.* keys, sweeps over keys and groups, experiments, ++ and ~ on real keys reach the stage (a bogus one,
+    to stop there)."""
+    proc = run_cli(tmp_path, "-m", f"hydra.sweep.dir={tmp_path}/sweep", "hydra/job_logging=disabled", "experiment=smoke",
+                   "model=tiny,base", "model.n_layers=1", "trainer.lr=1e-3,3e-4", "++trainer.batch_size=4",
+                   "~data.clean.min_chars", "generate.prompt=맛있는 집", "stage=bogus")
+    assert_one_line_error(proc, r"stage=bogus is not a stage")
+    assert (tmp_path / "sweep").is_dir()
+
+
+def test_help_lists_stages_groups_and_examples(tmp_path):
+    proc = run_cli(tmp_path, "--help")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    stages = out.split("== Stages")[1].split("==")[1]
+    assert [line.split()[0] for line in stages.strip().splitlines()] == list(STAGES)
+    groups = out.split("== Config groups")[1].split("== Examples ==")[0]
+    assert "model: base, small, tiny" in groups and "experiment: cpu_15min, original, smoke" in groups
+    assert "sweep" not in groups  # sweeps/wandb.yaml is a W&B file, not a Hydra group
+    examples = out.split("== Examples ==")[1].strip().split("\n\n")[0].splitlines()
+    assert len(examples) == 5 and all(e.strip().startswith("kr3 ") for e in examples)
+    assert 'eval "$(kr3 -sc install=bash)"' in out
+
+
+def test_tab_completion_answers(tmp_path):
+    env = {**os.environ, "COMP_LINE": "python run.py model=", "COMP_POINT": "20"}
+    proc = run_cli(tmp_path, "-sc", "query=bash", env=env)
+    assert proc.returncode == 0 and "model=tiny" in proc.stdout.split(), proc.stderr
+
+
+def test_installed_command_uses_its_packaged_config(tmp_path):
+    """`pip install .` gives a `kr3` command carrying conf/ as kr3/conf, with data/ and outputs/ under the folder it
+    runs in: the wheel built and installed into a fresh venv (its dependencies from this one), run in an empty folder."""
+    uv = os.environ.get("UV") or shutil.which("uv")
+    if uv is None:
+        pytest.skip("uv builds the wheel")
+    build = subprocess.run([uv, "build", "--wheel", "--out-dir", str(tmp_path / "dist"), str(ROOT)],
+                           capture_output=True, text=True, timeout=180)
+    assert build.returncode == 0, build.stderr
+    (wheel,) = (tmp_path / "dist").glob("kr3-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {"kr3/conf/config.yaml", "kr3/conf/hydra/help/kr3.yaml", "kr3/cli.py"} <= set(names)
+    assert not [n for n in names if n.startswith("conf/")]
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    subprocess.run([uv, "pip", "install", "--no-deps", "--python", str(venv / "bin" / "python"), str(wheel)],
+                   check=True, capture_output=True, timeout=120)
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, "PYTHONPATH": sysconfig.get_paths()["purelib"]}
+
+    def kr3(*args):
+        return subprocess.run([str(venv / "bin" / "kr3"), *args], capture_output=True, text=True, cwd=work, env=env)
+
+    shown = kr3("--help")
+    assert shown.returncode == 0 and all(f"  {stage} " in shown.stdout for stage in STAGES), shown.stderr
+    assert_one_line_error(kr3("stage=prepare", "data=local"), r"data=local needs a file")
+    assert (work / "outputs").is_dir() and {p.name for p in work.iterdir()} <= {"outputs", "data"}  # the current folder's
+
+
+def test_docker_image_is_lean_and_not_root():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".git", ".venv", "data/", "outputs/", "multirun/", "**/__pycache__", ".pytest_cache"} <= set(ignored)
+    users = re.findall(r"^USER (\S+)", dockerfile, re.M)
+    assert users and users[-1] not in ("root", "0")
+    syncs = [line for line in dockerfile.replace("\\\n", " ").splitlines() if "uv sync" in line]
+    assert syncs and all("--mount=type=cache,target=" in line for line in syncs)
+    for source in re.findall(r"^COPY (?!--from)(?:--chown=\S+ )?(.+) \S+$", dockerfile, re.M):
+        assert all((ROOT / name).exists() and name not in ignored for name in source.split()), source
 
 
 def test_prepare_from_the_command_line(tmp_path, corpus_parquet):

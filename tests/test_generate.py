@@ -79,6 +79,17 @@ def test_long_and_odd_prompts(trained, caplog):
     assert abs(sum(p for _, p in c.next_tokens("이 집", 500)) - 1) < 1e-3
 
 
+def test_next_tokens_are_text(trained):
+    from kr3.sampling import END_OF_REVIEW
+
+    model, tok, state = loaded(trained[0])
+    c = Completer(model, tok, gen_cfg(trained[1]), state.config["data"]["clean"])
+    texts = [text for text, _ in c.next_tokens("이 집", tok.vocab_size)]
+    assert texts.count(END_OF_REVIEW) == 1 and not any("▁" in t or t == "</s>" for t in texts)
+    spaced = next(i for i in range(tok.vocab_size) if tok.id_to_piece(i).startswith("▁") and len(tok.id_to_piece(i)) > 1)
+    assert c.token_text(tok.encode("이 집"), spaced) == " " + tok.id_to_piece(spaced)[1:]  # its space kept
+
+
 def test_pipe_and_exit(trained):
     proc = cli(trained[1], "stage=generate", f"checkpoint={trained[0]}", "generate.max_new_tokens=10",
                stdin="이 집 짜장면은\n\n사장님\nexit\n이건 읽지 않아요\n")
@@ -89,17 +100,58 @@ def test_pipe_and_exit(trained):
 
 
 def test_terminal_session(trained):
+    """prompt_toolkit on a terminal: ↑ recalls, Backspace removes one whole Hangul syllable, `:` commands work."""
     pexpect = pytest.importorskip("pexpect")
     child = pexpect.spawn(sys.executable, [str(ROOT / "run.py"), f"paths.root_dir={trained[1]}", "stage=generate",
                                            "checkpoint=latest", "generate.max_new_tokens=10"], encoding="utf-8",
-                          timeout=120)
-    child.expect("> ")
-    child.sendline("이 집 짜장면은")
-    child.expect("이 집 짜장면은.*\r\n> ")
-    child.sendline("exit")
+                          timeout=120, env={**os.environ, "PROMPT_TOOLKIT_NO_CPR": "1"})  # pexpect answers no CPR
+    answer_starts = r"\r\n(?:\x1b\[[0-9;?]*[A-Za-z])*"  # a new line, past prompt_toolkit's mode switches
+    child.expect(r"checkpoint \S+/checkpoints/best\.pt")  # `latest` resolved to a file
+    child.expect("Ctrl-D quits")
+    echo = answer_starts + "이 집 짜장면도"  # the answer begins with the prompt the model got
+    for keys, shown in [("이 집 짜장면은\x7f도\r", echo), ("\x1b[A\r", echo), (":temperature 0\r", "temperature=0\r\n"),
+                        (":temperature -1\r", "generate.temperature=-1 must be a number ≥ 0; temperature stays 0\r\n"),
+                        (":help\r", "settings: temperature=0 top_k=50 "), (":nope\r", "unknown command :nope — use one of: ")]:
+        child.expect(">")  # the next prompt is drawn: the terminal is in prompt_toolkit's raw mode
+        child.send(keys)
+        child.expect(shown)
+    child.expect(">")
+    child.sendeof()
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_pipe_commands_and_control_characters(trained):
+    proc = cli(trained[1], "stage=generate", f"checkpoint={trained[0]}", "generate.max_new_tokens=10",
+               stdin=":temperature abc\n:top_k 20\n:TOP_P none\n:help\n:nope\n:)\n\x1b[31m이 집\x07은\n")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "generate.temperature=abc must be a number ≥ 0; temperature stays 0.8" in lines
+    assert "top_k=20" in lines and "top_p=null" in lines and "unknown command :nope" in proc.stdout
+    assert "settings: temperature=0.8 top_k=20 top_p=null " in proc.stdout
+    assert lines[-2].startswith(":)")  # `:` and no letter: a prompt
+    assert lines[-1].startswith("[31m이 집은") and "\x1b" not in proc.stdout  # echoed as the model got it
+
+
+def test_terminal_output_escapes_control_characters_and_names_next_tokens():
+    import io
+    import types
+
+    from kr3.sampling import END_OF_REVIEW
+    from kr3.stages.generate import answer
+
+    completer = types.SimpleNamespace(
+        g=types.SimpleNamespace(show_next=3, num_samples=1), cleaned=lambda p: p,  # strip_control=false
+        next_tokens=lambda p, k: [(" 좋은", 0.5), (END_OF_REVIEW, 0.25), ("\x1b", 0.125)],
+        stream=lambda p, s: iter(["\x1b[31m맛", "\x07\n", {"completion": "..."}]))
+    out = io.StringIO()
+    answer(completer, "\x1b[2J집", out)
+    assert out.getvalue().splitlines() == [
+        "most likely next tokens (text in quotes, so its spaces show):",
+        '   50.0%  " 좋은"', "   25.0%  <end of review>", '   12.5%  "\\x1b"',
+        "\\x1b[2J집\\x1b[31m맛\\x07\\x0a",
+    ]
 
 
 def test_one_shot_show_next_and_batch(trained, tmp_path):
@@ -109,6 +161,7 @@ def test_one_shot_show_next_and_batch(trained, tmp_path):
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert len([line for line in lines if "%" in line]) == 3 and sum(line.startswith("여기 치킨") for line in lines) == 2
+    assert "most likely next tokens (text in quotes, so its spaces show):" in lines
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("이 집\n\n사장님 정말\n", encoding="utf-8")
     out = tmp_path / "gen.jsonl"

@@ -18,7 +18,7 @@ def leftovers(data_dir):
     return [p.name for p in data_dir.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
 
 
-def test_prepare_end_to_end(local_cfg, reviews):
+def test_prepare_end_to_end(local_cfg, reviews, caplog):
     cfg = local_cfg()
     out = prepared.ensure(cfg)
     assert out.parent == prepared.prepared_dir(cfg).parent and out.name.startswith("local-spbpe400-")
@@ -43,6 +43,7 @@ def test_prepare_end_to_end(local_cfg, reviews):
     assert meta["splits"]["val"]["reviews"] == round(403 * 0.05)
     assert sorted(texts) == sorted({t for _, t in reviews} | {"공백이 많은 리뷰", "자모로 분해된 리뷰", "제어문자"})
     assert meta["round_trip"] == 1.0
+    assert "come back exactly" not in caplog.text
     assert not leftovers(out.parent)
 
 
@@ -112,10 +113,10 @@ def test_nothing_written_on_bad_input(tmp_path):
     cfg = compose(root=tmp_path, overrides=["data=local", f"data.path={tmp_path / 'missing.parquet'}"])
     with pytest.raises(UserError):
         prepared.ensure(cfg)
-    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
+    assert not (tmp_path / "data").exists()
 
 
-def test_prepare_with_pretrained_tokenizer(tmp_path, corpus_parquet, kogpt2):
+def test_prepare_with_pretrained_tokenizer(tmp_path, corpus_parquet, kogpt2, caplog):
     cfg = compose(root=tmp_path, overrides=["data=local", f"data.path={corpus_parquet}", "tokenizer=pretrained",
                                  f"tokenizer.name_or_path={kogpt2}"])
     out = prepared.ensure(cfg)
@@ -126,6 +127,9 @@ def test_prepare_with_pretrained_tokenizer(tmp_path, corpus_parquet, kogpt2):
     ids = np.fromfile(out / "val.bin", dtype=np.uint16)
     assert (ids == tok.eos_id).sum() == meta["splits"]["val"]["reviews"]
     assert 0.3 < meta["round_trip"] < 1  # NFKC turns ㅋ into ᄏ: reviews with ㅋㅋ do not come back exactly
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "kr3.prepared" and r.levelno == logging.WARNING]
+    assert f"{meta['round_trip']:.1%}" in warning and "NFKC turns ㅋ into ᄏ" in warning
+    assert "tokenizer=sentencepiece" in warning and "identity normalization" in warning
 
 
 def test_prepare_real_corpus_subset(tmp_path, nsmc):

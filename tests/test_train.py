@@ -103,11 +103,54 @@ def test_train_end_to_end(corpus, tmp_path):
     assert np.mean([train_loss[s] for s in range(36, 41)]) < np.mean([train_loss[s] for s in range(1, 6)]) - 0.5
     assert [p.name for p in checkpoint.list_steps(run_dir)] == ["step-0000030.pt", "step-0000040.pt"]
     assert (run_dir / "checkpoints" / "best.pt").exists() and (run_dir / "loss.png").stat().st_size > 1000
+    assert not (run_dir / "profile").exists()  # trainer.profile is off by default
     state = checkpoint.load(checkpoint.list_steps(run_dir)[-1])
     assert state.step == 40 and state.model_config["n_layers"] == 2 and "spiece.model" in state.tokenizer["files"]
     split = state.data["splits"]["val"]
     assert val["bpc"] == pytest.approx(val["loss"] * split["tokens"] / split["chars"] / math.log(2))
     assert losses(run_dir, "val/loss")[40] == pytest.approx(val["loss"])
+
+
+def test_profile_traces_the_model_ops(corpus, tmp_path):
+    import json
+
+    _, run_dir = train_in_process(corpus, tmp_path, "trainer.max_steps=5", "trainer.eval_interval=0",
+                                  "trainer.profile.start=2", "trainer.profile.steps=2")
+    events = json.loads((run_dir / "profile" / "trace.json").read_text())["traceEvents"]
+    names = {e.get("name", "") for e in events}
+    assert any("scaled_dot_product" in n for n in names) and any("_LinearCrossEntropy" in n for n in names)
+    assert any(n.startswith("aten::addmm") or n.startswith("aten::mm") for n in names)
+    top = (run_dir / "profile" / "top_ops.txt").read_text()
+    assert "top 25 ops by self CPU time" in top and "aten::" in top
+
+
+@pytest.mark.parametrize("value, seconds", [("90s", 90), ("15m", 900), ("2h", 7200), (45, 45), ("1.5m", 90)])
+def test_durations(value, seconds):
+    from kr3.trainer import parse_duration
+
+    assert parse_duration(value) == seconds
+
+
+@pytest.mark.parametrize("value", ["15 minutes", "0", "-3m", "m"])
+def test_bad_durations_are_user_errors(value):
+    from kr3.trainer import parse_duration
+
+    with pytest.raises(UserError, match=f"trainer.max_time={value} is not a duration"):
+        parse_duration(value)
+
+
+def test_max_time_fixes_max_steps_and_resume_keeps_it(corpus, tmp_path, caplog):
+    caplog.set_level("INFO", logger="kr3")
+    val, run_dir = train_in_process(corpus, tmp_path, "trainer.max_time=4s", "trainer.max_steps=null",
+                                    "trainer.eval_interval=0", "trainer.log_interval=5")
+    chosen = int(re.search(r"trainer.max_time=4s: \d+ ms per step here, so max_steps=(\d+)", caplog.text)[1])
+    state = checkpoint.load(checkpoint.list_steps(run_dir)[-1])
+    assert state.step == state.scheduler["total_steps"] == chosen > 5 and state.scheduler["max_time"] == "4s"
+    assert max(losses(run_dir)) == chosen
+    caplog.clear()
+    again, _ = train_in_process(corpus, tmp_path, "trainer.max_time=4s", "trainer.max_steps=null",
+                                "trainer.eval_interval=0", "trainer.resume=auto")
+    assert again == val and f"finished at step {chosen}" in caplog.text  # no new budget: the chosen schedule
 
 
 def test_embedding_lr_moves_only_the_token_table(corpus, tmp_path):
@@ -214,10 +257,14 @@ def test_resume_after_sigkill_gives_the_same_losses(corpus, tmp_path):
     for p in saved:  # every checkpoint on disk is whole
         checkpoint.load(p)
     (run_dir / "checkpoints" / ".step-0000050.pt.tmp-99999.pt").write_bytes(b"PK")  # as a save killed mid-way leaves
-    resumed = cli([*common, f"hydra.run.dir={run_dir}", "trainer.resume=auto"])
+    # no data settings: resuming takes the checkpoint's (the default data=kr3 would go to the Hub)
+    trainer_only = [a for a in common if not a.startswith(("data", "tokenizer", "paths.data_dir"))]
+    resumed = cli([*trainer_only, f"hydra.run.dir={run_dir}", "trainer.resume=auto"], env={"HF_HUB_OFFLINE": "1"})
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout + resumed.stderr
-    a, b = losses(tmp_path / "ref"), losses(run_dir)  # b: the last value logged for each step
+    logged = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if "train/loss" in r]
+    assert logged == sorted(set(logged)), "steps after the checkpoint were logged twice"
+    a, b = losses(tmp_path / "ref"), losses(run_dir)
     assert sorted(b) == sorted(a) == list(range(1, 61))
     np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(losses(run_dir, "val/loss")[60], losses(tmp_path / "ref", "val/loss")[60], rtol=1e-5)
@@ -242,6 +289,9 @@ def test_interrupt_saves_where_it_stopped(corpus, tmp_path):
     assert proc.returncode == 130, err
     saved = checkpoint.list_steps(run_dir)
     assert len(saved) == 1 and f"interrupted: saved step {checkpoint.step_of(saved[0])}" in out + err
+    hint = (out + err).split("continue with: ")[1].splitlines()[0]
+    assert hint.startswith("python run.py ") and f"hydra.run.dir={run_dir}" in hint and "trainer.resume=auto" in hint
+    assert f"data.path={corpus / 'kr3.parquet'}" in hint  # the command as typed, so it continues the same run
     assert checkpoint.load(saved[0]).step == checkpoint.step_of(saved[0]) >= 3
 
 
@@ -313,6 +363,10 @@ def test_multirun_gives_each_job_its_folder_and_wandb_run(corpus, tmp_path, monk
     assert len(ids) == len(set(ids)) == 3  # one W&B run per job, inside its folder, none the start's
     for j in jobs:
         assert sorted(losses(j)) == [3, 4] and (j / "checkpoints" / "step-0000004.pt").exists()
+    sweep = jobs[0].parent
+    out = proc.stdout + proc.stderr
+    assert out.count(f"group {sweep.parent.name}/{sweep.name})") == 2  # one W&B group per multirun
+    assert out.count("upload it with: wandb sync ") == 2
 
 
 def test_resume_in_place_continues_the_wandb_run_elsewhere_starts_one(corpus, tmp_path, monkeypatch):
@@ -392,8 +446,8 @@ def test_multirun_under_torchrun(corpus, tmp_path):
 
 
 def test_wandb_sweep_command_is_accepted(corpus, tmp_path):
-    """Build the command line a W&B agent runs from conf/sweep/wandb.yaml, then run it (offline)."""
-    sweep = yaml.safe_load((ROOT / "conf" / "sweep" / "wandb.yaml").read_text())
+    """Build the command line a W&B agent runs from sweeps/wandb.yaml, then run it (offline)."""
+    sweep = yaml.safe_load((ROOT / "sweeps" / "wandb.yaml").read_text())
     params = {"trainer.lr": 0.002, "model.n_layers": 4, "trainer.batch_size": 16}
     assert set(params) == set(sweep["parameters"])
     cmd = []

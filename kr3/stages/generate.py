@@ -5,26 +5,35 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from pathlib import Path
+
+from prompt_toolkit import PromptSession
+from prompt_toolkit.input import create_input
+from prompt_toolkit.output import create_output
 
 from kr3 import checkpoint, hardware
 from kr3.atomic import replacing
 from kr3.errors import UserError, check_values
-from kr3.sampling import Completer, stop_strings
+from kr3.sampling import END_OF_REVIEW, Completer, stop_strings
 from kr3.tracking import progress
 
 log = logging.getLogger(__name__)
 EXIT_WORDS = {"exit", "quit"}
+# generate.<key>: (kind, low, high, null_ok) for check_values; in the REPL `:<key> VALUE` changes each
+SETTINGS = {
+    "temperature": ("number", 0, None, False), "top_k": ("int", 0, None, True),
+    "top_p": ("number", ("above", 0), 1, True), "repetition_penalty": ("number", ("above", 0), None, False),
+    "max_new_tokens": ("int", 1, None, False), "num_samples": ("int", 1, None, False),
+    "show_next": ("int", 0, None, True), "seed": ("int", 0, None, False),
+}
+COMMAND = re.compile(r":([A-Za-z_]+)\s*(.*)")  # `:` and a letter: a prompt like ":)" stays a prompt
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def check_generate(g) -> None:
-    check_values("generate", g, {
-        "max_new_tokens": ("int", 1, None, False), "num_samples": ("int", 1, None, False),
-        "temperature": ("number", 0, None, False), "top_k": ("int", 0, None, True),
-        "top_p": ("number", ("above", 0), 1, True), "repetition_penalty": ("number", ("above", 0), None, False),
-        "show_next": ("int", 0, None, True), "seed": ("int", 0, None, False),
-    })
+    check_values("generate", g, SETTINGS)
     if not all(isinstance(s, str) and s for s in stop_strings(g)):
         raise UserError(f"generate.stop={g.stop} must be non-empty strings, e.g. generate.stop='[\"!\",\"다\"]'")
     if g.prompt is not None and not g.prompts_file and not str(g.prompt).strip():
@@ -35,9 +44,10 @@ def run(cfg):
     g = cfg.generate
     check_generate(g)
     dev, dtype = hardware.setup(g.device, g.precision)
-    model, tok, ckpt = checkpoint.load_model(cfg.checkpoint, dev, dtype, log_dir=cfg.paths.log_dir)
+    path = checkpoint_file(cfg)
+    model, tok, ckpt = checkpoint.load_model(path, dev, dtype)
     completer = Completer(model, tok, g, ckpt.config["data"]["clean"])
-    log.info(f"model: step {ckpt.step}, {model.num_params() / 1e6:.2f}M parameters, {dev}, "
+    log.info(f"checkpoint {path}: step {ckpt.step}, {model.num_params() / 1e6:.2f}M parameters, {dev}, "
              f"{str(dtype).replace('torch.', '')}; vocabulary {tok.vocab_size:,}")
     if g.prompts_file:
         return batch(cfg, completer)
@@ -46,49 +56,124 @@ def run(cfg):
     return repl(completer, sys.stdin, sys.stdout)
 
 
+def checkpoint_file(cfg) -> Path | None:
+    """The file load_model will read (`latest` and a run folder name one), so the log can say which."""
+    if cfg.checkpoint is None:
+        return None  # load_model says what to give
+    path = checkpoint.find_latest_run(cfg.paths.log_dir) if str(cfg.checkpoint) == "latest" else cfg.checkpoint
+    return checkpoint.resolve(path, prefer_best=True)
+
+
+def visible(text: str) -> str:
+    """Text safe to write to a terminal: control characters shown escaped (ESC as \\x1b), so a prompt or a
+    sampled byte cannot recolor the terminal or move its cursor."""
+    return CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def answer(completer: Completer, prompt: str, out) -> None:
+    """Complete `prompt` on the terminal: it is echoed as the model is given it (cleaned), completions streamed."""
     g = completer.g
     if g.show_next:
-        for piece, p in completer.next_tokens(prompt, int(g.show_next)):
-            out.write(f"  {p:6.1%}  {piece}\n")
+        out.write(next_token_table(completer.next_tokens(prompt, int(g.show_next))))
     for sample in range(int(g.num_samples)):
-        out.write(prompt)
+        out.write(visible(completer.cleaned(prompt)))
         for piece in completer.stream(prompt, sample):
             if isinstance(piece, str):
-                out.write(piece)
+                out.write(visible(piece))
                 out.flush()
         out.write("\n")
         out.flush()
 
 
+def next_token_table(choices: list[tuple[str, float]]) -> str:
+    """show_next's lines: a header, then each token's probability and text, quoted so its spaces show."""
+    rows = [f"  {p:6.1%}  {text if text == END_OF_REVIEW else quoted(text)}" for text, p in choices]
+    return "\n".join(["most likely next tokens (text in quotes, so its spaces show):", *rows]) + "\n"
+
+
+def quoted(text: str) -> str:
+    return '"' + visible(text) + '"'
+
+
 def repl(completer: Completer, stdin, out) -> None:
-    """Read prompts until `exit`/`quit`, end of input (Ctrl-D) or Ctrl-C. Works on a terminal and on a pipe."""
-    interactive = stdin.isatty()
-    if hasattr(stdin, "reconfigure"):
-        stdin.reconfigure(errors="surrogateescape")  # a line that is not UTF-8 gets a message, not a traceback
-    if interactive:
-        out.write("Type the start of a review; `exit` or Ctrl-D quits.\n")
+    """Read prompts and `:` commands until `exit`/`quit`, end of input (Ctrl-D) or Ctrl-C. On a terminal with
+    line editing and history; on a pipe line by line."""
     try:
-        while True:
-            if interactive:
-                out.write("> ")
-                out.flush()
-            line = stdin.readline()
-            if not line:
-                break
-            prompt = line.strip()
-            if not prompt:
+        for line in typed_lines(stdin, out):
+            text = line.strip()
+            if not text:
                 continue
             try:
-                prompt.encode("utf-8")  # undecodable input bytes arrive as surrogates
+                text.encode("utf-8")  # undecodable input bytes arrive as surrogates
             except UnicodeEncodeError:
                 out.write("(that line is not UTF-8 text: set your terminal to UTF-8)\n")
                 continue
-            if prompt.lower() in EXIT_WORDS:
+            if text.lower() in EXIT_WORDS:
                 break
-            answer(completer, prompt, out)
+            if COMMAND.fullmatch(text):
+                out.write(command(completer.g, text) + "\n")
+            else:
+                answer(completer, text, out)
     except KeyboardInterrupt:
         out.write("\n")
+
+
+def typed_lines(stdin, out):
+    """Lines as typed: on a terminal through prompt_toolkit (arrow keys, history, Hangul and other wide characters
+    edited whole); from a pipe or file as read."""
+    if not (stdin.isatty() and out.isatty()):
+        if hasattr(stdin, "reconfigure"):
+            stdin.reconfigure(errors="surrogateescape")  # a line that is not UTF-8 gets a message, not a traceback
+        yield from iter(stdin.readline, "")
+        return
+    out.write("Type the start of a review; `:help` lists the commands and settings; `exit` or Ctrl-D quits.\n")
+    session = PromptSession(input=create_input(stdin), output=create_output(out))  # history in memory only
+    while True:
+        try:
+            yield session.prompt("> ")
+        except EOFError:
+            return
+
+
+def command(g, text: str) -> str:
+    """Run a `:command` line — `:help`, or `:<setting> VALUE` checked like generate.<setting> — and say what it did."""
+    name, arg = COMMAND.fullmatch(text).groups()
+    name = name.lower()
+    if name == "help":
+        return help_text(g)
+    if name not in SETTINGS:
+        return f"unknown command :{name} — use one of: :help, {', '.join(':' + k for k in SETTINGS)}, exit"
+    if not arg:
+        return f"{name}={value_text(getattr(g, name))} (`:{name} VALUE` changes it)"
+    value = parse_value(arg)
+    try:
+        check_values("generate", {name: value}, {name: SETTINGS[name]})
+    except UserError as e:
+        return f"{visible(str(e))}; {name} stays {value_text(getattr(g, name))}"
+    setattr(g, name, value)
+    return f"{name}={value_text(value)}"
+
+
+def help_text(g) -> str:
+    commands = ", ".join(f":{k} VALUE" for k in SETTINGS)
+    settings = " ".join(f"{k}={value_text(getattr(g, k))}" for k in SETTINGS)
+    return f"commands: :help, {commands}; exit, quit or Ctrl-D ends\nsettings: {settings}"
+
+
+def parse_value(arg: str):
+    """`:<setting>`'s value: null, an integer or a number; other text is left for check_values to refuse."""
+    if arg.lower() in ("null", "none"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(arg)
+        except ValueError:
+            continue
+    return arg
+
+
+def value_text(value) -> str:
+    return "null" if value is None else str(value)
 
 
 def batch(cfg, completer: Completer) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shlex
 from pathlib import Path
 
 import torch
@@ -22,9 +23,12 @@ def run(cfg) -> dict:
     run_dir = Path(cfg.paths.output_dir)
     main = distributed.is_main()
     dev, dtype = hardware.setup(t.device, t.precision, t.threads)
+    found = resume.load(cfg, run_dir)
+    if found:
+        cfg = resume.with_checkpoint_data(cfg, found[1], command_overrides())
     with distributed.main_first():  # rank 0 prepares (or reuses) the data, the others wait
         data = prepared.PreparedData(prepared.ensure(cfg) if main else prepared.prepared_dir(cfg))
-    resumed = resume.load(cfg, run_dir, data.meta)
+    resumed = resume.check(cfg, *found, run_dir, data.meta) if found else None
     mcfg = GPTConfig(**resumed.ckpt.model_config) if resumed else GPTConfig.from_cfg(cfg.model, data.meta["vocab_size"])
 
     torch.manual_seed(cfg.seed)
@@ -33,7 +37,7 @@ def run(cfg) -> dict:
     batches = Batches(data.dir / data.split("train")["file"], data.meta["dtype"], mcfg.block_size, t.batch_size,
                       t.grad_accum, cfg.seed)
     batches.check_one_step()
-    total = total_steps(t, batches)
+    total = total_steps(t, batches, resumed)
     if resumed:
         resume.restore(resumed, model, opt, run_dir)
         if resumed.is_finished(total):
@@ -46,4 +50,18 @@ def run(cfg) -> dict:
             resume.warn_changes(resumed, total, batches.per_step)
     if main:
         checkpoint.remove_temps(run_dir)
-    return Trainer(cfg, model, opt, data, batches, total, dev, dtype, resumed, run_dir).fit()
+    return Trainer(cfg, model, opt, data, batches, total, dev, dtype, resumed, run_dir, command_line()).fit()
+
+
+def command_line() -> str:
+    """`python run.py` with this command's overrides, less those that continuing it sets."""
+    kept = [o for o in command_overrides() or ["stage=train"]
+            if not o.startswith(("hydra.run.dir=", "trainer.resume="))]
+    return shlex.join(["python", "run.py", *kept])
+
+
+def command_overrides() -> list[str] | None:
+    """The overrides typed on the command line, or None when the config was built in Python."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None

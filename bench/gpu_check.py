@@ -1,0 +1,192 @@
+"""One command for a fresh GPU machine: the bare model step against `run.py stage=train`, with a profile.
+
+    python bench/gpu_check.py                    # on the GPU machine, within ~8 minutes
+    uv run python bench/gpu_check.py --device cpu   # a dry run of the whole script here first (tiny shapes)
+
+It needs no Hub and no ../shared: a synthetic corpus (bench/gpu.py's Zipf words of Hangul syllables) is
+written, prepared with the default SentencePiece tokenizer, and trained on. What it runs, bf16:
+  - the bare step (forward, backward, clipping, fused AdamW on random tokens; no trainer), with kr3's
+    chunked loss and with torch's cross-entropy on the full logits, eager and compiled;
+  - `run.py stage=train` for model=small (batch 256 × 256) and model=base (batch 64 × 512, dropout 0), eager
+    and compiled; small eager again under `trainer.profile` and under `torchrun --nproc_per_node=1`;
+then prints one table (tokens/s, trainer/bare ratio, MFU, peak memory) and the trainer's top CUDA and CPU ops.
+
+A GPU machine with torch but without kr3's other dependencies: build wheels here and carry them there.
+    uv export --no-dev --no-hashes --no-emit-project | grep -v -E '^(torch|nvidia|triton)' > /tmp/req.txt
+    uv run --with pip pip download -r /tmp/req.txt --only-binary=:all: -d wheels/
+there: python bench/gpu_check.py --wheels wheels   (installs only the missing ones, offline)
+"""
+
+import argparse
+import importlib.util
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+NEEDED = {"hydra": "hydra-core", "omegaconf": "omegaconf", "datasets": "datasets", "sentencepiece": "sentencepiece",
+          "tokenizers": "tokenizers", "pandas": "pandas", "pyarrow": "pyarrow", "tqdm": "tqdm",
+          "matplotlib": "matplotlib", "filelock": "filelock"}
+SHAPES = {  # name: (model overrides, batch, block)
+    "small": (["model=small"], 256, 256),
+    "base": (["model=base", "model.dropout=0.0"], 64, 512),
+}
+DRY = {"small": (["model=tiny"], 8, 64), "base": (["model=tiny", "model.n_layers=3"], 4, 64)}
+VOCAB = {"cuda": 8000, "cpu": 4000}  # the prepared vocabulary; the bare step uses the same
+
+
+def install_missing(wheels: Path | None) -> None:
+    missing = [pkg for mod, pkg in NEEDED.items() if importlib.util.find_spec(mod) is None]
+    if not missing:
+        return
+    if wheels is None:
+        sys.exit(f"missing: {', '.join(missing)} — carry wheels and pass --wheels DIR (see this file's docstring)")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(wheels), *missing],
+                   check=True)
+
+
+def bare_step(model_args: list[str], batch: int, block: int, device: str, compiled: bool, torch_loss: bool,
+              steps: int) -> dict:
+    """tokens/s of the model alone: what the trainer should approach."""
+    import torch
+    import torch.nn.functional as F
+
+    from kr3 import hardware
+    from kr3.config import compose
+    from kr3.model import GPT, GPTConfig
+
+    cfg = compose([*model_args, f"model.block_size={block}"])
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_cfg(cfg.model, vocab_size=VOCAB[device])).to(device)
+    opt = torch.optim.AdamW(model.param_groups(0.1), lr=1e-4, fused=device == "cuda")
+    dev, dtype = torch.device(device), hardware.resolve_precision("bf16", torch.device(device))
+    forward = torch.compile(model) if compiled else model
+    x = torch.randint(0, VOCAB[device], (batch, block + 1), device=device)
+
+    def loss_of(inp, tgt):
+        if torch_loss:
+            return F.cross_entropy(forward(inp).flatten(0, 1).float(), tgt.flatten())
+        return forward(inp, tgt)
+
+    def step():
+        with hardware.autocast(dev, dtype):
+            loss = loss_of(x[:, :-1], x[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return timed(step, steps, batch * block, device, model.flops_per_token())
+
+
+def timed(step, steps: int, tokens_per_step: int, device: str, flops_per_token: float) -> dict:
+    import torch
+
+    from kr3 import hardware
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(3):
+        step()
+    sync()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    tps = tokens_per_step * steps / (time.perf_counter() - start)
+    peak = hardware.peak_flops(torch.device(device), torch.bfloat16)
+    mem = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    return {"tokens_per_s": tps, "mfu": flops_per_token * tps / peak if peak else float("nan"), "mem_gib": mem}
+
+
+def trainer(name: str, out: Path, data: list[str], extra: list[str], steps: int, device: str,
+            torchrun: bool = False) -> dict:
+    """A real `run.py stage=train` job; its speed from metrics.jsonl (median after the first logged window)."""
+    run_dir = out / name.replace(" ", "-")
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"] if torchrun else []
+    args = [*data, "stage=train", "logger=none", "trainer.precision=bf16", f"trainer.device={device}",
+            f"trainer.max_steps={steps}", "trainer.log_interval=5", "trainer.eval_interval=0",
+            "trainer.final_eval_tokens=16384", "trainer.sample_prompts=null", "trainer.ckpt_interval=0",
+            *extra, f"hydra.run.dir={run_dir}"]
+    log = out / f"{run_dir.name}.log"
+    with open(log, "w") as f:
+        code = subprocess.run([sys.executable, *launcher, str(ROOT / "run.py"), *args], stdout=f,
+                              stderr=subprocess.STDOUT).returncode
+    if code:
+        sys.exit(f"{name} failed ({code}):\n" + log.read_text()[-3000:])
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "train/tokens_per_s" in r]
+    train = train[1:-1] or train
+    return {"tokens_per_s": statistics.median(r["train/tokens_per_s"] for r in train),
+            "mfu": statistics.median(r.get("train/mfu", float("nan")) for r in train),
+            "mem_gib": max(r.get("train/peak_mem_gib", float("nan")) for r in train), "dir": run_dir}
+
+
+def prepare(out: Path, device: str) -> list[str]:
+    from gpu import corpus
+
+    src = out / "corpus.parquet"
+    corpus(src, 300_000 if device == "cuda" else 20_000)
+    data = ["data=local", f"data.path={src}", f"paths.data_dir={out / 'data'}", f"tokenizer.vocab_size={VOCAB[device]}"]
+    subprocess.run([sys.executable, str(ROOT / "run.py"), "stage=prepare", *data, f"hydra.run.dir={out / 'prepare'}"],
+                   check=True, stdout=subprocess.DEVNULL)
+    return data
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per job (default 40 on cuda, 4 on cpu)")
+    ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "gpu-check")
+    ap.add_argument("--wheels", type=Path, default=None)
+    a = ap.parse_args()
+    install_missing(a.wheels)
+    import torch
+
+    steps = a.steps or (40 if a.device == "cuda" else 4)
+    shapes = SHAPES if a.device == "cuda" else DRY
+    a.out.mkdir(parents=True, exist_ok=True)
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name() if a.device == 'cuda' else 'CPU dry run'}",
+          flush=True)
+    data = prepare(a.out, a.device)
+    # the trainer jobs first, while this process has run no torch op (no thread pool of its own competing)
+    jobs = {}
+    for shape, (model_args, batch, block) in shapes.items():
+        for compiled in (False, True):
+            extra = [*model_args, f"trainer.batch_size={batch}", f"model.block_size={block}",
+                     *(["trainer.compile=true"] if compiled else [])]
+            jobs[shape, compiled] = trainer(f"{shape} {'compiled' if compiled else 'eager'}", a.out, data, extra,
+                                            steps + 10, a.device)
+            print(f"{shape} compiled={compiled}: {jobs[shape, compiled]['tokens_per_s']:,.0f} tokens/s", flush=True)
+    small = [*shapes["small"][0], f"trainer.batch_size={shapes['small'][1]}", f"model.block_size={shapes['small'][2]}"]
+    ddp = trainer("small eager torchrun", a.out, data, small, steps + 10, a.device, torchrun=True)
+    profiled = trainer("small eager profiled", a.out, data, [*small, "trainer.profile.start=5", "trainer.profile.steps=3"],
+                       10, a.device)
+    rows = []
+    for (shape, compiled), run in jobs.items():
+        model_args, batch, block = shapes[shape]
+        mode = "compiled" if compiled else "eager"
+        bare = bare_step(model_args, batch, block, a.device, compiled, False, steps)
+        bare_torch = bare_step(model_args, batch, block, a.device, compiled, True, steps)
+        rows += [(f"{shape} {mode}: bare, kr3 loss", bare, bare), (f"{shape} {mode}: bare, torch loss", bare_torch, bare),
+                 (f"{shape} {mode}: run.py stage=train", run, bare)]
+        if (shape, compiled) == ("small", False):
+            rows.append(("small eager: torchrun, 1 process", ddp, bare))
+    report(rows, profiled["dir"] / "profile" / "top_ops.txt")
+
+
+def report(rows, top_ops: Path) -> None:
+    print("\n| job | tokens/s | vs bare (kr3 loss) | MFU | peak GPU memory (GiB) |\n|---|---|---|---|---|")
+    for name, r, bare in rows:
+        print(f"| {name} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / bare['tokens_per_s']:.2f} | "
+              f"{r['mfu']:.1%} | {r['mem_gib']:.1f} |")
+    print(f"\nthe trainer's top ops ({top_ops}):\n{top_ops.read_text()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""The kr3 command: `kr3 stage=prepare|train|generate|evaluate [overrides]` once installed, `python run.py ...` in a
+checkout (Hydra; the config tree is kr3.config.CONFIG_DIR)."""
+
+import atexit
+import difflib
+import importlib
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from kr3.config import CONFIG_DIR, compose, quote_free_text, register_resolvers
+from kr3.errors import UserError
+
+# stage -> module whose run(cfg) does it; imported lazily so `stage=prepare` never imports torch
+STAGES = {name: f"kr3.stages.{name}" for name in ("prepare", "train", "generate", "evaluate", "report")}
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
+def run_stage(cfg: DictConfig):
+    try:
+        if cfg.stage not in STAGES:
+            raise UserError(f"stage={cfg.stage} is not a stage — use one of: {', '.join(STAGES)}")
+        return importlib.import_module(STAGES[cfg.stage]).run(cfg)
+    except MissingMandatoryValue as e:
+        fail(f"{e.full_key} is required — add {e.full_key}=... to the command")
+    except UserError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def fail(message: str):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main():
+    """The `kr3` console script and run.py."""
+    register_resolvers()
+    sys.argv = quote_free_text(sys.argv)
+    try:
+        check_overrides(sys.argv[1:])
+    except UserError as e:
+        fail(str(e))
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # under torchrun: join before Hydra picks the run folder
+        from kr3 import distributed
+
+        distributed.init()
+        atexit.register(distributed.teardown)
+    run_stage()
+
+
+def check_overrides(argv: list[str]):
+    """Hydra runs `+trainer.lrr=1` with the typo ignored (and suggests that `+` for `trainer.lrr=1`), and answers
+    `model=huge` in several lines. kr3 reads no key that conf/ lacks, so both are typos: one line naming the known
+    ones. Bad syntax, Hydra's own keys and runs that bring their own config (-cn, -cd, ...) are left to Hydra."""
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    args = get_args_parser().parse_args(argv)  # Hydra's own parser: flags that take a value read as Hydra reads them
+    if any((args.help, args.hydra_help, args.shell_completion, args.info, args.experimental_rerun,
+            args.config_path, args.config_name, args.config_dir)):
+        return
+    try:
+        overrides = [o for o in OverridesParser.create().parse_overrides(args.overrides) if not o.is_hydra_override()]
+    except OverrideParseException:
+        return
+    groups = {o.key_or_group: group_choices(o) for o in overrides if (CONFIG_DIR / o.key_or_group).is_dir()}
+    keys = [o for o in overrides if o.key_or_group not in groups]
+    known = known_keys(groups) if keys else None
+    if known:  # empty: the config does not compose, and Hydra will say why
+        for o in keys:
+            check_key(o.key_or_group, o.is_add(), known)
+
+
+def group_choices(override) -> list[str]:
+    """The group overrides this one stands for (one per option of a sweep `model=tiny,base`), options checked."""
+    from hydra.core.override_parser.types import ValueType
+
+    listed = (ValueType.ELEMENT, ValueType.CHOICE_SWEEP, ValueType.SIMPLE_CHOICE_SWEEP)
+    if override.is_delete() or override.value_type not in listed or override.value() is None:
+        return [override.input_line]  # a deletion, `=null`, or a glob/range sweep: Hydra knows what they mean
+    group = override.key_or_group
+    values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.get_value_element_as_str()]
+    options = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+    for value in values:
+        if value not in options:
+            raise UserError(f"{group}={value} is not an option of {group}/ — use one of: {', '.join(options)}")
+    return [f"{override.get_key_element()}={value}" for value in values]
+
+
+def known_keys(groups: dict[str, list[str]]) -> set[str]:
+    """The keys of the config these group choices compose; for a sweep over a group (`model=tiny,base`), those of
+    every option. Empty when it does not compose: Hydra will say why."""
+    from hydra.errors import HydraException
+
+    first = {group: choices[0] for group, choices in groups.items()}
+    variants = [first, *({**first, group: c} for group, choices in groups.items() for c in choices[1:])]
+    try:
+        return set().union(*(config_keys(OmegaConf.to_container(compose(list(v.values())))) for v in variants))
+    except (HydraException, ValueError):  # ValueError: Hydra's own, for `experiment=null`
+        return set()
+
+
+def config_keys(tree: dict, prefix: str = "") -> set[str]:
+    """Every dotted key of a config as a dict, sections included (`trainer`, `trainer.lr`)."""
+    keys = set()
+    for name, value in tree.items():
+        keys.add(f"{prefix}{name}")
+        if isinstance(value, dict):
+            keys |= config_keys(value, f"{prefix}{name}.")
+    return keys
+
+
+def check_key(key: str, added: bool, known: set[str]):
+    if added and key in known:  # Hydra: "Could not append to config. An item is already at ..."
+        raise UserError(f"{key} is already in the config — set it without the +: {key}=...")
+    if key in known:
+        return
+    leaf = key.rsplit(".", 1)[-1]
+    same_depth = [k for k in known if k.count(".") == key.count(".")]  # `trainer.lrr`: not the section `trainer`
+    near = [k for k in sorted(known) if k.rsplit(".", 1)[-1] == leaf] + difflib.get_close_matches(key, same_depth, n=3)
+    hint = f"did you mean {' or '.join(list(dict.fromkeys(near))[:3])}?" if near else "--cfg job prints every key"
+    raise UserError(f"{key} is not a kr3 setting — {hint}")

@@ -1,0 +1,155 @@
+"""Comparing runs: one row per job of a sweep (or per run under outputs/), read from what each job wrote
+(`.hydra/overrides.yaml`, `metrics.jsonl`, `result.json`), and the pictures: every job's curves, and the
+final bits per character against each swept number."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from kr3.atomic import replacing
+from kr3.errors import UserError
+from kr3.tracking import read_metrics
+
+RESULT = "result.json"  # written by the trainer when a run ends: finished or interrupted
+RUNNING_WITHIN_S = 300  # a job without result.json that logged this recently is still running
+COLUMNS = ["job", "state", "val_bpc", "val_loss", "best_val_bpc", "best_step", "steps", "tokens_per_s", "wall_s"]
+
+
+def find_jobs(folder: Path) -> list[Path]:
+    """Run folders at or below `folder`: those holding `.hydra/overrides.yaml` and a metrics.jsonl or result."""
+    candidates = [folder, *sorted(p.parent.parent for p in folder.rglob(".hydra/overrides.yaml"))]
+    seen, jobs = set(), []
+    for job in candidates:
+        if job not in seen and (job / ".hydra" / "overrides.yaml").exists() and (
+                (job / "metrics.jsonl").exists() or (job / RESULT).exists() or (job / "run.log").exists()):
+            seen.add(job)
+            jobs.append(job)
+    return [j for j in jobs if _is_train(j)]
+
+
+def _is_train(job: Path) -> bool:
+    config = yaml.safe_load((job / ".hydra" / "config.yaml").read_text()) if (job / ".hydra" / "config.yaml").exists() else {}
+    return (config or {}).get("stage") == "train"
+
+
+def overrides(job: Path) -> dict[str, str]:
+    """The job's command-line overrides as {key: value}, Hydra's own and the stage left out."""
+    items = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
+    pairs = (item.lstrip("+~").split("=", 1) for item in items if "=" in item)
+    return {k: v for k, v in pairs if not k.startswith("hydra.") and k != "stage"}
+
+
+def job_row(job: Path, root: Path) -> dict:
+    rows = read_metrics(job / "metrics.jsonl") if (job / "metrics.jsonl").exists() else []
+    train = [r for r in rows if "train/loss" in r]
+    val = [r for r in rows if "val/bpc" in r]
+    result = json.loads((job / RESULT).read_text()) if (job / RESULT).exists() else {}
+    periodic = val[:-1] if result.get("state") == "finished" else val  # the last one of a finished run is the final
+    best = min(periodic, key=lambda r: r["val/bpc"], default=None)
+    final = result.get("val") or {}
+    return {
+        "job": str(job.relative_to(root)) if job != root else job.name,
+        "state": result.get("state") or _unfinished_state(job),
+        "val_bpc": final.get("bpc", math.nan), "val_loss": final.get("loss", math.nan),
+        "best_val_bpc": best["val/bpc"] if best else math.nan, "best_step": best["step"] if best else None,
+        "steps": max((r["step"] for r in train), default=0),
+        "tokens_per_s": statistics.median(r["train/tokens_per_s"] for r in train) if train else math.nan,
+        "wall_s": result.get("wall_s", math.nan),
+    }
+
+
+def _unfinished_state(job: Path) -> str:
+    logs = [p for p in (job / "metrics.jsonl", job / "run.log") if p.exists()]
+    recent = any(time.time() - p.stat().st_mtime < RUNNING_WITHIN_S for p in logs)
+    return "running" if recent else "failed"
+
+
+def table(jobs: list[Path], root: Path) -> tuple[pd.DataFrame, list[str]]:
+    """One row per job, the swept overrides as columns, sorted by final val bpc (best first, marked)."""
+    if not jobs:
+        raise UserError(f"no training runs under {root} — give report.dir=<a multirun folder, a run folder or outputs/>")
+    found = [overrides(j) for j in jobs]
+    swept = sorted({k for o in found for k in o if len({o.get(k) for o in found}) > 1})
+    df = pd.DataFrame([{**job_row(j, root), **{k: o.get(k) for k in swept}} for j, o in zip(jobs, found)])
+    df = df[["job", *swept, *COLUMNS[1:]]].sort_values("val_bpc", na_position="last", kind="stable")
+    df["best_step"] = df["best_step"].astype("Int64")
+    df.insert(1, "best", ["★" if i == 0 and not math.isnan(v) else "" for i, v in enumerate(df["val_bpc"])])
+    return df.reset_index(drop=True), swept
+
+
+def write(df: pd.DataFrame, swept: list[str], jobs: list[Path], root: Path) -> list[Path]:
+    """report.md, report.csv, curves.png and bpc_vs_<param>.png into `root`; the paths written."""
+    written = [root / "report.md", root / "report.csv"]
+    with replacing(written[0]) as tmp:
+        tmp.write_text(f"# Runs under {root}\n\n{df.to_markdown(index=False, floatfmt='.4f', disable_numparse=True)}\n")
+    with replacing(written[1]) as tmp:
+        df.to_csv(tmp, index=False)
+    labels = {str(j.relative_to(root)) if j != root else j.name: j for j in jobs}
+    written.append(plot_curves(df, swept, labels, root / "curves.png"))
+    for param in swept:
+        values = pd.to_numeric(df[param], errors="coerce")
+        if values.notna().all() and df["val_bpc"].notna().sum() > 1:
+            written.append(plot_against(values, df["val_bpc"], param, root / f"bpc_vs_{param}.png"))
+    return written
+
+
+def _label(row, swept: list[str]) -> str:
+    return " ".join(f"{k}={row[k]}" for k in swept) or row["job"]
+
+
+def plot_curves(df: pd.DataFrame, swept: list[str], jobs: dict[str, Path], out: Path) -> Path:
+    plt = _pyplot()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), dpi=110, sharex=True)
+    for _, row in df.iterrows():
+        path = jobs[row["job"]] / "metrics.jsonl"
+        rows = read_metrics(path) if path.exists() else []
+        val = [(r["step"], r["val/bpc"]) for r in rows if "val/bpc" in r]
+        train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+        label = _label(row, swept)
+        if val:
+            top.plot(*zip(*val), "o-", lw=1.2, ms=3, label=label)
+        if train:
+            bottom.plot(*zip(*train), lw=0.8, label=label)
+    top.set_ylabel("val bits per character")
+    bottom.set_ylabel("train loss (nats/token)")
+    bottom.set_xlabel("step")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+    top.legend(fontsize=7)
+    return _save(fig, out)
+
+
+def plot_against(values: pd.Series, bpc: pd.Series, param: str, out: Path) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    ax.plot(values, bpc, "o")
+    if values.min() > 0 and values.max() / values.min() >= 10:
+        ax.set_xscale("log")
+    ax.set_xlabel(param)
+    ax.set_ylabel("final val bits per character")
+    ax.grid(alpha=0.3)
+    return _save(fig, out)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out: Path) -> Path:
+    fig.tight_layout()
+    with replacing(out) as tmp:
+        fig.savefig(tmp, format="png")
+    _pyplot().close(fig)
+    return out

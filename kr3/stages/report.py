@@ -1,0 +1,34 @@
+"""stage=report: a table of the runs of a sweep (or of every run under a folder), best first, with curves."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from kr3 import report
+from kr3.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg) -> Path:
+    root = folder(cfg.report.dir, Path(cfg.paths.log_dir))
+    jobs = report.find_jobs(root)
+    df, swept = report.table(jobs, root)
+    written = report.write(df, swept, jobs, root)
+    log.info(f"\n{df.to_string(index=False, float_format=lambda v: f'{v:.4f}')}")
+    log.info("wrote " + ", ".join(p.name for p in written) + f" into {root}")
+    return root
+
+
+def folder(given: str | None, log_dir: Path) -> Path:
+    """report.dir, or the newest multirun under the project's multirun/."""
+    if given:
+        path = Path(given).expanduser()
+        if not path.is_dir():
+            raise UserError(f"report.dir={given} is not a folder — give a multirun folder, a run folder or outputs/")
+        return path.resolve()
+    sweeps = sorted((log_dir / "multirun").glob("*/*"))
+    if not sweeps:
+        raise UserError(f"no multirun under {log_dir / 'multirun'} — run a sweep (python run.py -m ...) or give report.dir=")
+    return sweeps[-1]

@@ -1,0 +1,100 @@
+"""stage=report: a sweep's jobs compared from their own files."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import yaml
+
+from kr3 import report
+from kr3.config import ROOT, compose
+from kr3.errors import UserError
+from kr3.stages import report as report_stage
+
+
+def fake_job(folder, overrides, val_rows, train_rows, result=None, age_s=0):
+    """A job folder as a multirun leaves it: .hydra/, metrics.jsonl and, if it ended, result.json."""
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["stage=train", *overrides]))
+    (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"stage": "train"}))
+    rows = [{"step": s, "train/loss": loss, "train/tokens_per_s": tps} for s, loss, tps in train_rows]
+    rows += [{"step": s, "val/loss": bpc * 1.5, "val/bpc": bpc} for s, bpc in val_rows]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sorted(rows, key=lambda r: r["step"])))
+    if result:
+        (folder / "result.json").write_text(json.dumps(result))
+    for path in folder.rglob("*"):
+        os.utime(path, (path.stat().st_atime - age_s, path.stat().st_mtime - age_s))
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    root = tmp_path / "multirun" / "2026-11-29" / "10-00-00"
+    fake_job(root / "0", ["trainer.lr=0.001", "model.n_layers=2"], [(10, 4.3), (20, 4.1), (30, 4.05)],
+             [(s, 6 - s / 10, 1000 + s) for s in range(1, 31)],
+             {"state": "finished", "step": 30, "val": {"loss": 6.0, "bpc": 4.0}, "wall_s": 12.5})
+    fake_job(root / "1", ["trainer.lr=0.0003", "model.n_layers=2"], [(10, 4.0), (20, 3.6), (30, 3.55)],
+             [(s, 5 - s / 10, 2000) for s in range(1, 31)],
+             {"state": "finished", "step": 30, "val": {"loss": 5.0, "bpc": 3.5}, "wall_s": 11.0})
+    fake_job(root / "2", ["trainer.lr=0.0001", "model.n_layers=2"], [(10, 4.6)], [(s, 7.0, 900) for s in range(1, 16)],
+             {"state": "interrupted", "step": 15, "val": None, "wall_s": 5.0})
+    fake_job(root / "3", ["trainer.lr=0.01", "model.n_layers=2"], [], [(1, 9.0, 800)], age_s=3600)
+    return root
+
+
+def test_report_rows_come_from_each_jobs_files(sweep, capsys):
+    df, swept = report.table(report.find_jobs(sweep), sweep)
+    assert swept == ["trainer.lr"]  # model.n_layers is the same in every job
+    assert list(df["job"]) == ["1", "0", "2", "3"]  # by final val bpc, unfinished last
+    assert list(df["best"]) == ["★", "", "", ""]
+    assert list(df["state"]) == ["finished", "finished", "interrupted", "failed"]
+    one = df.iloc[0]
+    assert (one["trainer.lr"], one["val_bpc"], one["val_loss"], one["steps"], one["wall_s"]) == ("0.0003", 3.5, 5.0, 30, 11.0)
+    assert (one["best_val_bpc"], one["best_step"]) == (3.6, 20)  # periodic only: the last row is the final
+    assert df.iloc[1]["tokens_per_s"] == pytest.approx(1015.5)  # the median of its logged windows
+    interrupted = df.iloc[2]
+    assert (interrupted["best_val_bpc"], interrupted["best_step"], interrupted["steps"]) == (4.6, 10, 15)
+
+
+def test_report_stage_writes_tables_and_pictures(sweep, tmp_path):
+    root = report_stage.run(compose(["stage=report"], tmp_path))  # the newest multirun by default
+    assert root == sweep
+    csv = pd.read_csv(sweep / "report.csv")
+    assert list(csv["job"]) == [1, 0, 2, 3] and csv["val_bpc"].iloc[0] == 3.5
+    md = (sweep / "report.md").read_text()
+    assert "| job" in md and "★" in md and "0.0003" in md
+    for name in ("curves.png", "bpc_vs_trainer.lr.png"):
+        assert (sweep / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_errors(tmp_path):
+    with pytest.raises(UserError, match="no multirun under"):
+        report_stage.run(compose(["stage=report"], tmp_path))
+    with pytest.raises(UserError, match="is not a folder"):
+        report_stage.run(compose(["stage=report", f"report.dir={tmp_path / 'nope'}"], tmp_path))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no training runs under"):
+        report_stage.run(compose(["stage=report", f"report.dir={tmp_path / 'empty'}"], tmp_path))
+
+
+def test_a_real_sweep_then_its_report(tmp_path, make_reviews, write_parquet):
+    """`-m` over two learning rates, then stage=report: every row is what that job's result.json says."""
+    src = write_parquet(tmp_path / "kr3.parquet", make_reviews(1500, seed=4))
+    common = [f"paths.root_dir={tmp_path}", "data=local", f"data.path={src}", "tokenizer.vocab_size=400",
+              "experiment=smoke", "trainer.precision=fp32", "trainer.max_steps=6", "trainer.eval_interval=3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    sweep = subprocess.run([sys.executable, str(ROOT / "run.py"), "-m", "stage=train", *common, "trainer.lr=1e-3,3e-3"],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert sweep.returncode == 0, sweep.stderr
+    done = subprocess.run([sys.executable, str(ROOT / "run.py"), "stage=report", f"paths.root_dir={tmp_path}"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    folder = next((tmp_path / "multirun").glob("*/*"))
+    csv = pd.read_csv(folder / "report.csv")
+    assert sorted(csv["trainer.lr"]) == [0.001, 0.003] and set(csv["state"]) == {"finished"}
+    for _, row in csv.iterrows():
+        result = json.loads((folder / str(row["job"]) / "result.json").read_text())
+        assert row["val_bpc"] == pytest.approx(result["val"]["bpc"]) and row["steps"] == result["step"] == 6
+    assert csv["val_bpc"].is_monotonic_increasing and "★" in (folder / "report.md").read_text()
