@@ -142,17 +142,25 @@ def find_latest_run(log_dir: str | Path) -> Path:
     return max(candidates, key=lambda p: p.stat().st_mtime).parent.parent
 
 
+def locate(path: str | Path | None, log_dir: str | Path | None = None) -> Path:
+    """The file `checkpoint=` means: a .pt file, a run folder (its best, else newest checkpoint) or `latest`
+    (the run under `log_dir` whose newest checkpoint was written last)."""
+    if path is None:
+        raise UserError("this stage needs a checkpoint — add checkpoint=PATH (a .pt file or run folder) or checkpoint=latest")
+    return resolve(find_latest_run(log_dir) if str(path) == "latest" else path, prefer_best=True)
+
+
+def run_folder(path: Path) -> Path:
+    """The run folder a checkpoint file belongs to."""
+    return path.parent.parent if path.parent.name == CKPT_DIR else path.parent
+
+
 def load_model(path: str | Path, device, dtype=None, log_dir: str | Path | None = None):
-    """(model, tokenizer, Checkpoint) from a checkpoint file, a run folder (its best, else newest
-    checkpoint) or `latest`; the model is in eval mode on `device`."""
+    """(model, tokenizer, Checkpoint) from what `locate` finds; the model is in eval mode on `device`."""
     from kr3 import tokenizer as ktok
     from kr3.model import GPT, GPTConfig
 
-    if path is None:
-        raise UserError("this stage needs a checkpoint — add checkpoint=PATH (a .pt file or run folder) or checkpoint=latest")
-    if str(path) == "latest":
-        path = find_latest_run(log_dir)
-    ckpt = load(resolve(path, prefer_best=True))
+    ckpt = load(locate(path, log_dir))
     model = GPT(GPTConfig(**ckpt.model_config))
     model.load_state_dict(ckpt.model)
     model.to(device=device, dtype=dtype).eval()

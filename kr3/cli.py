@@ -5,7 +5,9 @@ import atexit
 import difflib
 import importlib
 import os
+import shutil
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -25,12 +27,23 @@ def run_stage(cfg: DictConfig):
             raise UserError(f"stage={cfg.stage} is not a stage — use one of: {', '.join(STAGES)}")
         return importlib.import_module(STAGES[cfg.stage]).run(cfg)
     except MissingMandatoryValue as e:
+        discard_empty_run_folder()
         fail(f"{e.full_key} is required — add {e.full_key}=... to the command")
     except UserError as e:
+        discard_empty_run_folder()
         fail(str(e))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def discard_empty_run_folder():
+    """A command that failed before doing any work leaves no run folder: one holding only Hydra's own files."""
+    from hydra.core.hydra_config import HydraConfig
+
+    folder = Path(HydraConfig.get().runtime.output_dir)
+    if folder.is_dir() and {p.name for p in folder.iterdir()} <= {".hydra", f"{HydraConfig.get().job.name}.log"}:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def fail(message: str):

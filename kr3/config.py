@@ -26,6 +26,21 @@ def run_time(fmt: str) -> str:
 def register_resolvers():
     OmegaConf.register_new_resolver("kr3_root", lambda: str(ROOT), replace=True)
     OmegaConf.register_new_resolver("kr3_time", run_time, replace=True)
+    OmegaConf.register_new_resolver("kr3_run_dir", run_dir, replace=True)
+
+
+def run_dir(stage: str, checkpoint, log_dir: str) -> str:
+    """The run folder: evaluate and generate write beside the checkpoint they read, into
+    `<its run>/<stage>/<date>_<time>`, where its results are found; the rest into outputs/<date>/<time>."""
+    if stage in ("evaluate", "generate") and checkpoint is not None:
+        from kr3 import checkpoint as ckpt
+        from kr3.errors import UserError
+
+        try:
+            return str(ckpt.run_folder(ckpt.locate(checkpoint, log_dir).resolve()) / stage / run_time("%Y-%m-%d_%H-%M-%S"))
+        except UserError:
+            pass  # the stage says what is wrong with it
+    return f"{log_dir}/outputs/{run_time('%Y-%m-%d')}/{run_time('%H-%M-%S')}"
 
 
 def quote_free_text(argv: list[str]) -> list[str]:

@@ -43,6 +43,7 @@ def test_missing_file(tmp_path):
     proc = run_cli(tmp_path, "data=local", f"data.path={tmp_path / 'nope.parquet'}")
     assert_one_line_error(proc, r"does not exist")
     assert not (tmp_path / "data").exists()
+    assert not list(tmp_path.rglob(".hydra")), "a command that failed before any work left a run folder"
 
 
 def test_bad_group_override_lists_options(tmp_path):

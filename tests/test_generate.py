@@ -266,3 +266,11 @@ def test_evaluate_matches_trainer_and_reads_files(trained, tmp_path, make_review
                                               f"data.path={tmp_path / 'reviews.txt'}", f"paths.output_dir={tmp_path / 'f'}",
                                               "evaluate.max_tokens=300"]))
     assert on_file["tokens"] == 300 and 0 < on_file["bpc"] < 10
+
+
+def test_evaluate_writes_beside_the_checkpoint_and_names_the_file_it_read(trained):
+    run_dir, root = trained
+    proc = cli(root, "stage=evaluate", "checkpoint=latest", "evaluate.max_tokens=500", "evaluate.precision=fp32")
+    assert proc.returncode == 0, proc.stderr
+    (found,) = run_dir.glob("evaluate/*/eval.json")
+    assert json.loads(found.read_text())["checkpoint"] == str((run_dir / "checkpoints" / "best.pt").resolve())

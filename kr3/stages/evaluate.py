@@ -27,13 +27,14 @@ def run(cfg) -> dict:
     e = cfg.evaluate
     check_values("evaluate", e, {"batch_size": ("int", 1, None, False), "max_tokens": ("int", 1, None, True)})
     dev, dtype = hardware.setup(e.device, e.precision)
-    model, tok, ckpt = checkpoint.load_model(cfg.checkpoint, dev, log_dir=cfg.paths.log_dir)
+    path = checkpoint.locate(cfg.checkpoint, cfg.paths.log_dir)
+    model, tok, ckpt = checkpoint.load_model(path, dev)
     tokens, source, chars = file_tokens(cfg, tok, ckpt) if cfg.data.source == "local" else split_tokens(e.split, ckpt)
     n_all = len(tokens)
     if e.max_tokens:
         tokens = tokens[: int(e.max_tokens)]
     nats, n = token_loss(model, tokens, tok.eos_id, model.cfg.block_size, e.batch_size, dev, dtype, show_progress=True)
-    result = {"checkpoint": str(cfg.checkpoint), "step": ckpt.step, "source": source, "tokens": n,
+    result = {"checkpoint": str(path.resolve()), "step": ckpt.step, "source": source, "tokens": n,
               **metrics(nats, n, n_all, chars)}
     with replacing(Path(cfg.paths.output_dir) / "eval.json") as tmp:
         tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False))

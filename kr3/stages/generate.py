@@ -44,7 +44,7 @@ def run(cfg):
     g = cfg.generate
     check_generate(g)
     dev, dtype = hardware.setup(g.device, g.precision)
-    path = checkpoint_file(cfg)
+    path = checkpoint.locate(cfg.checkpoint, cfg.paths.log_dir)
     model, tok, ckpt = checkpoint.load_model(path, dev, dtype)
     completer = Completer(model, tok, g, ckpt.config["data"]["clean"])
     log.info(f"checkpoint {path}: step {ckpt.step}, {model.num_params() / 1e6:.2f}M parameters, {dev}, "
@@ -54,14 +54,6 @@ def run(cfg):
     if g.prompt is not None:
         return answer(completer, str(g.prompt), sys.stdout)
     return repl(completer, sys.stdin, sys.stdout)
-
-
-def checkpoint_file(cfg) -> Path | None:
-    """The file load_model will read (`latest` and a run folder name one), so the log can say which."""
-    if cfg.checkpoint is None:
-        return None  # load_model says what to give
-    path = checkpoint.find_latest_run(cfg.paths.log_dir) if str(cfg.checkpoint) == "latest" else cfg.checkpoint
-    return checkpoint.resolve(path, prefer_best=True)
 
 
 def visible(text: str) -> str:
