@@ -7,6 +7,7 @@ import importlib
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -15,6 +16,8 @@ from omegaconf.errors import MissingMandatoryValue
 
 from kr3.config import CONFIG_DIR, compose, quote_free_text, register_resolvers
 from kr3.errors import UserError
+
+register_resolvers()  # here, not in main(): submitit's job processes import this module, then run a job
 
 # stage -> module whose run(cfg) does it; imported lazily so `stage=prepare` never imports torch
 STAGES = {name: f"kr3.stages.{name}" for name in ("prepare", "train", "generate", "evaluate", "report")}
@@ -25,7 +28,7 @@ def run_stage(cfg: DictConfig):
     try:
         if cfg.stage not in STAGES:
             raise UserError(f"stage={cfg.stage} is not a stage — use one of: {', '.join(STAGES)}")
-        return importlib.import_module(STAGES[cfg.stage]).run(cfg)
+        return objective(importlib.import_module(STAGES[cfg.stage]).run(cfg))
     except MissingMandatoryValue as e:
         discard_empty_run_folder()
         fail(f"{e.full_key} is required — add {e.full_key}=... to the command")
@@ -35,6 +38,11 @@ def run_stage(cfg: DictConfig):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def objective(result):
+    """What a sweeper minimizes: a stage's final val bits per character when it has one (train, evaluate)."""
+    return result["bpc"] if isinstance(result, dict) and "bpc" in result else result
 
 
 def discard_empty_run_folder():
@@ -53,7 +61,8 @@ def fail(message: str):
 
 def main():
     """The `kr3` console script and run.py."""
-    register_resolvers()
+    # one start time for the processes this command starts (submitit's jobs), so they share the sweep folder
+    os.environ.setdefault("KR3_RUN_TIME", repr(time.time()))
     sys.argv = quote_free_text(sys.argv)
     try:
         check_overrides(sys.argv[1:])

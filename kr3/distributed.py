@@ -33,9 +33,23 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def adopt_submitit_tasks() -> None:
+    """Under hydra/launcher=submitit_* every task of a job is one process of it: give each the variables
+    torchrun would (rank, local rank, world size, rendezvous on the first node)."""
+    if "WORLD_SIZE" in os.environ or "SUBMITIT_EXECUTOR" not in os.environ:
+        return
+    import submitit
+
+    env = submitit.JobEnvironment()
+    if env.num_tasks > 1:
+        os.environ.update(RANK=str(env.global_rank), LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.num_tasks),
+                          MASTER_ADDR=env.hostnames[0], MASTER_PORT=str(20000 + int(env.job_id) % 20000))
+
+
 def init() -> None:
-    """Join the process group torchrun describes, once per process (a Hydra multirun reuses it), and
-    agree on one start time so that every rank resolves the same Hydra run folder."""
+    """Join the process group torchrun (or a submitit job) describes, once per process (a Hydra multirun
+    reuses it), and agree on one start time so that every rank resolves the same Hydra run folder."""
+    adopt_submitit_tasks()
     if world_size() == 1 or is_distributed():
         return
     if torch.cuda.is_available():

@@ -101,7 +101,15 @@ def write(df: pd.DataFrame, swept: list[str], jobs: list[Path], root: Path) -> l
 
 
 def _label(row, swept: list[str]) -> str:
-    return " ".join(f"{k}={row[k]}" for k in swept) or row["job"]
+    return " ".join(f"{k.split('.')[-1]}={_short(row[k])}" for k in swept) or row["job"]
+
+
+def _short(value) -> str:
+    """4 significant digits for numbers (Optuna's trials carry 16), anything else as it is."""
+    try:
+        return f"{float(value):.4g}"
+    except (TypeError, ValueError):
+        return str(value)
 
 
 def plot_curves(df: pd.DataFrame, swept: list[str], jobs: dict[str, Path], out: Path) -> Path:
@@ -122,7 +130,7 @@ def plot_curves(df: pd.DataFrame, swept: list[str], jobs: dict[str, Path], out: 
     bottom.set_xlabel("step")
     for ax in (top, bottom):
         ax.grid(alpha=0.3)
-    top.legend(fontsize=7)
+    bottom.legend(fontsize=7, loc="upper right")
     return _save(fig, out)
 
 

@@ -59,6 +59,7 @@ class WandbSink(Sink):
             project=cfg.logger.project,
             entity=cfg.logger.entity,
             group=cfg.logger.group or sweep_name(),
+            job_type=cfg.stage,
             name=cfg.logger.name,
             tags=list(cfg.logger.tags or []),
             mode=self.mode,
