@@ -20,7 +20,7 @@ from kr3.errors import UserError
 register_resolvers()  # here, not in main(): submitit's job processes import this module, then run a job
 
 # stage -> module whose run(cfg) does it; imported lazily so `stage=prepare` never imports torch
-STAGES = {name: f"kr3.stages.{name}" for name in ("prepare", "train", "generate", "evaluate", "report")}
+STAGES = {name: f"kr3.stages.{name}" for name in ("prepare", "train", "generate", "evaluate", "export", "serve", "report")}
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")

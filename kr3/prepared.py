@@ -32,6 +32,10 @@ FORMAT_VERSION = 1
 META = "meta.json"
 TOKENIZER_DIR = "tokenizer"
 ENCODE_CHUNK = 8192
+# data.condition=rating: a control token before each rated review (KR3: 0 negative, 1 positive, 2 ambiguous);
+# reviews without a rating get none, so the model also learns unconditioned reviews
+RATING_NAMES = {0: "negative", 1: "positive", 2: "ambiguous"}
+RATING_CONTROLS = {r: f"<|{name}|>" for r, name in RATING_NAMES.items()}
 ROUND_TRIP_WARN = 0.99  # below it, a normalizing tokenizer is the likely cause (kogpt2's NFKC: 80.8 %)
 
 
@@ -47,6 +51,8 @@ def dataset_name(cfg) -> str:
     if d.source == "local" and d.path:
         keyed["data"]["path"] = str(Path(d.path).expanduser().resolve())
     keyed["data"].pop("cache_dir", None)
+    if keyed["data"].get("condition") is None:
+        keyed["data"].pop("condition", None)  # folders prepared before data.condition existed keep their name
     digest = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:8]
     return f"{d.name}-{ktok.kind(tc).tag(tc)}-{digest}"
 
@@ -184,7 +190,8 @@ def build(cfg, out: Path, stamp: str) -> dict:
             splits = kdata.split(corpus, cfg.data.val_ratio, cfg.data.test_ratio, cfg.seed)
         log.info(f"tokenizer: {cfg.tokenizer.kind}" + (" (training)" if cfg.tokenizer.kind == "sentencepiece" else ""))
         with timings("tokenizer"):
-            tok = ktok.build(cfg.tokenizer, splits["train"].texts, cfg.seed, cache_dir=cfg.data.cache_dir)
+            tok = ktok.build(cfg.tokenizer, splits["train"].texts, cfg.seed, cache_dir=cfg.data.cache_dir,
+                             controls=tuple(RATING_CONTROLS.values()) if conditioned(cfg.data, corpus) else ())
         with _temp_dir(out) as tmp:
             meta = _write(cfg, tok, corpus, splits, (out.name, stamp), tmp, timings)
             _replace_dir(tmp, out)
@@ -198,7 +205,8 @@ def _write(cfg, tok: ktok.Tokenizer, corpus, splits: dict, name_stamp: tuple[str
         raise UserError(f"vocabulary of {tok.vocab_size} tokens does not fit uint32 token files")
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
     with timings("encode"):
-        stats = {name: _encode_split(tok, c.texts, tmp / f"{name}.bin", dtype) for name, c in splits.items()}
+        controls = control_ids(tok) if conditioned(cfg.data, corpus) else None
+        stats = {name: _encode_split(tok, c, tmp / f"{name}.bin", dtype, controls) for name, c in splits.items()}
     with timings("round_trip"):
         fidelity = _round_trip(tok, splits["val"].texts)
     _warn_if_lossy(fidelity)
@@ -214,6 +222,8 @@ def _write(cfg, tok: ktok.Tokenizer, corpus, splits: dict, name_stamp: tuple[str
         "splits": stats,
         "tokenizer": {**tok.spec(), "dir": TOKENIZER_DIR, "config": OmegaConf.to_container(cfg.tokenizer, resolve=True)},
         "round_trip": fidelity,
+        "condition": {"kind": "rating", "controls": {str(r): i for r, i in control_ids(tok).items()},
+                      "names": {str(r): n for r, n in RATING_NAMES.items()}} if "ratings" in stats["train"] else None,
         "cleaning": corpus.counts,
         "source": {"name": corpus.source, "stamp": stamp, "fingerprint": corpus.fingerprint},
         "config": {"data": OmegaConf.to_container(cfg.data, resolve=True), "seed": cfg.seed},
@@ -236,28 +246,44 @@ def _temp_dir(out: Path):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _encode_split(tok: ktok.Tokenizer, texts: list[str], path: Path, dtype) -> dict:
-    """Encode reviews in chunks (the tokenizer parallelizes each chunk natively), each followed by EOS."""
+def conditioned(dcfg, corpus) -> bool:
+    """data.condition=rating, checked against the corpus: it needs a rating column."""
+    if dcfg.get("condition") is None:
+        return False
+    if dcfg.condition != "rating":
+        raise UserError(f"data.condition={dcfg.condition} is not known — use data.condition=rating or null")
+    if corpus.labels is None:
+        raise UserError(f"data.condition=rating needs ratings, and {corpus.source} has no integer rating column "
+                        f"{dcfg.label_column!r} — set data.label_column or data.condition=null")
+    return True
+
+
+def control_ids(tok: ktok.Tokenizer) -> dict[int, int]:
+    return {r: tok.piece_to_id(piece) for r, piece in RATING_CONTROLS.items()}
+
+
+def _encode_split(tok: ktok.Tokenizer, corpus, path: Path, dtype, controls: dict[int, int] | None) -> dict:
+    """Encode reviews in chunks (the tokenizer parallelizes each chunk natively), each followed by EOS and,
+    when conditioned, preceded by its rating's control token."""
+    texts, labels = corpus.texts, corpus.labels
     n_tokens = 0
     with open(path, "wb") as f:
         bar = progress(desc=f"encode {path.stem}", total=len(texts), unit="review")
         for start in range(0, len(texts), ENCODE_CHUNK):
-            chunk = texts[start : start + ENCODE_CHUNK]
-            ids = tok.encode_batch(chunk)
-            flat = np.fromiter(_with_eos(ids, tok.eos_id), dtype=dtype, count=sum(map(len, ids)) + len(ids))
+            ids = tok.encode_batch(texts[start : start + ENCODE_CHUNK])
+            heads = [[controls[r]] if r in controls else [] for r in labels[start : start + len(ids)]] \
+                if controls else [[]] * len(ids)
+            flat = np.fromiter((t for h, doc in zip(heads, ids) for t in (*h, *doc, tok.eos_id)), dtype=dtype)
             flat.tofile(f)
             n_tokens += len(flat)
-            bar.update(len(chunk))
+            bar.update(len(ids))
         bar.close()
     chars = sum(map(len, texts))
-    return {"file": path.name, "reviews": len(texts), "tokens": n_tokens, "chars": chars,
-            "chars_per_token": round(chars / max(1, n_tokens - len(texts)), 4)}
-
-
-def _with_eos(batch, eos):
-    for ids in batch:
-        yield from ids
-        yield eos
+    stats = {"file": path.name, "reviews": len(texts), "tokens": n_tokens, "chars": chars,
+             "chars_per_token": round(chars / max(1, n_tokens - len(texts)), 4)}
+    if controls:
+        stats["ratings"] = {str(r): sum(lab == r for lab in labels) for r in RATING_NAMES}
+    return stats
 
 
 def _round_trip(tok: ktok.Tokenizer, texts: list[str]) -> float:

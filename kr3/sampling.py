@@ -5,15 +5,37 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 
 import torch
 from omegaconf import OmegaConf
 
 from kr3.data import clean_text
+from kr3.errors import UserError, check_values
 from kr3.model import GPT, KVCache
 
 log = logging.getLogger(__name__)
 END_OF_REVIEW = "<end of review>"  # next_tokens' text for the end-of-review (EOS) token
+# decoding option: (kind, low, high, null_ok) for errors.check_values; `stop` (strings) is checked on its own.
+# Their defaults are the `generate:` block of conf/config.yaml.
+DECODING_RULES = {
+    "temperature": ("number", 0, None, False), "top_k": ("int", 0, None, True),
+    "top_p": ("number", ("above", 0), 1, True), "repetition_penalty": ("number", ("above", 0), None, False),
+    "max_new_tokens": ("int", 1, None, False), "num_samples": ("int", 1, None, False), "seed": ("int", 0, None, False),
+}
+DECODING = (*DECODING_RULES, "stop", "rating")  # every decoding option
+
+
+def decoding(settings: Mapping) -> dict:
+    """The decoding options among config settings (the `generate:` block), as plain values."""
+    return {k: OmegaConf.to_container(settings[k]) if OmegaConf.is_config(settings[k]) else settings[k] for k in DECODING}
+
+
+def check_decoding(options: Mapping, section: str = "generate") -> None:
+    """One-line errors for decoding values out of range, named `<section>.<option>=...` as in the config."""
+    check_values(section, options, DECODING_RULES)
+    if not all(isinstance(s, str) and s for s in stop_strings(options["stop"])):
+        raise UserError(f"{section}.stop={options['stop']} must be non-empty strings, e.g. {section}.stop='[\"!\",\"다\"]'")
 
 
 @torch.no_grad()
@@ -63,26 +85,42 @@ def pick(logits, seen, temperature, top_k, top_p, repetition_penalty, generator)
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
-class Completer:
-    """A loaded model + tokenizer + decoding settings; completes one prompt at a time."""
+def rating_control(rating, condition: dict | None) -> int | None:
+    """The control token id of `rating` (a name such as "negative", or 0/1/2) under a checkpoint's data
+    condition (meta.json's `condition`); None for no rating."""
+    if rating is None:
+        return None
+    if not condition:
+        raise UserError(f"rating={rating}: this checkpoint was trained without ratings — train with "
+                        "data.condition=rating, or leave the rating out")
+    names = {name: r for r, name in condition["names"].items()}
+    key = names.get(str(rating).strip().lower(), str(rating).strip())
+    if key not in condition["controls"]:
+        raise UserError(f"rating={rating} is not a rating — use one of: {', '.join(names)} (or {', '.join(names.values())})")
+    return condition["controls"][key]
 
-    def __init__(self, model, tokenizer, g, clean_cfg):
+
+class Completer:
+    """A loaded model + tokenizer + decoding settings; completes one prompt at a time. With `control` (a rating's
+    control token) the prompt is given as a review of that rating: [end of review, control, prompt…], as the
+    conditioned training data has it."""
+
+    def __init__(self, model, tokenizer, g, clean_cfg, control: int | None = None):
         self.model, self.tok, self.g = model, tokenizer, g
-        self.stops = stop_strings(g)
-        self.clean = (bool(clean_cfg.get("nfc", True)), bool(clean_cfg.get("strip_control", True)),
-                      bool(clean_cfg.get("collapse_whitespace", True)))
+        self.stops = stop_strings(g.stop)
+        self.clean_cfg = clean_cfg
+        self.head = [] if control is None else [tokenizer.eos_id, control]
 
     def cleaned(self, prompt: str) -> str:
-        """The prompt as the model is given it: normalized like the training data."""
-        return clean_text(prompt, *self.clean)
+        return cleaned(prompt, self.clean_cfg)
 
     def encode_prompt(self, prompt: str) -> list[int]:
         ids = self.tok.encode(self.cleaned(prompt))
-        room = self.model.cfg.block_size - 1
+        room = self.model.cfg.block_size - 1 - len(self.head)
         if len(ids) > room:
             log.warning(f"the prompt has {len(ids)} tokens; keeping its last {room} (model.block_size)")
             ids = ids[-room:]
-        return ids
+        return self.head + ids
 
     def stream(self, prompt: str, sample: int = 0):
         """Yield pieces of completion text as they are decoded; the last item is a stats dict."""
@@ -138,8 +176,14 @@ class Completer:
         return text if text and not text.endswith("\ufffd") else self.tok.id_to_piece(i)
 
 
-def stop_strings(g) -> list:
-    """generate.stop as a list: one string is one stop string (not its characters)."""
-    if g.stop is None:
+def cleaned(prompt: str, clean_cfg: Mapping) -> str:
+    """The prompt as the model is given it: normalized like the training data (`data.clean` of its checkpoint)."""
+    return clean_text(prompt, bool(clean_cfg.get("nfc", True)), bool(clean_cfg.get("strip_control", True)),
+                      bool(clean_cfg.get("collapse_whitespace", True)))
+
+
+def stop_strings(stop) -> list:
+    """The `stop` option as a list: one string is one stop string (not its characters); null is none."""
+    if stop is None:
         return []
-    return list(g.stop) if OmegaConf.is_list(g.stop) or isinstance(g.stop, list) else [g.stop]
+    return list(stop) if OmegaConf.is_list(stop) or isinstance(stop, list | tuple) else [stop]

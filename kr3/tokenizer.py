@@ -40,6 +40,9 @@ class Tokenizer:
     def id_to_piece(self, i: int) -> str:
         raise NotImplementedError
 
+    def piece_to_id(self, piece: str) -> int | None:
+        raise NotImplementedError
+
     def save(self, directory: str | Path) -> None:
         raise NotImplementedError
 
@@ -67,6 +70,10 @@ class SentencePieceTokenizer(Tokenizer):
     def id_to_piece(self, i):
         return self.sp.id_to_piece(int(i))
 
+    def piece_to_id(self, piece):
+        i = self.sp.piece_to_id(piece)
+        return None if i == self.sp.unk_id() and piece != self.sp.id_to_piece(i) else i
+
     def save(self, directory):
         Path(directory).mkdir(parents=True, exist_ok=True)
         Path(directory, "spiece.model").write_bytes(self.proto)
@@ -81,8 +88,10 @@ class SentencePieceTokenizer(Tokenizer):
         return cls((directory / "spiece.model").read_bytes())
 
     @classmethod
-    def build(cls, cfg, texts: list[str], seed: int, cache_dir: str | None = None) -> SentencePieceTokenizer:
-        """Train on `texts` (the train split). `cfg` is the `tokenizer` config group."""
+    def build(cls, cfg, texts: list[str], seed: int, cache_dir: str | None = None,
+              controls: tuple[str, ...] = ()) -> SentencePieceTokenizer:
+        """Train on `texts` (the train split). `cfg` is the `tokenizer` config group; `controls` are pieces
+        reserved whole (user-defined symbols), such as the rating control tokens."""
         import sentencepiece as spm
 
         min_vocab = 256 + 3 + 1  # byte pieces + unk/bos/eos + at least one merge
@@ -118,6 +127,7 @@ class SentencePieceTokenizer(Tokenizer):
                 bos_id=1,
                 eos_id=2,
                 pad_id=-1,
+                user_defined_symbols=list(controls),
                 minloglevel=2,
             )
         except (RuntimeError, ValueError) as e:  # how sentencepiece reports bad settings
@@ -152,6 +162,7 @@ class PretrainedTokenizer(Tokenizer):
 
         self.directory = Path(directory)
         self.tk = HFTokenizer.from_file(str(self.directory / "tokenizer.json"))
+        self.added = False  # control tokens added: tokenizer.json is written anew by save
         self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
         self.eos_id = self._find_eos()
 
@@ -181,11 +192,24 @@ class PretrainedTokenizer(Tokenizer):
     def id_to_piece(self, i):
         return self.tk.id_to_token(int(i)) or ""
 
+    def piece_to_id(self, piece):
+        return self.tk.token_to_id(piece)
+
+    def add_controls(self, controls: tuple[str, ...]) -> None:
+        """Special tokens appended to the vocabulary (the rating control tokens); saved with it."""
+        from tokenizers import AddedToken
+
+        self.tk.add_special_tokens([AddedToken(c, special=True) for c in controls])
+        self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
+        self.added = True
+
     def save(self, directory):
         Path(directory).mkdir(parents=True, exist_ok=True)
         for fname in self.FILES:
             if (self.directory / fname).exists():
                 shutil.copyfile(self.directory / fname, Path(directory, fname))
+        if self.added:
+            self.tk.save(str(Path(directory, "tokenizer.json")))
         Path(directory, SPEC_FILE).write_text(json.dumps(self.spec(), indent=2))
 
     @staticmethod
@@ -197,8 +221,17 @@ class PretrainedTokenizer(Tokenizer):
         return cls(directory)
 
     @classmethod
-    def build(cls, cfg, texts: list[str], seed: int, cache_dir: str | None = None) -> PretrainedTokenizer:
-        """The tokenizer `cfg.name_or_path` names (a folder or a Hub id); `texts` and `seed` are not used."""
+    def build(cls, cfg, texts: list[str], seed: int, cache_dir: str | None = None,
+              controls: tuple[str, ...] = ()) -> PretrainedTokenizer:
+        """The tokenizer `cfg.name_or_path` names (a folder or a Hub id), with `controls` added as special
+        tokens; `texts` and `seed` are not used."""
+        tok = cls._named(cfg, cache_dir)
+        if controls:
+            tok.add_controls(controls)
+        return tok
+
+    @classmethod
+    def _named(cls, cfg, cache_dir: str | None) -> PretrainedTokenizer:
         name_or_path = str(cfg.name_or_path)
         path = Path(name_or_path).expanduser()
         if path.is_dir():
@@ -236,8 +269,8 @@ def kind(cfg) -> type[Tokenizer]:
     return lookup(KINDS, cfg.kind, "tokenizer.kind")
 
 
-def build(cfg, train_texts: list[str], seed: int, cache_dir: str | None = None) -> Tokenizer:
-    return kind(cfg).build(cfg, train_texts, seed, cache_dir)
+def build(cfg, train_texts: list[str], seed: int, cache_dir: str | None = None, controls: tuple[str, ...] = ()) -> Tokenizer:
+    return kind(cfg).build(cfg, train_texts, seed, cache_dir, controls)
 
 
 def load(directory: str | Path) -> Tokenizer:

@@ -345,7 +345,7 @@ class Trainer:
             step=self.step, best_val_loss=self.best, best_val_tokens=self.share_n, val=val, rng=resume.rng_state(),
             data={"dir": str(self.data.dir), "name": meta["name"], "fingerprint": meta["fingerprint"],
                   "position": self.batches.position(self.step), "splits": meta["splits"], "eos_id": meta["eos_id"],
-                  "dtype": meta["dtype"]},
+                  "dtype": meta["dtype"], "condition": meta.get("condition")},
             tokenizer={"dir": str(self.data.tokenizer_dir), "spec": meta["tokenizer"],
                        "files": ktok.to_files(self.data.tokenizer_dir)},
             config=OmegaConf.to_container(self.cfg, resolve=True), wandb_run_id=self.tracker.run_id,

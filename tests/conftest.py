@@ -32,6 +32,30 @@ def _make_reviews(n: int = 400, seed: int = 0) -> list[tuple[int, str]]:
     return out
 
 
+_HANJA = ["龍", "味", "食堂", "老鋪", "一品", "飯店"]
+_EMOJI = ["🍜", "🔥", "👍", "😋", "🥟"]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, write_parquet):
+    """A tiny model trained in seconds on 21,000 synthetic reviews, a tenth of them with Hanja, ㅋ and an emoji, so its
+    val split holds 1,000+ reviews with all three: (run folder, project folder). Shared by the generate, API and export
+    tests."""
+    from kr3.stages import train
+
+    root = tmp_path_factory.mktemp("trained")
+    rng = random.Random(3)
+    rows = [(r, f"{t} {rng.choice(_HANJA)} {'ㅋ' * rng.randrange(1, 6)} {rng.choice(_EMOJI)}" if rng.random() < 0.1 else t)
+            for r, t in _make_reviews(21000, seed=2)]
+    write_parquet(root / "kr3.parquet", rows)
+    cfg = compose(root=root, overrides=["data=local", f"data.path={root / 'kr3.parquet'}", "tokenizer.vocab_size=500",
+                                        "experiment=smoke", "trainer.precision=fp32", "trainer.max_steps=150",
+                                        "trainer.eval_interval=0", "trainer.lr=3e-3", "trainer.warmup_steps=10",
+                                        f"paths.output_dir={root / 'outputs/a/b'}"])
+    train.run(cfg)
+    return root / "outputs/a/b", root
+
+
 @pytest.fixture(scope="session")
 def make_reviews():
     """make_reviews(n, seed) → [(rating, text)]: unique synthetic reviews."""
@@ -108,3 +132,48 @@ def pytest_report_header(config):
 
     cpu = torch.backends.cpu.get_cpu_capability()
     return f"kr3: precision=auto resolves to {hardware.resolve_precision('auto', torch.device('cpu'))} on this CPU ({cpu})"
+
+
+@pytest.fixture(scope="session")
+def served_run(tmp_path_factory, make_reviews, write_parquet):
+    """A tiny model trained for a few seconds on synthetic reviews, for the stage=serve tests: its run folder."""
+    from kr3.stages import train
+
+    root = tmp_path_factory.mktemp("served")
+    write_parquet(root / "kr3.parquet", make_reviews(3000, seed=2))
+    train.run(compose(root=root, overrides=[
+        "data=local", f"data.path={root / 'kr3.parquet'}", "tokenizer.vocab_size=500", "experiment=smoke",
+        "trainer.precision=fp32", "trainer.max_steps=80", "trainer.eval_interval=0", "trainer.lr=3e-3",
+        "trainer.warmup_steps=10", f"paths.output_dir={root / 'run'}"]))
+    return root / "run"
+
+
+@pytest.fixture
+def live_server():
+    """live_server(app) serves an ASGI app with uvicorn on 127.0.0.1 (a free port) in a thread until the test ends;
+    returns its base URL."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from kr3 import serve
+
+    running = []
+
+    def start(app) -> str:
+        sock = serve.listen("127.0.0.1", 0)
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        running.append((server, thread))
+        deadline = time.monotonic() + 20
+        while not server.started and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.started, "uvicorn did not start"
+        return serve.url(sock).rstrip("/")
+
+    yield start
+    for server, thread in running:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -91,7 +91,7 @@ def test_prompts_file_errors(tmp_path, content, message):
         prompts.write_bytes(content)
     cfg = compose(root=tmp_path, overrides=["stage=generate", f"generate.prompts_file={prompts}", f"paths.output_dir={tmp_path}"])
     with pytest.raises(UserError, match=message):
-        generate.batch(cfg, completer=None)
+        generate.batch(cfg, None)
     assert not (tmp_path / "generations.jsonl").exists()
 
 

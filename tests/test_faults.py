@@ -41,7 +41,7 @@ def test_a_full_disk_during_prepare_is_one_line_and_leaves_nothing(local_cfg, mo
     out = prepared.ensure(cfg)
     before = (out / "train.bin").read_bytes()
 
-    def full(tok, texts, path, dtype):
+    def full(tok, corpus, path, dtype, controls):
         path.write_bytes(b"\0" * 64)  # some tokens made it before the disk filled
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 

@@ -13,21 +13,6 @@ from kr3.sampling import Completer, sample_tokens
 from kr3.tracking import read_metrics
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, make_reviews, write_parquet):
-    """A tiny model trained for a few seconds on synthetic reviews: (run folder, root)."""
-    from kr3.stages import train
-
-    root = tmp_path_factory.mktemp("gen")
-    write_parquet(root / "kr3.parquet", make_reviews(3000, seed=2))
-    cfg = compose(root=root, overrides=["data=local", f"data.path={root / 'kr3.parquet'}", "tokenizer.vocab_size=500",
-                                        "experiment=smoke", "trainer.precision=fp32", "trainer.max_steps=150",
-                                        "trainer.eval_interval=0", "trainer.lr=3e-3", "trainer.warmup_steps=10",
-                                        f"paths.output_dir={root / 'outputs/a/b'}"])
-    train.run(cfg)
-    return root / "outputs/a/b", root
-
-
 def gen_cfg(root, *overrides):
     return compose(root=root, overrides=["stage=generate", *overrides]).generate
 
@@ -134,19 +119,19 @@ def test_pipe_commands_and_control_characters(trained):
     assert lines[-1].startswith("[31m이 집은") and "\x1b" not in proc.stdout  # echoed as the model got it
 
 
-def test_terminal_output_escapes_control_characters_and_names_next_tokens():
+def test_terminal_output_escapes_control_characters_and_names_next_tokens(tmp_path):
     import io
     import types
 
     from kr3.sampling import END_OF_REVIEW
     from kr3.stages.generate import answer
 
-    completer = types.SimpleNamespace(
-        g=types.SimpleNamespace(show_next=3, num_samples=1), cleaned=lambda p: p,  # strip_control=false
-        next_tokens=lambda p, k: [(" 좋은", 0.5), (END_OF_REVIEW, 0.25), ("\x1b", 0.125)],
-        stream=lambda p, s: iter(["\x1b[31m맛", "\x07\n", {"completion": "..."}]))
+    model = types.SimpleNamespace(
+        cleaned=lambda p: p,  # strip_control=false
+        next_tokens=lambda p, k, rating=None: [(" 좋은", 0.5), (END_OF_REVIEW, 0.25), ("\x1b", 0.125)],
+        stream=lambda p, s, **options: iter(["\x1b[31m맛", "\x07\n"]))
     out = io.StringIO()
-    answer(completer, "\x1b[2J집", out)
+    answer(model, gen_cfg(tmp_path, "generate.show_next=3"), "\x1b[2J집", out)
     assert out.getvalue().splitlines() == [
         "most likely next tokens (text in quotes, so its spaces show):",
         '   50.0%  " 좋은"', "   25.0%  <end of review>", '   12.5%  "\\x1b"',

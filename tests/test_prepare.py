@@ -138,3 +138,45 @@ def test_prepare_real_corpus_subset(tmp_path, nsmc):
     assert meta["cleaning"]["kept"] > 100_000
     assert meta["round_trip"] > 0.999
     assert 1 < meta["splits"]["val"]["chars_per_token"] < 4
+
+
+def test_rating_condition_puts_a_control_token_before_each_rated_review(tmp_path, reviews, write_parquet):
+    rows = [*reviews[:300], *((None, t) for _, t in reviews[300:])]  # the last 100 have no rating
+    src = write_parquet(tmp_path / "rated.parquet", rows)
+    cfg = compose(["data=local", f"data.path={src}", "tokenizer.vocab_size=400", "data.condition=rating"], tmp_path)
+    out = prepared.ensure(cfg)
+    meta = read_json(out / "meta.json")
+    controls = {int(r): i for r, i in meta["condition"]["controls"].items()}
+    assert sorted(controls) == [0, 1, 2] and len(set(controls.values())) == 3
+    tok = ktok.load(out / "tokenizer")
+    assert all(tok.decode(tok.encode(piece)) == piece for piece in prepared.RATING_CONTROLS.values())
+    rating_of = {t: r for r, t in rows}
+    ids = np.fromfile(out / "train.bin", dtype=np.uint16)
+    docs = np.split(ids, np.flatnonzero(ids == tok.eos_id) + 1)[:-1]
+    by_id = {i: r for r, i in controls.items()}
+    for doc in docs:
+        head = int(doc[0])
+        text = tok.decode(doc[1:-1].tolist() if head in by_id else doc[:-1].tolist())
+        assert by_id.get(head) == rating_of[text]  # its own rating's token, or none when it has no rating
+    assert sum(meta["splits"]["train"]["ratings"].values()) < meta["splits"]["train"]["reviews"]
+
+
+def test_rating_condition_needs_ratings_and_keeps_unconditioned_names(tmp_path, local_cfg):
+    from omegaconf import open_dict
+
+    cfg = local_cfg()
+    plain = cfg.copy()
+    with open_dict(plain):
+        del plain.data["condition"]
+    assert prepared.dataset_name(cfg) == prepared.dataset_name(plain)  # folders prepared before keep theirs
+    with pytest.raises(UserError, match="data.condition=rating needs ratings"):
+        prepared.ensure(local_cfg("data.condition=rating", "data.label_column=nothing"))
+
+
+def test_rating_condition_adds_special_tokens_to_a_pretrained_tokenizer(tmp_path, corpus_parquet, kogpt2):
+    cfg = compose(["data=local", f"data.path={corpus_parquet}", "tokenizer=pretrained", f"tokenizer.name_or_path={kogpt2}",
+                   "data.condition=rating"], tmp_path)
+    meta = read_json(prepared.ensure(cfg) / "meta.json")
+    plain = ktok.PretrainedTokenizer(kogpt2)
+    assert meta["vocab_size"] == plain.vocab_size + 3
+    assert sorted(meta["condition"]["controls"].values()) == list(range(plain.vocab_size, plain.vocab_size + 3))

@@ -9,12 +9,11 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from kr3 import checkpoint, hardware, prepared
+from kr3 import api, classify, hardware, prepared
 from kr3 import data as kdata
 from kr3.atomic import replacing
 from kr3.checkpoint import Checkpoint
 from kr3.errors import UserError, check_values
-from kr3.scoring import metrics, token_loss
 from kr3.tracking import table
 
 log = logging.getLogger(__name__)
@@ -26,29 +25,52 @@ def run(cfg) -> dict:
     checkpoint's tokenizer). Writes eval.json into the run folder."""
     e = cfg.evaluate
     check_values("evaluate", e, {"batch_size": ("int", 1, None, False), "max_tokens": ("int", 1, None, True)})
-    dev, dtype = hardware.setup(e.device, e.precision)
-    path = checkpoint.locate(cfg.checkpoint, cfg.paths.log_dir)
-    model, tok, ckpt = checkpoint.load_model(path, dev)
-    tokens, source, chars = file_tokens(cfg, tok, ckpt) if cfg.data.source == "local" else split_tokens(e.split, ckpt)
-    n_all = len(tokens)
-    if e.max_tokens:
-        tokens = tokens[: int(e.max_tokens)]
-    nats, n = token_loss(model, tokens, tok.eos_id, model.cfg.block_size, e.batch_size, dev, dtype, show_progress=True)
-    result = {"checkpoint": str(path.resolve()), "step": ckpt.step, "source": source, "tokens": n,
-              **metrics(nats, n, n_all, chars)}
+    hardware.setup(e.device, e.precision)
+    m = api.load(cfg.checkpoint, e.device, e.precision, cfg.paths.log_dir)
+    options = {"max_tokens": e.max_tokens, "batch_size": e.batch_size, "show_progress": True}
+    if cfg.data.source == "local":
+        texts, source = file_texts(cfg, m.checkpoint)
+        scores = m.score(texts, **options)
+    else:
+        tokens, source, chars = split_tokens(e.split, m.checkpoint)
+        scores = m.score_tokens(tokens, chars, **options) | rating_scores(m, tokens[: e.max_tokens or None], e.batch_size)
+    result = {"checkpoint": str(m.path.resolve()), "step": m.checkpoint.step, "source": source, **scores}
     with replacing(Path(cfg.paths.output_dir) / "eval.json") as tmp:
         tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False))
-    log.info("\n" + table([(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in result.items()], "evaluate"))
+    log.info("\n" + table([(k, shown(v)) for k, v in result.items()], "evaluate"))
     return result
 
 
-def file_tokens(cfg, tok, ckpt: Checkpoint) -> tuple[np.ndarray, str, int]:
-    """(tokens, source, characters) of `data.path`, cleaned as the checkpoint's training data was."""
+def shown(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return json.dumps(value, ensure_ascii=False) if isinstance(value, dict) else str(value)
+
+
+def rating_scores(m: api.Model, tokens: np.ndarray, batch_size: int) -> dict:
+    """For a checkpoint trained with data.condition=rating: bits per character of each rating's reviews and the
+    model's accuracy as a generative classifier (kr3.classify); nothing otherwise."""
+    condition = m.checkpoint.data.get("condition")
+    if not condition:
+        return {}
+    controls = {int(r): i for r, i in condition["controls"].items()}
+    reviews = classify.reviews_of(tokens, m.tokenizer.eos_id, controls)
+    if not reviews:
+        return {}
+    texts = [t for _, t in reviews]
+    # short sequences: 4x the batch keeps about the tokens per forward pass of the windows scored above
+    ll = classify.log_likelihoods(m.model, texts, controls, m.tokenizer.eos_id, 4 * batch_size, m.device, m.dtype)
+    prior = np.array([m.checkpoint.data["splits"]["train"]["ratings"][str(r)] for r in sorted(controls)], dtype=float)
+    chars = np.array([len(m.tokenizer.decode(t)) for t in texts])
+    names = {int(r): name for r, name in condition["names"].items()}
+    return classify.report(ll, np.array([r for r, _ in reviews]), chars, prior, names)
+
+
+def file_texts(cfg, ckpt: Checkpoint) -> tuple[list[str], str]:
+    """(reviews, source) of `data.path`, cleaned (and filtered) as the checkpoint's training data was."""
     dcfg = OmegaConf.merge(cfg.data, {"clean": ckpt.config["data"]["clean"], "ratings": None})
     corpus = kdata.clean(kdata.load(dcfg), dcfg)
-    ids = tok.encode_batch(corpus.texts)
-    tokens = np.fromiter((i for doc in ids for i in (*doc, tok.eos_id)), dtype=np.int64)
-    return tokens, corpus.source, sum(map(len, corpus.texts))
+    return corpus.texts, corpus.source
 
 
 def split_tokens(name: str, ckpt: Checkpoint) -> tuple[np.ndarray, str, int]:

@@ -13,29 +13,23 @@ from prompt_toolkit import PromptSession
 from prompt_toolkit.input import create_input
 from prompt_toolkit.output import create_output
 
-from kr3 import checkpoint, hardware
+from kr3 import api, hardware
 from kr3.atomic import replacing
 from kr3.errors import UserError, check_values
-from kr3.sampling import END_OF_REVIEW, Completer, stop_strings
+from kr3.sampling import DECODING_RULES, END_OF_REVIEW, check_decoding, decoding, rating_control
 from kr3.tracking import progress
 
 log = logging.getLogger(__name__)
 EXIT_WORDS = {"exit", "quit"}
 # generate.<key>: (kind, low, high, null_ok) for check_values; in the REPL `:<key> VALUE` changes each
-SETTINGS = {
-    "temperature": ("number", 0, None, False), "top_k": ("int", 0, None, True),
-    "top_p": ("number", ("above", 0), 1, True), "repetition_penalty": ("number", ("above", 0), None, False),
-    "max_new_tokens": ("int", 1, None, False), "num_samples": ("int", 1, None, False),
-    "show_next": ("int", 0, None, True), "seed": ("int", 0, None, False),
-}
+SETTINGS = {**DECODING_RULES, "show_next": ("int", 0, None, True)}
 COMMAND = re.compile(r":([A-Za-z_]+)\s*(.*)")  # `:` and a letter: a prompt like ":)" stays a prompt
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def check_generate(g) -> None:
-    check_values("generate", g, SETTINGS)
-    if not all(isinstance(s, str) and s for s in stop_strings(g)):
-        raise UserError(f"generate.stop={g.stop} must be non-empty strings, e.g. generate.stop='[\"!\",\"다\"]'")
+    check_decoding(g)
+    check_values("generate", g, {"show_next": SETTINGS["show_next"]})
     if g.prompt is not None and not g.prompts_file and not str(g.prompt).strip():
         raise UserError('generate.prompt is empty — give the start of a review, e.g. generate.prompt="이 집 짜장면은"')
 
@@ -43,17 +37,15 @@ def check_generate(g) -> None:
 def run(cfg):
     g = cfg.generate
     check_generate(g)
-    dev, dtype = hardware.setup(g.device, g.precision)
-    path = checkpoint.locate(cfg.checkpoint, cfg.paths.log_dir)
-    model, tok, ckpt = checkpoint.load_model(path, dev, dtype)
-    completer = Completer(model, tok, g, ckpt.config["data"]["clean"])
-    log.info(f"checkpoint {path}: step {ckpt.step}, {model.num_params() / 1e6:.2f}M parameters, {dev}, "
-             f"{str(dtype).replace('torch.', '')}; vocabulary {tok.vocab_size:,}")
+    hardware.setup(g.device, g.precision)
+    m = api.load(cfg.checkpoint, g.device, g.precision, cfg.paths.log_dir, **decoding(g))
+    log.info(f"checkpoint {m.path}: step {m.checkpoint.step}, {m.model.num_params() / 1e6:.2f}M parameters, {m.device}, "
+             f"{str(m.dtype).replace('torch.', '')}; vocabulary {m.tokenizer.vocab_size:,}")
     if g.prompts_file:
-        return batch(cfg, completer)
+        return batch(cfg, m)
     if g.prompt is not None:
-        return answer(completer, str(g.prompt), sys.stdout)
-    return repl(completer, sys.stdin, sys.stdout)
+        return answer(m, g, str(g.prompt), sys.stdout)
+    return repl(m, g, sys.stdin, sys.stdout)
 
 
 def visible(text: str) -> str:
@@ -62,17 +54,17 @@ def visible(text: str) -> str:
     return CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
-def answer(completer: Completer, prompt: str, out) -> None:
-    """Complete `prompt` on the terminal: it is echoed as the model is given it (cleaned), completions streamed."""
-    g = completer.g
+def answer(m: api.Model, g, prompt: str, out) -> None:
+    """Complete `prompt` on the terminal with settings `g`: it is echoed as the model is given it (cleaned),
+    completions streamed."""
     if g.show_next:
-        out.write(next_token_table(completer.next_tokens(prompt, int(g.show_next))))
+        out.write(next_token_table(m.next_tokens(prompt, int(g.show_next), rating=g.rating)))
+    options = decoding(g)
     for sample in range(int(g.num_samples)):
-        out.write(visible(completer.cleaned(prompt)))
-        for piece in completer.stream(prompt, sample):
-            if isinstance(piece, str):
-                out.write(visible(piece))
-                out.flush()
+        out.write(visible(m.cleaned(prompt)))
+        for piece in m.stream(prompt, sample, **options):
+            out.write(visible(piece))
+            out.flush()
         out.write("\n")
         out.flush()
 
@@ -87,7 +79,7 @@ def quoted(text: str) -> str:
     return '"' + visible(text) + '"'
 
 
-def repl(completer: Completer, stdin, out) -> None:
+def repl(m: api.Model, g, stdin, out) -> None:
     """Read prompts and `:` commands until `exit`/`quit`, end of input (Ctrl-D) or Ctrl-C. On a terminal with
     line editing and history; on a pipe line by line."""
     try:
@@ -103,9 +95,9 @@ def repl(completer: Completer, stdin, out) -> None:
             if text.lower() in EXIT_WORDS:
                 break
             if COMMAND.fullmatch(text):
-                out.write(command(completer.g, text) + "\n")
+                out.write(command(g, text, m) + "\n")
             else:
-                answer(completer, text, out)
+                answer(m, g, text, out)
     except KeyboardInterrupt:
         out.write("\n")
 
@@ -127,12 +119,15 @@ def typed_lines(stdin, out):
             return
 
 
-def command(g, text: str) -> str:
-    """Run a `:command` line — `:help`, or `:<setting> VALUE` checked like generate.<setting> — and say what it did."""
+def command(g, text: str, m: api.Model | None = None) -> str:
+    """Run a `:command` line — `:help`, `:rating NAME`, or `:<setting> VALUE` checked like generate.<setting> —
+    and say what it did."""
     name, arg = COMMAND.fullmatch(text).groups()
     name = name.lower()
     if name == "help":
         return help_text(g)
+    if name == "rating" and m is not None:
+        return rating_command(g, arg, m)
     if name not in SETTINGS:
         return f"unknown command :{name} — use one of: :help, {', '.join(':' + k for k in SETTINGS)}, exit"
     if not arg:
@@ -146,9 +141,20 @@ def command(g, text: str) -> str:
     return f"{name}={value_text(value)}"
 
 
+def rating_command(g, arg: str, m: api.Model) -> str:
+    """`:rating negative` (or 0/1/2, or null): the rating of the reviews completed from now on."""
+    value = parse_value(arg) if arg else g.rating
+    try:
+        rating_control(value, m.checkpoint.data.get("condition"))
+    except UserError as e:
+        return f"{visible(str(e))}; rating stays {value_text(g.rating)}"
+    g.rating = value
+    return f"rating={value_text(value)}"
+
+
 def help_text(g) -> str:
-    commands = ", ".join(f":{k} VALUE" for k in SETTINGS)
-    settings = " ".join(f"{k}={value_text(getattr(g, k))}" for k in SETTINGS)
+    commands = ", ".join(f":{k} VALUE" for k in (*SETTINGS, "rating"))
+    settings = " ".join(f"{k}={value_text(getattr(g, k))}" for k in (*SETTINGS, "rating"))
     return f"commands: :help, {commands}; exit, quit or Ctrl-D ends\nsettings: {settings}"
 
 
@@ -168,7 +174,7 @@ def value_text(value) -> str:
     return "null" if value is None else str(value)
 
 
-def batch(cfg, completer: Completer) -> Path:
+def batch(cfg, m: api.Model) -> Path:
     g = cfg.generate
     src = Path(g.prompts_file).expanduser()
     if not src.is_file():
@@ -182,7 +188,7 @@ def batch(cfg, completer: Completer) -> Path:
     out = Path(g.output) if g.output else Path(cfg.paths.output_dir) / "generations.jsonl"
     with replacing(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for prompt in progress(prompts, desc="generate", unit="prompt"):
-            for sample in range(int(g.num_samples)):
-                f.write(json.dumps(completer.complete(prompt, sample), ensure_ascii=False) + "\n")
+            for row in m.completions(prompt, **decoding(g)):
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
     log.info(f"{len(prompts)} prompts × {g.num_samples} → {out}")
     return out

@@ -1,0 +1,103 @@
+"""KR3's ratings as control, measured: the conditioned model as a sentiment classifier against a TF-IDF character
+n-gram + logistic regression baseline trained on the same train split, and how well `rating=` steers
+completions (judged by that baseline).
+
+    uv run python bench/rating_control.py --checkpoint RUN_FOLDER [--openings 20 --samples 10]
+
+RUN_FOLDER: a run trained with data.condition=rating (e.g. experiment=cpu_15min data.condition=rating). The
+classifier's accuracy is what `stage=evaluate` writes into eval.json (run here on the checkpoint's val split);
+the baseline reads the same splits again with the checkpoint's data settings (kr3.data: load, clean, split).
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from omegaconf import OmegaConf
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from kr3 import checkpoint, load  # noqa: E402
+from kr3 import data as kdata  # noqa: E402
+
+# neutral openings for movie reviews (the shared corpus is NSMC's): no sentiment of their own
+OPENINGS = ["이 영화는", "배우들 연기는", "스토리가", "오랜만에 본", "감독의 전작보다", "주인공이", "결말은", "처음 30분은",
+            "음악이", "이 장면은", "원작과 비교하면", "극장에서 본", "두 번째 보니", "캐릭터들이", "영상미는", "이 감독",
+            "시간 가는 줄", "친구랑 같이 본", "전체적으로", "마지막 장면에서"]
+
+
+def splits_of(ckpt) -> dict:
+    cfg = OmegaConf.create(ckpt.config)
+    corpus = kdata.clean(kdata.load(cfg.data), cfg.data)
+    return kdata.split(corpus, cfg.data.val_ratio, cfg.data.test_ratio, cfg.seed)
+
+
+def baseline(splits: dict, classes: list[int]):
+    """TF-IDF over character 1–3-grams + logistic regression, on the train reviews rated one of `classes`."""
+    train = [(t, r) for t, r in zip(splits["train"].texts, splits["train"].labels) if r in classes]
+    val = [(t, r) for t, r in zip(splits["val"].texts, splits["val"].labels) if r in classes]
+    vec = TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 3), min_df=2, sublinear_tf=True, max_features=300_000)
+    clf = LogisticRegression(max_iter=2000, C=4.0)
+    clf.fit(vec.fit_transform([t for t, _ in train]), [r for _, r in train])
+    predicted = clf.predict(vec.transform([t for t, _ in val]))
+    truth = np.array([r for _, r in val])
+    majority = max((truth == c).mean() for c in classes)
+    return vec, clf, float((predicted == truth).mean()), float(majority), len(val)
+
+
+def evaluate(run: Path) -> dict:
+    out = run / "evaluate" / "bench-rating"
+    subprocess.run([sys.executable, str(ROOT / "run.py"), "stage=evaluate", f"checkpoint={run}", "evaluate.precision=fp32",
+                    f"hydra.run.dir={out}"], check=True, capture_output=True)
+    return json.loads((out / "eval.json").read_text())
+
+
+def control(run: Path, vec, clf, openings: int, samples: int) -> dict:
+    """The share of completions under each rating that the binary baseline judges as that rating."""
+    model = load(run, precision="fp32")
+    result = {}
+    for rating, label in (("negative", 0), ("positive", 1)):
+        texts = [f"{o}{c}" for i, o in enumerate(OPENINGS[:openings])
+                 for c in model.complete(o, rating=rating, num_samples=samples, seed=i, max_new_tokens=48)]
+        judged = clf.predict(vec.transform(texts))
+        result[rating] = {"share": float((judged == label).mean()), "completions": len(texts), "examples": texts[:5]}
+    texts = [f"{o}{model.complete(o, rating='ambiguous', seed=i, max_new_tokens=48)}" for i, o in enumerate(OPENINGS)]
+    result["ambiguous"] = {"examples": texts[:5]}
+    return result
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--checkpoint", type=Path, required=True)
+    ap.add_argument("--openings", type=int, default=20)
+    ap.add_argument("--samples", type=int, default=10)
+    a = ap.parse_args()
+    ckpt = checkpoint.load(checkpoint.locate(a.checkpoint))
+    splits = splits_of(ckpt)
+    vec, clf, binary_acc, binary_major, n_binary = baseline(splits, [0, 1])
+    _, _, three_acc, three_major, n_three = baseline(splits, [0, 1, 2])
+    ours = evaluate(a.checkpoint)
+    print(f"val bpc {ours['bpc']:.4f} (control tokens scored too), {ours['rated_bpc']:.4f} (rated reviews, control "
+          f"tokens not scored); per rating: {json.dumps(ours['per_rating'], ensure_ascii=False)}")
+    print("| classifier | binary (0/1) | three ratings |\n|---|---|---|")
+    print(f"| majority class | {binary_major:.1%} | {three_major:.1%} |")
+    print(f"| TF-IDF char 1–3-grams + logistic regression | {binary_acc:.1%} | {three_acc:.1%} |")
+    cls = ours["classifier"]
+    print(f"| kr3, P(review | rating) · P(rating) | {cls['binary (0/1)']['accuracy']:.1%} | "
+          f"{cls['three ratings']['accuracy']:.1%} |")
+    print(f"(val reviews: {n_binary:,} binary, {n_three:,} all)")
+    steer = control(a.checkpoint, vec, clf, a.openings, a.samples)
+    for rating, r in steer.items():
+        share = f"{r['share']:.1%} of {r['completions']} judged {rating}" if "share" in r else "(not judged)"
+        print(f"\n{rating}: {share}")
+        for text in r["examples"]:
+            print(f"  - {text}")
+
+
+if __name__ == "__main__":
+    main()

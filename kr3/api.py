@@ -1,0 +1,166 @@
+"""kr3 from Python: `kr3.load(checkpoint)` gives a `Model` that completes reviews, streams them, ranks the next
+tokens and scores text. stage=generate (its REPL too) and stage=evaluate run on it, so a notebook gets what the
+command line gets.
+
+    >>> import kr3
+    >>> m = kr3.load("latest")
+    >>> m.complete("이 집 짜장면은", temperature=0)
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Mapping, Sequence
+from functools import cache
+from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, TypedDict
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from kr3 import checkpoint as kckpt
+from kr3 import hardware
+from kr3.config import CONFIG_DIR, ROOT
+from kr3.errors import UserError
+from kr3.sampling import DECODING, Completer, check_decoding, cleaned, rating_control
+from kr3.scoring import metrics, token_loss
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from kr3.checkpoint import Checkpoint
+    from kr3.model import GPT
+    from kr3.tokenizer import Tokenizer
+
+
+class Options(TypedDict, total=False):
+    """Decoding options; one left out takes `Model.defaults`' value (conf/config.yaml's `generate:` block)."""
+
+    max_new_tokens: int  # at most this many new tokens
+    temperature: float  # 0: greedy
+    top_k: int | None  # sample from the k most likely tokens; 0 or None: off
+    top_p: float | None  # sample from the smallest set reaching this probability; 1 or None: off
+    repetition_penalty: float  # > 1 makes tokens already seen less likely
+    stop: str | list[str] | None  # a completion ends before the first of these strings
+    seed: int  # sample i of a call uses seed + i
+    num_samples: int  # complete(): more than 1 returns a list
+    rating: str | int | None  # a rating-conditioned checkpoint: "negative", "positive", "ambiguous" (or 0, 1, 2)
+
+
+@cache
+def decoding_defaults() -> dict:
+    """The `generate:` block of conf/config.yaml, its decoding options only: the one place they are written."""
+    block = OmegaConf.load(CONFIG_DIR / "config.yaml").generate  # not compose(): it cannot run inside a Hydra app
+    return {k: v for k, v in OmegaConf.to_container(block, resolve=True).items() if k in DECODING}
+
+
+def decoding_options(options: Mapping, base: Mapping) -> dict:
+    """`base` with `options` on top, checked: a misspelt option or a value out of range is one line."""
+    unknown = [k for k in options if k not in DECODING]
+    if unknown:
+        raise UserError(f"{', '.join(unknown)} is not a decoding option — use {', '.join(DECODING)}")
+    merged = {**base, **options}
+    check_decoding(merged)
+    return merged
+
+
+class Model:
+    """A kr3 checkpoint, loaded: `model` is the GPT (fp32 weights, eval mode, on `device`), `tokenizer` its tokenizer
+    (`encode`, `decode`), `checkpoint` what the file holds and `path` the file; `defaults` are the decoding options a
+    call leaves out. Prompts and texts are normalized as the training data was (`cleaned`)."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, ckpt: Checkpoint, path: Path, device: torch.device,
+                 dtype: torch.dtype, defaults: dict):
+        self.model, self.tokenizer, self.checkpoint, self.path = model, tokenizer, ckpt, path
+        self.device, self.dtype, self.defaults = device, dtype, defaults
+        self.clean = ckpt.config["data"]["clean"]
+
+    def __repr__(self) -> str:
+        return (f"kr3.Model({str(self.path)!r}, step {self.checkpoint.step}, {self.model.num_params() / 1e6:.2f}M "
+                f"parameters, {self.device}, {str(self.dtype).replace('torch.', '')})")
+
+    def complete(self, prompt: str, **options: Unpack[Options]) -> str | list[str]:
+        """The completion of `prompt` (the text after it), or a list of `num_samples` of them when that is above 1."""
+        texts = [c["completion"] for c in self.completions(prompt, **options)]
+        return texts if len(texts) > 1 else texts[0]
+
+    def completions(self, prompt: str, **options: Unpack[Options]) -> list[dict]:
+        """`num_samples` completions with their timing: prompt, sample, completion, tokens, seconds, first_token_s,
+        tokens_per_s (stage=generate's JSONL rows)."""
+        completer = self._completer(options)
+        return [completer.complete(prompt, sample) for sample in range(int(completer.g.num_samples))]
+
+    def stream(self, prompt: str, sample: int = 0, **options: Unpack[Options]) -> Iterator[str]:
+        """The completion of `prompt` in pieces of text, as it is decoded; `sample` i is complete()'s i-th sample
+        (seed + i). No piece of a stop string is ever yielded."""
+        for piece in self._completer(options).stream(prompt, sample):
+            if isinstance(piece, str):
+                yield piece
+
+    def next_tokens(self, prompt: str, k: int = 5, rating: str | int | None = None) -> list[tuple[str, float]]:
+        """The k most likely next tokens after `prompt` (in a review of `rating`, if given) as (text they add,
+        probability), most likely first; the end-of-review token is kr3.sampling.END_OF_REVIEW."""
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise UserError(f"k={k} must be an integer ≥ 1")
+        return self._completer({"rating": rating}).next_tokens(prompt, k)
+
+    @property
+    def ratings(self) -> list[str] | None:
+        """The ratings a completion can be asked for (`rating=`), for a checkpoint trained with
+        data.condition=rating; None otherwise."""
+        condition = self.checkpoint.data.get("condition")
+        return list(condition["names"].values()) if condition else None
+
+    def cleaned(self, prompt: str) -> str:
+        """`prompt` as the model is given it: normalized like the training data (NFC, control characters, spaces)."""
+        return cleaned(prompt, self.clean)
+
+    def score(self, texts: str | Sequence[str], max_tokens: int | None = None, batch_size: int = 32,
+              show_progress: bool = False) -> dict:
+        """Loss (nats per token), perplexity and bits per character of reviews, each cleaned as in training and
+        followed by the end-of-review token, as stage=evaluate scores a file; `tokens` is how many were scored
+        (at most `max_tokens`; the bpc still divides by all the texts' characters)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        reviews = [self.cleaned(t) for t in texts]
+        if not any(reviews):
+            raise UserError("score() got no text — give a review or a list of reviews")
+        eos = self.tokenizer.eos_id
+        tokens = np.fromiter((i for doc in self.tokenizer.encode_batch(reviews) for i in (*doc, eos)), dtype=np.int64)
+        return self.score_tokens(tokens, sum(map(len, reviews)), max_tokens, batch_size, show_progress)
+
+    def score_tokens(self, tokens: np.ndarray, chars: int, max_tokens: int | None = None, batch_size: int = 32,
+                     show_progress: bool = False) -> dict:
+        """score() of a token stream (reviews each followed by the end-of-review token) holding `chars` characters:
+        {tokens, loss, ppl, bpc}, the first `max_tokens` scored."""
+        scored = tokens[: int(max_tokens)] if max_tokens else tokens
+        nats, n = token_loss(self.model, scored, self.tokenizer.eos_id, self.model.cfg.block_size, batch_size,
+                             self.device, self.dtype, show_progress=show_progress)
+        return {"tokens": n, **metrics(nats, n, len(tokens), chars)}
+
+    def _completer(self, options: Mapping) -> Completer:
+        settings = SimpleNamespace(**decoding_options(options, self.defaults))
+        control = rating_control(settings.rating, self.checkpoint.data.get("condition"))
+        return Completer(self._decoder(), self.tokenizer, settings, self.clean, control)
+
+    def _decoder(self) -> GPT:
+        """The GPT that decodes: `model` itself in fp32, else a copy in `dtype` made for this call, so `model` keeps
+        its fp32 weights and a change to them is always what decodes."""
+        if self.dtype == torch.float32:
+            return self.model
+        return copy.deepcopy(self.model).to(self.dtype)
+
+
+def load(checkpoint: str | Path = "latest", device: str = "auto", precision: str = "auto",
+         log_dir: str | Path | None = None, **defaults: Unpack[Options]) -> Model:
+    """A checkpoint ready to use: a .pt file, a run folder (its best, else newest checkpoint) or "latest" (the run
+    under `log_dir`, default the project folder kr3.config.ROOT, whose newest checkpoint was written last).
+    `device`: auto, cpu or cuda; `precision`: auto, fp32 or bf16 (the weights stay fp32; decoding and scoring run
+    in it). `defaults` replace conf/config.yaml's decoding defaults, e.g. load("latest", temperature=0)."""
+    path = kckpt.locate(checkpoint, ROOT if log_dir is None else log_dir)
+    dev = hardware.resolve_device(device)
+    dtype = hardware.resolve_precision(precision, dev)
+    settings = decoding_options(defaults, decoding_defaults())
+    model, tokenizer, ckpt = kckpt.load_model(path, dev)
+    return Model(model, tokenizer, ckpt, path, dev, dtype, settings)

@@ -1,0 +1,303 @@
+"""A kr3 checkpoint as a Hugging Face transformers folder. kr3's GPT is GPT-2's architecture (learned positions,
+pre-LayerNorm, tanh-GELU MLP, tied embeddings), so the export is exact: GPT2LMHeadModel computes kr3's logits, and
+the tokenizer (SentencePiece converted to a `tokenizers` BPE/Unigram with byte fallback, or the pretrained
+tokenizer.json copied) gives kr3's ids. transformers and safetensors are the optional extra kr3[hf]."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import fields
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from kr3.api import Model
+from kr3.atomic import disk_full_as_user_error
+from kr3.errors import UserError
+from kr3.model import GPT, GPTConfig
+from kr3.sampling import stop_strings
+
+if TYPE_CHECKING:
+    from kr3.tokenizer import Tokenizer
+
+KR3_HUB_ID = "leey4n/KR3"
+KR3_LICENSE = "cc-by-nc-sa-4.0"  # KR3's licence, which a model trained on it carries
+LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which kr3's model uses
+# GPTConfig fields GPT-2's config expresses (bias=false as zero biases: exactly what no bias computes). A later
+# field missing here refuses the export when it is off its default, naming itself.
+EXPRESSED = ("vocab_size", "n_layers", "n_heads", "d_model", "d_ffn", "block_size", "dropout", "bias")
+SPM_TYPES = {"normal": 1, "unknown": 2, "control": 3, "user_defined": 4, "byte": 6}  # SentencePiece's piece types
+
+
+def require_hf() -> None:
+    """One line naming what to install when transformers or safetensors is missing."""
+    missing = [name for name in ("transformers", "safetensors") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError(f"stage=export needs {' and '.join(missing)} — pip install 'kr3[hf]' (in a checkout: "
+                        "uv sync --extra hf)")
+
+
+def save(m: Model, out: Path, license: str | None = None) -> Path:
+    """Write `m` to `out` as a transformers folder: config.json, model.safetensors, generation_config.json (m's
+    decoding defaults), the tokenizer files and a README.md model card; into a temp folder renamed at the end, which
+    replaces a previous export there. `license` (a Hub licence id) overrides the card's: KR3's when trained on it."""
+    require_hf()
+    config = gpt2_config(m.model.cfg, m.tokenizer.eos_id)
+    with replacing_folder(Path(out)) as tmp:
+        write_model(m.model, config, tmp)
+        write_generation_config(m.defaults, m.tokenizer.eos_id, tmp)
+        write_tokenizer(m.checkpoint.tokenizer["files"], m.tokenizer, m.model.cfg.block_size, tmp)
+        (tmp / "README.md").write_text(model_card(m, license), encoding="utf-8")
+    return Path(out)
+
+
+def gpt2_config(cfg: GPTConfig, eos_id: int) -> dict:
+    """transformers' GPT2Config for kr3's shape; a field GPT-2 cannot express is one line naming model.<field>."""
+    for f in fields(GPTConfig):
+        if f.name not in EXPRESSED and getattr(cfg, f.name) != f.default:
+            raise UserError(f"model.{f.name}={getattr(cfg, f.name)} has no GPT-2 equivalent, so this checkpoint cannot be "
+                            f"exported to transformers — export one trained with model.{f.name}={f.default}")
+    return {"architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size,
+            "n_embd": cfg.d_model, "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": cfg.d_ffn,
+            "activation_function": "gelu_new", "layer_norm_epsilon": LAYER_NORM_EPS, "resid_pdrop": cfg.dropout,
+            "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout, "tie_word_embeddings": True,
+            "bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id}
+
+
+def gpt2_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """kr3's weights under GPT-2's names, fp32: Linear weights transposed into Conv1D's (in, out) layout, and zero
+    biases where kr3 has none (model.bias=false). lm_head is left out: transformers ties it to wte."""
+    state = {"transformer.wte.weight": model.tok_emb.weight, "transformer.wpe.weight": model.pos_emb.weight,
+             **_layer_norm("transformer.ln_f", model.ln_f)}
+    for i, block in enumerate(model.blocks):
+        name = f"transformer.h.{i}"
+        state |= {**_layer_norm(f"{name}.ln_1", block.ln1), **_conv1d(f"{name}.attn.c_attn", block.attn.qkv),
+                  **_conv1d(f"{name}.attn.c_proj", block.attn.proj), **_layer_norm(f"{name}.ln_2", block.ln2),
+                  **_conv1d(f"{name}.mlp.c_fc", block.mlp.fc), **_conv1d(f"{name}.mlp.c_proj", block.mlp.proj)}
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+
+
+def _conv1d(name: str, linear: torch.nn.Linear) -> dict:
+    bias = linear.bias if linear.bias is not None else torch.zeros(linear.out_features)
+    return {f"{name}.weight": linear.weight.t(), f"{name}.bias": bias}
+
+
+def _layer_norm(name: str, norm: torch.nn.LayerNorm) -> dict:
+    bias = norm.bias if norm.bias is not None else torch.zeros_like(norm.weight)
+    return {f"{name}.weight": norm.weight, f"{name}.bias": bias}
+
+
+def write_model(model: GPT, config: dict, out: Path) -> None:
+    from safetensors.torch import save_file
+    from transformers import GPT2Config
+
+    GPT2Config(**config).save_pretrained(out)
+    save_file(gpt2_state_dict(model), out / "model.safetensors", metadata={"format": "pt"})
+    shutil.copymode(out / "config.json", out / "model.safetensors")  # safetensors writes 0600; readable as the rest
+
+
+def write_generation_config(decoding: Mapping, eos_id: int, out: Path) -> None:
+    """kr3's decoding defaults as transformers' (top_k/top_p off are 0/1 there; seed and num_samples are per call)."""
+    from transformers import GenerationConfig
+
+    settings = {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id,
+                "max_new_tokens": decoding["max_new_tokens"], "repetition_penalty": decoding["repetition_penalty"],
+                "do_sample": decoding["temperature"] > 0}
+    if settings["do_sample"]:
+        settings |= {"temperature": decoding["temperature"], "top_k": decoding["top_k"] or 0,
+                     "top_p": decoding["top_p"] or 1.0}
+    if stops := stop_strings(decoding["stop"]):
+        settings["stop_strings"] = stops
+    GenerationConfig(**settings).save_pretrained(out)
+
+
+def write_tokenizer(files: Mapping[str, bytes], tok: Tokenizer, max_length: int, out: Path) -> None:
+    """tokenizer.json (a pretrained tokenizer's own, copied; a SentencePiece model converted), tokenizer_config.json
+    and special_tokens_map.json, so AutoTokenizer gives kr3's ids and decodes them to kr3's text."""
+    if "tokenizer.json" in files:
+        (out / "tokenizer.json").write_bytes(files["tokenizer.json"])
+        config = json.loads(files.get("tokenizer_config.json", b"{}"))
+    else:
+        sentencepiece_to_tokenizers(files["spiece.model"]).save(str(out / "tokenizer.json"))
+        # kr3 reads "</s>" in a review as text, as SentencePiece does, never as the end-of-review token
+        config = {"unk_token": tok.id_to_piece(tok.sp.unk_id()), "split_special_tokens": True}
+    eos = tok.id_to_piece(tok.eos_id)
+    special = {"bos_token": eos, "pad_token": eos, **_special_tokens(config), "eos_token": eos}
+    config |= {**special, "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length,
+               "clean_up_tokenization_spaces": False}  # its clean-up would change kr3's text (" ." → ".")
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2, ensure_ascii=False))
+
+
+def _special_tokens(config: Mapping) -> dict:
+    return {k: v for k, v in config.items() if k in ("bos_token", "pad_token", "unk_token") and v}
+
+
+def sentencepiece_to_tokenizers(model_proto: bytes):
+    """A kr3-trained SentencePiece model (BPE or unigram, identity normalization, byte fallback) as a `tokenizers`
+    Tokenizer giving the same ids: BPE's merges are its pieces' splits ranked by the merged piece's score (how
+    SentencePiece picks the pair to merge), unigram keeps the scores; spaces become ▁ with one in front. User-defined
+    symbols (rating controls) keep their ids, which is how kr3 feeds them; written out in a text, SentencePiece
+    matches them whole and this tokenizer does not."""
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model_proto)
+    _check_convertible(proto)
+    pieces = [(p.piece, p.score, p.type) for p in proto.pieces]
+    unk = next(p for p, _, kind in pieces if kind == SPM_TYPES["unknown"])
+    byte_fallback = proto.trainer_spec.byte_fallback
+    if proto.trainer_spec.model_type == proto.trainer_spec.BPE:
+        vocab = {p: i for i, (p, _, _) in enumerate(pieces)}
+        model = models.BPE(vocab, _bpe_merges(pieces), unk_token=unk, fuse_unk=True, byte_fallback=byte_fallback)
+    else:
+        model = models.Unigram(_unigram_vocab(pieces), proto.trainer_spec.unk_id, byte_fallback)
+    tk = Tokenizer(model)
+    prefix = proto.normalizer_spec.add_dummy_prefix
+    # SentencePiece puts ▁ in front also of a text that starts with a space; Metaspace's own prefix would not
+    tk.normalizer = normalizers.Sequence([*([normalizers.Prepend("▁")] if prefix else []), normalizers.Replace(" ", "▁")])
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1 if prefix else 0, 0)])
+    tk.add_special_tokens([AddedToken(p, special=True, normalized=False) for p, _, kind in pieces
+                           if kind in (SPM_TYPES["unknown"], SPM_TYPES["control"])])
+    return tk
+
+
+def _check_convertible(proto) -> None:
+    """SentencePiece settings the conversion does not reproduce (kr3 trains with none of them): one line each."""
+    spec, norm = proto.trainer_spec, proto.normalizer_spec
+    unsupported = {"a model_type other than bpe or unigram": spec.model_type not in (spec.BPE, spec.UNIGRAM),
+                   f"normalization {norm.name}": bool(norm.precompiled_charsmap),
+                   "remove_extra_whitespaces": norm.remove_extra_whitespaces,
+                   "treat_whitespace_as_suffix": spec.treat_whitespace_as_suffix,
+                   "split_by_whitespace=false": not spec.split_by_whitespace}
+    found = [name for name, present in unsupported.items() if present]
+    if found:
+        raise UserError(f"the checkpoint's SentencePiece tokenizer uses {', '.join(found)}, which the export does not "
+                        "convert — export a model whose tokenizer stage=prepare trained (tokenizer=sentencepiece)")
+
+
+def _bpe_merges(pieces: list[tuple[str, float, int]]) -> list[tuple[str, str]]:
+    """Every split of a piece into two pieces, ranked by the merged piece's score, highest first: SentencePiece's BPE
+    merges the adjacent pair whose union is the best-scoring piece, leftmost first, as `tokenizers` does by rank."""
+    scores = {p: score for p, score, kind in pieces if kind == SPM_TYPES["normal"]}
+    ranked = sorted((p for p in scores if len(p) > 1), key=lambda p: -scores[p])  # stable: ties keep id order
+    return [(p[:k], p[k:]) for p in ranked for k in range(1, len(p)) if p[:k] in scores and p[k:] in scores]
+
+
+def _unigram_vocab(pieces: list[tuple[str, float, int]]) -> list[tuple[str, float]]:
+    """(piece, score). SentencePiece never matches a control, unknown or byte piece ("</s>", "<0xEC>") in text;
+    `tokenizers` does, so they score far below every other piece here. (The unknown-character penalty moves with them,
+    which changes nothing: an unknown character is in no piece, so every segmentation pays it. Only such a string
+    written out of characters the vocabulary lacks still becomes its piece.)"""
+    floor = min(score for _, score, kind in pieces if kind == SPM_TYPES["normal"]) - 1000
+    hidden = (SPM_TYPES["control"], SPM_TYPES["unknown"], SPM_TYPES["byte"])
+    return [(p, floor if kind in hidden else score) for p, score, kind in pieces]
+
+
+@contextmanager
+def replacing_folder(out: Path) -> Iterator[Path]:
+    """A temp folder beside `out` that takes its place when the block ends well and is removed when it fails, so
+    `out` is never half-written. An existing `out` is replaced only when it is empty or an earlier export."""
+    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / "model.safetensors").is_file()):
+        raise UserError(f"export.dir={out} holds other files — give a new or empty folder (an earlier export there "
+                        "is replaced)")
+    tmp, old = (out.parent / f".{out.name}.{kind}-{os.getpid()}" for kind in ("tmp", "old"))
+    with disk_full_as_user_error(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            yield tmp
+            if out.exists():
+                out.rename(old)
+            tmp.rename(out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def trained_on_kr3(data_cfg: Mapping) -> bool:
+    """Whether the run's `data` config is KR3 from the Hub (data=kr3): then the model carries KR3's licence."""
+    return data_cfg.get("name") == "kr3" or (data_cfg.get("source") == "hub" and data_cfg.get("hub_id") == KR3_HUB_ID)
+
+
+def model_card(m: Model, license: str | None = None) -> str:
+    """README.md: what the model was trained on, its size, its val bits per character, how it was trained, how to
+    use it, and its licence (KR3's, CC BY-NC-SA 4.0, when trained on KR3)."""
+    c, cfg = m.checkpoint, m.model.cfg
+    data = c.config["data"]
+    kr3 = trained_on_kr3(data)
+    license = license or (KR3_LICENSE if kr3 else "other")
+    front = ["---", "language: ko", f"license: {license}", "library_name: transformers", "pipeline_tag: text-generation",
+             "tags: [kr3, gpt2, korean, reviews]", *([f"datasets: [{KR3_HUB_ID}]"] if kr3 else []), "---", ""]
+    return "\n".join([*front, f"# kr3 GPT: Korean restaurant reviews ({m.model.num_params() / 1e6:.1f}M parameters)", "",
+                      "A GPT-2 architecture language model (GPT2LMHeadModel) trained with kr3 to complete Korean "
+                      "restaurant reviews, exported from its checkpoint with `kr3 stage=export`: transformers computes "
+                      "the logits kr3 does and the tokenizer gives kr3's token ids.", "",
+                      *_card_data(c, data, m.tokenizer), *_card_model(cfg, m.tokenizer), *_card_eval(c), *_card_training(c, cfg),
+                      *_card_usage(), *_card_license(license, kr3)])
+
+
+def _card_data(c, data: Mapping, tok: Tokenizer) -> list[str]:
+    source = f"[{data['hub_id']}](https://huggingface.co/datasets/{data['hub_id']})" if data.get("source") == "hub" \
+        else f"a local file, `{Path(str(data.get('path'))).name}`"
+    splits = [f"- {name}: {s['reviews']:,} reviews, {s['tokens']:,} tokens, {s['chars']:,} characters"
+              for name, s in c.data["splits"].items()]
+    clean = ", ".join(f"{k}={v}" for k, v in data.get("clean", {}).items())
+    return ["## Data", "", f"Reviews from {source}, cleaned ({clean}), each followed by the end-of-review token "
+            f"`{tok.id_to_piece(tok.eos_id)}`:", "", *splits, ""]
+
+
+def _card_model(cfg: GPTConfig, tok: Tokenizer) -> list[str]:
+    return ["## Model", "", f"{cfg.n_layers} layers, {cfg.n_heads} heads, d_model {cfg.d_model}, d_ffn {cfg.d_ffn}, "
+            f"context {cfg.block_size} tokens; a {tok.kind} tokenizer of {tok.vocab_size:,} tokens. Learned positions, "
+            "pre-LayerNorm, tanh-GELU MLP, tied embeddings" + ("" if cfg.bias else "; kr3's model.bias=false is "
+            "exported as zero biases, which compute exactly what no bias does") + ".", ""]
+
+
+def _card_eval(c) -> list[str]:
+    if not c.val:
+        return ["## Evaluation", "", f"Not evaluated at step {c.step}: `kr3 stage=evaluate checkpoint=...` scores it.", ""]
+    return ["## Evaluation", "", f"On the held-out val split at step {c.step}: loss {c.val['loss']:.4f} nats/token, "
+            f"perplexity {c.val['ppl']:.2f}, **{c.val['bpc']:.4f} bits per character** (loss × tokens / characters / "
+            "ln 2: comparable across tokenizers).", ""]
+
+
+def _card_training(c, cfg: GPTConfig) -> list[str]:
+    t = c.config.get("trainer", {})
+    windows = c.data.get("position", {}).get("windows_per_step")
+    seen = f", about {c.step * windows * cfg.block_size:,} tokens" if windows else ""
+    return ["## Training", "", f"{c.step:,} steps{seen}: {t.get('optimizer', 'adamw')}, peak learning rate "
+            f"{t.get('lr')}, {t.get('warmup_steps')} warmup steps then cosine, batch {t.get('batch_size')} × "
+            f"{t.get('grad_accum')} accumulation per process, precision {t.get('precision')}, seed {c.config.get('seed')}; "
+            f"torch {c.torch_version or 'unknown'}.", ""]
+
+
+def _card_usage() -> list[str]:
+    return ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+            'tok = AutoTokenizer.from_pretrained("PATH_OR_HUB_ID")',
+            'model = AutoModelForCausalLM.from_pretrained("PATH_OR_HUB_ID")',
+            'ids = tok("이 집 짜장면은", return_tensors="pt").input_ids',
+            "print(tok.decode(model.generate(ids, max_new_tokens=40)[0], skip_special_tokens=True))", "```", "",
+            "A review ends at the end-of-review token (generation_config.json's eos_token_id); the decoding defaults "
+            "are kr3's. `pipeline(\"text-generation\")` works too, but decodes the new tokens alone: the space joining "
+            "them to the prompt is dropped. kr3 goes on past the context by restarting on its last half; transformers "
+            "stops there.", ""]
+
+
+def _card_license(license: str, kr3: bool) -> list[str]:
+    if kr3:
+        text = ("Trained on KR3, which is licensed CC BY-NC-SA 4.0 (https://creativecommons.org/licenses/by-nc-sa/4.0/): "
+                "so is this model — attribution, non-commercial use only, share-alike.")
+    else:
+        text = "The licence of the training data applies." if license == "other" else f"Licensed `{license}`."
+    return ["## Licence", "", text, ""]

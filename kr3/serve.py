@@ -1,0 +1,531 @@
+"""kr3 over HTTP: an ASGI app (FastAPI) around one `kr3.Model` — OpenAI's completions API (`POST /v1/completions`,
+whole or streamed as server-sent events; `GET /v1/models`), the next-token probabilities (`POST /v1/next_tokens`)
+and a page at `/` (kr3/static: plain HTML, CSS and JS). stage=serve runs it under uvicorn.
+
+Requests are queued, not batched: one thread makes every model call, one token of one completion at a time, in the
+order they are asked for. Concurrent streams so take turns token by token (each with its own KV cache and seed, so
+a seeded completion is the same however many others run), the event loop only waits, and a client that leaves
+stops its completion at the next token."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import secrets
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException
+
+from kr3.api import Model, decoding_options
+from kr3.errors import UserError
+from kr3.sampling import END_OF_REVIEW
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+MAX_STOPS, MAX_STOP_CHARS = 4, 100  # OpenAI's 4 stop strings; short, since each is checked at every token
+# OpenAI parameters kr3 does not do: accepted at the values that mean "off" (clients send them), refused otherwise
+UNSUPPORTED = {"echo": (None, False), "logprobs": (None,), "best_of": (None, 1), "suffix": (None, ""),
+               "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0)}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for (the `serve:` block of conf/config.yaml), so that no client takes the server down."""
+
+    max_body_bytes: int = 65536  # a larger request body gets 413
+    max_tokens: int = 512  # new tokens per completion
+    max_n: int = 8  # completions per prompt
+    max_prompts: int = 16  # prompts per request
+    max_next_tokens: int = 50  # k of /v1/next_tokens
+    max_active: int = 64  # requests generating or waiting at once; one more gets 429
+
+
+class ApiError(HTTPException):
+    """A request refused: its HTTP status and OpenAI's error object {message, type, param, code}. An HTTPException, so
+    FastAPI passes it on as it is from wherever it is raised (reading the body too)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 code: str | None = None):
+        super().__init__(status, message)
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+def rating_name_or_number(value):
+    """`rating` as JSON gives it: a name or a number; not true/false, which pydantic would take for 1/0."""
+    if value is None or isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise ValueError('must be a rating\'s name or number, e.g. "positive" or 1')
+
+
+Rating = Annotated[str | int | None, BeforeValidator(rating_name_or_number)]
+
+
+class CompletionRequest(BaseModel):
+    """OpenAI's completion request; `top_k`, `repetition_penalty` and `rating` are kr3's own. Unset sampling values
+    take the server's defaults (stage=serve's `generate.*`); an unset seed is a random one."""
+
+    model_config = ConfigDict(extra="allow")  # OpenAI's other parameters: see UNSUPPORTED
+    model: str | None = None
+    prompt: str | list[str] = ""
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    repetition_penalty: float | None = Field(None, gt=0)
+    n: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    rating: Rating = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def text_prompts(cls, value):
+        if isinstance(value, str) or (isinstance(value, list) and all(isinstance(p, str) for p in value)):
+            return value
+        raise ValueError("must be a string or a list of strings (prompts of token ids are not supported)")
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def few_short_stops(cls, value):
+        stops = [value] if isinstance(value, str) else value
+        if stops is None:
+            return value
+        if not isinstance(stops, list) or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"must be a string or a list of strings of 1 to {MAX_STOP_CHARS} characters")
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"has {len(stops)} strings; at most {MAX_STOPS} are allowed")
+        return value
+
+
+class NextTokensRequest(BaseModel):
+    model: str | None = None
+    prompt: str = ""
+    k: int = Field(10, ge=1)
+    rating: Rating = None
+
+
+class ModelThread:
+    """The one thread that runs the model, and the count of requests using it (bounded by `max_active`)."""
+
+    def __init__(self, max_active: int):
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kr3-model")
+        self.max_active, self.active = max_active, 0
+
+    async def call(self, fn: Callable, *args):
+        """fn(*args) on the model thread, after every call asked for before it."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    def admit(self) -> None:
+        """A place for one more request (`release` gives it back), or 429 when `max_active` are in progress."""
+        if self.active >= self.max_active:
+            raise ApiError(429, f"the server is busy: {self.max_active} requests are in progress (serve.max_active) — "
+                                "retry in a moment", kind="server_busy", code="server_busy")
+        self.active += 1
+
+    def release(self) -> None:
+        self.active -= 1
+
+    async def iterate(self, generator: Iterator, gone: Callable[[], Awaitable[bool]] | None = None) -> AsyncIterator:
+        """The items of a synchronous generator, each made on the model thread; closed however it ends. Ends with
+        Disconnected once `gone()` says the client has left; a stream needs no `gone`: Starlette cancels it then
+        (and asking would take the disconnect message it waits for)."""
+        try:
+            while not (gone and await gone()):
+                item = await self.call(next, generator, None)
+                if item is None:
+                    return
+                yield item
+            raise Disconnected
+        finally:
+            self.pool.submit(generator.close)  # queued behind a step still running: a running generator cannot close
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class Disconnected(Exception):
+    """The client closed the connection: its completion stops."""
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events that give back their request's place when the response ends, however it ends."""
+
+    def __init__(self, events: AsyncIterator[str], release: Callable[[], None]):
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.release = release
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
+
+
+@dataclass
+class Completion:
+    """One /v1/completions request, checked: its prompts, decoding options and what its responses carry."""
+
+    prompts: list[str]
+    n: int
+    options: dict  # kr3 decoding options, rating included
+    model: str
+    id: str
+    created: int
+
+    def choices(self) -> Iterator[tuple[int, str, int]]:
+        """(index, prompt, sample): OpenAI numbers the n choices of each prompt in turn."""
+        for p, prompt in enumerate(self.prompts):
+            for sample in range(self.n):
+                yield p * self.n + sample, prompt, sample
+
+    def chunk(self, choices: list[dict], usage: dict | None = None) -> dict:
+        body = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": choices}
+        return {**body, "usage": usage} if usage is not None else body
+
+
+def choice(index: int, text: str, finish_reason: str | None) -> dict:
+    return {"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}
+
+
+def finish_reason(stats: dict, options: dict) -> str:
+    """"length" when the completion used all its tokens, else "stop" (the end of the review or a stop string)."""
+    return "length" if stats["tokens"] >= options["max_new_tokens"] else "stop"
+
+
+def sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def completion_items(m: Model, prompt: str, sample: int, options: dict) -> Iterator:
+    """A completion's pieces of text, then its stats {completion, tokens, …}: what Model.stream decodes, with the
+    stats it drops (usage and finish_reason need the token count). A generator, so even setting up (a bf16 copy of
+    the model) runs on the model thread."""
+    yield from m._completer(options).stream(prompt, sample)
+
+
+def check_rating(m: Model, rating: str | int | None) -> str | int | None:
+    if rating is None:
+        return None
+    names = m.ratings
+    if not names:
+        raise ApiError(400, "rating: this checkpoint is not rating-conditioned (trained without data.condition=rating) "
+                            "— leave rating out", "rating")
+    if rating in names or (isinstance(rating, int) and not isinstance(rating, bool) and 0 <= rating < len(names)):
+        return rating
+    raise ApiError(400, f"rating={json.dumps(rating, ensure_ascii=False)} is not a rating — use one of "
+                        f"{', '.join(names)} or 0 to {len(names) - 1}", "rating")
+
+
+def check_completion(req: CompletionRequest, m: Model, limits: Limits, name: str) -> Completion:
+    """The request as a Completion, or the ApiError that says what is wrong with it."""
+    for key, value in (req.model_extra or {}).items():
+        if key in UNSUPPORTED and value not in UNSUPPORTED[key]:
+            raise ApiError(400, f"{key}={json.dumps(value)} is not supported by kr3 — leave it out", key)
+    prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+    n = req.n or 1
+    bounds = (("prompt", len(prompts), limits.max_prompts, "max_prompts"), ("n", n, limits.max_n, "max_n"),
+              ("max_tokens", req.max_tokens or 0, limits.max_tokens, "max_tokens"))
+    for param, value, bound, key in bounds:
+        if value > bound:
+            raise ApiError(400, f"{param}: {value} is above this server's limit of {bound} (serve.{key})", param)
+    if not prompts:
+        raise ApiError(400, "prompt: the list is empty — give a string or a list of strings", "prompt")
+    return Completion(prompts, n, decoding(req, m, limits), name, f"cmpl-{uuid.uuid4().hex}", int(time.time()))
+
+
+def decoding(req: CompletionRequest, m: Model, limits: Limits) -> dict:
+    """The request's sampling parameters as kr3 decoding options over the server's defaults, checked."""
+    given = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k,
+             "repetition_penalty": req.repetition_penalty, "stop": req.stop, "rating": check_rating(m, req.rating)}
+    options = {"max_new_tokens": req.max_tokens or min(m.defaults["max_new_tokens"], limits.max_tokens),
+               "seed": secrets.randbelow(2**31) if req.seed is None else req.seed, "num_samples": 1,
+               **{k: v for k, v in given.items() if v is not None}}
+    return decoding_options(options, m.defaults)  # a UserError left: 400 (user_error)
+
+
+def prompt_tokens(m: Model, prompts: list[str]) -> int:
+    """The prompts' tokens as the model is given them: cleaned, and at most a context less one."""
+    room = m.model.cfg.block_size - 1
+    return sum(min(len(m.tokenizer.encode(m.cleaned(p))), room) for p in prompts)
+
+
+def usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class Server:
+    """The app's handlers over one Model, its limits and its model thread."""
+
+    def __init__(self, m: Model, limits: Limits, name: str):
+        self.m, self.limits, self.name = m, limits, name
+        self.thread = ModelThread(limits.max_active)
+
+    async def complete(self, request: Request, job: Completion) -> dict:
+        """A whole completion response; stops when the client leaves (its error response is never read)."""
+        self.thread.admit()
+        choices, tokens = [], 0
+        try:
+            for index, prompt, sample in job.choices():
+                generation = self.generation(job, prompt, sample)
+                *_, stats = [item async for item in self.thread.iterate(generation, request.is_disconnected)]
+                choices.append(choice(index, stats["completion"], finish_reason(stats, job.options)))
+                tokens += stats["tokens"]
+        except Disconnected:
+            raise ApiError(400, "the client closed the connection") from None
+        finally:
+            self.thread.release()
+        return job.chunk(choices, usage(prompt_tokens(self.m, job.prompts), tokens))
+
+    def stream(self, job: Completion, include_usage: bool) -> EventStream:
+        self.thread.admit()
+        return EventStream(self.events(job, include_usage), self.thread.release)
+
+    async def events(self, job: Completion, include_usage: bool) -> AsyncIterator[str]:
+        """The completion as server-sent events: its pieces of text as they come, each choice's finish_reason in a
+        last event of its own, the usage (when asked for) and `data: [DONE]`."""
+        tokens = 0
+        try:
+            for index, prompt, sample in job.choices():
+                async for item in self.thread.iterate(self.generation(job, prompt, sample)):
+                    if isinstance(item, str):
+                        yield sse(job.chunk([choice(index, item, None)]))
+                    else:
+                        tokens += item["tokens"]
+                        yield sse(job.chunk([choice(index, "", finish_reason(item, job.options))]))
+        except Disconnected:
+            return
+        except Exception as e:  # the response has begun: the error goes into the stream, the traceback to the log
+            log.exception("a streamed completion failed")
+            yield sse(failure(e).body())
+            return
+        if include_usage:
+            yield sse(job.chunk([], usage(prompt_tokens(self.m, job.prompts), tokens)))
+        yield sse("[DONE]")
+
+    def generation(self, job: Completion, prompt: str, sample: int) -> Iterator:
+        return completion_items(self.m, prompt, sample, job.options)
+
+    async def next_tokens(self, req: NextTokensRequest) -> dict:
+        if req.k > self.limits.max_next_tokens:
+            raise ApiError(400, f"k: {req.k} is above this server's limit of {self.limits.max_next_tokens} "
+                                "(serve.max_next_tokens)", "k")
+        rating = check_rating(self.m, req.rating)
+        self.thread.admit()
+        try:
+            top = await self.thread.call(self.m.next_tokens, req.prompt, req.k, rating)
+        finally:
+            self.thread.release()
+        tokens = [{"text": text, "probability": p, "end_of_review": text == END_OF_REVIEW} for text, p in top]
+        return {"object": "next_tokens", "model": self.name, "prompt": self.m.cleaned(req.prompt), "tokens": tokens}
+
+    def card(self) -> dict:
+        """This model as /v1/models lists it; `kr3` holds what the page needs."""
+        d = self.m.defaults
+        return {"id": self.name, "object": "model", "created": int(self.m.path.stat().st_mtime), "owned_by": "kr3",
+                "kr3": {"ratings": self.m.ratings, "context_length": self.m.model.cfg.block_size,
+                        "step": self.m.checkpoint.step, "limits": asdict(self.limits),
+                        "defaults": {"max_tokens": min(d["max_new_tokens"], self.limits.max_tokens),
+                                     "temperature": d["temperature"], "top_p": d["top_p"]}}}
+
+
+def app(m: Model, limits: Limits | None = None, api_key: str | None = None, name: str = "kr3") -> FastAPI:
+    """The ASGI app serving `m`: `/v1/*` (behind `Authorization: Bearer <api_key>` when a key is given), `/health`,
+    and the page at `/`."""
+    server = Server(m, limits or Limits(), name)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        server.thread.close()
+
+    async def health() -> dict:
+        return {"status": "ok", "active": server.thread.active}
+
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    fastapi = FastAPI(title="kr3", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    fastapi.include_router(v1_routes(server, api_key))
+    fastapi.add_api_route("/health", health, methods=["GET"])
+    fastapi.add_api_route("/", page, methods=["GET"])
+    fastapi.mount("/static", StaticFiles(directory=STATIC), name="static")
+    fastapi.add_middleware(BodyLimit, limit=server.limits.max_body_bytes)
+    for kind, handler in ERROR_HANDLERS.items():
+        fastapi.add_exception_handler(kind, handler)
+    return fastapi
+
+
+def v1_routes(server: Server, api_key: str | None) -> APIRouter:
+    router = APIRouter(prefix="/v1", dependencies=[Depends(authorization(api_key))])
+
+    @router.get("/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [server.card()]}
+
+    @router.get("/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        if model_id != server.name:
+            raise ApiError(404, f"model {model_id!r} is not served here — GET /v1/models lists {server.name!r}",
+                           "model", code="model_not_found")
+        return server.card()
+
+    @router.post("/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        job = check_completion(req, server.m, server.limits, server.name)
+        if req.stream:
+            return server.stream(job, bool(req.stream_options and req.stream_options.include_usage))
+        return await server.complete(request, job)
+
+    @router.post("/next_tokens")
+    async def next_tokens(req: NextTokensRequest) -> dict:
+        return await server.next_tokens(req)
+
+    return router
+
+
+def authorization(api_key: str | None) -> Callable:
+    """The check that a request carries `Authorization: Bearer <api_key>` (none without a key); the key is
+    compared in constant time and never written anywhere."""
+
+    async def check(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise ApiError(401, "a valid API key is needed: send the header `Authorization: Bearer <key>`",
+                           code="invalid_api_key")
+
+    return check
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes gets 413, refused before it is read whole."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            return await self.too_large().response()(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:  # a chunked body, which gave no length
+                raise self.too_large()
+            return message
+
+        await self.app(scope, limited, send)
+
+    def too_large(self) -> ApiError:
+        return ApiError(413, f"the request body is over this server's limit of {self.limit} bytes (serve.max_body_bytes)")
+
+
+async def api_error(request: Request, e: ApiError) -> JSONResponse:
+    return e.response()
+
+
+async def user_error(request: Request, e: UserError) -> JSONResponse:
+    return failure(e).response()
+
+
+async def invalid_request(request: Request, e: RequestValidationError) -> JSONResponse:
+    """Pydantic's first complaint in one line, naming the parameter (`temperature: Input should be less than or equal to 2`)."""
+    first = e.errors()[0]
+    where = [str(part) for part in first["loc"] if part != "body"]
+    if first["type"] == "json_invalid":
+        return ApiError(400, f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})").response()
+    if not where:
+        return ApiError(400, "the body must be a JSON object, e.g. {\"prompt\": \"이 집 짜장면은\"}").response()
+    message = first["msg"].removeprefix("Value error, ")
+    return ApiError(400, f"{'.'.join(where)}: {message}", where[0]).response()
+
+
+async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+    """Starlette's own refusals (no such path, a method not allowed) in OpenAI's shape."""
+    return ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}",
+                    kind="not_found_error" if e.status_code == 404 else "invalid_request_error").response()
+
+
+async def server_error(request: Request, e: Exception) -> JSONResponse:
+    """A bug, not the client's doing: one line to the client, the traceback to the server's log only."""
+    log.exception(f"{request.method} {request.url.path} failed")
+    return failure(e).response()
+
+
+def failure(e: Exception) -> ApiError:
+    if isinstance(e, UserError):
+        return ApiError(400, str(e))
+    return ApiError(500, f"the server failed on this request ({type(e).__name__}) — its log has the details",
+                    kind="server_error")
+
+
+ERROR_HANDLERS = {ApiError: api_error, UserError: user_error, RequestValidationError: invalid_request,
+                  HTTPException: http_error, Exception: server_error}
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (port 0: a free one), or one line saying why it cannot be."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        # proto IPPROTO_TCP, not 0: asyncio turns Nagle off (TCP_NODELAY) only on such sockets' connections; with it
+        # on, each kept-alive response waited ~40 ms for the client's delayed ACK (bench/serve_load.py found it)
+        sock = socket.socket(family, kind, proto)
+    except OSError as e:
+        raise UserError(f"serve.host={host} is not an address here ({e.strerror}) — use 127.0.0.1, or 0.0.0.0 for every "
+                        "interface") from None
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror}) — pick another port, e.g. serve.port={port + 1}, "
+                        "or serve.port=0 for any free one") from None
+    return sock
+
+
+def url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+
+
+def run(asgi: FastAPI, sock: socket.socket, log_level: str = "info") -> None:
+    """Serve `asgi` on the bound socket until Ctrl-C or SIGTERM (uvicorn; streams still open get 5 s to end)."""
+    import uvicorn
+
+    config = uvicorn.Config(asgi, log_level=log_level, timeout_graceful_shutdown=5, server_header=False)
+    uvicorn.Server(config).run(sockets=[sock])

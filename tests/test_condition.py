@@ -1,0 +1,117 @@
+"""data.condition=rating end to end: a corpus whose ratings are trivially predictable from one word, a tiny
+conditioned model trained on it, and the model as a generative classifier of those ratings."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from kr3 import checkpoint, classify
+from kr3.config import compose
+
+WORDS = {0: ["별로예요", "최악이에요", "실망했어요"], 1: ["최고예요", "맛있어요", "추천해요"],
+         2: ["그냥 그래요", "보통이에요", "무난해요"]}
+FOODS = ["짜장면", "김치찌개", "떡볶이", "삼겹살", "비빔밥", "냉면", "치킨", "파스타", "국밥", "라면", "만두", "초밥"]
+PLACES = ["이 집", "여기", "우리 동네 식당", "이 가게", "역 앞 가게", "회사 근처 식당"]
+
+
+def rated_reviews(n: int, seed: int = 0) -> list[tuple[int, str]]:
+    rng = random.Random(seed)
+    out = set()
+    while len(out) < n:
+        r = rng.randrange(3)
+        out.add((r, f"{rng.choice(PLACES)} {rng.choice(FOODS)} {rng.choice(WORDS[r])}{rng.choice(['', '!', ' ㅋㅋ', '.'])}"))
+    return sorted(out)
+
+
+@pytest.fixture(scope="module")
+def conditioned(tmp_path_factory, write_parquet):
+    """A tiny model trained on rated reviews with data.condition=rating: (run folder, root)."""
+    from kr3.stages import train
+
+    root = tmp_path_factory.mktemp("cond")
+    src = write_parquet(root / "rated.parquet", rated_reviews(1200))
+    cfg = compose(["data=local", f"data.path={src}", "tokenizer.vocab_size=400", "data.condition=rating",
+                   "experiment=smoke", "trainer.precision=fp32", "trainer.max_steps=250", "trainer.eval_interval=0",
+                   "trainer.lr=3e-3", "trainer.batch_size=16", f"paths.output_dir={root / 'run'}"], root)
+    train.run(cfg)
+    return root / "run", root
+
+
+def test_the_conditioned_model_classifies_ratings(conditioned):
+    run_dir, _ = conditioned
+    model, tok, ckpt = checkpoint.load_model(run_dir, "cpu")
+    controls = {int(r): i for r, i in ckpt.data["condition"]["controls"].items()}
+    val = np.fromfile(f"{ckpt.data['dir']}/val.bin", dtype=ckpt.data["dtype"])
+    reviews = classify.reviews_of(val, tok.eos_id, controls)
+    assert len(reviews) == ckpt.data["splits"]["val"]["reviews"] > 30
+    labels = np.array([r for r, _ in reviews])
+    ll = classify.log_likelihoods(model, [t for _, t in reviews], controls, tok.eos_id, 32, torch.device("cpu"),
+                                  torch.float32)
+    prior = np.array([ckpt.data["splits"]["train"]["ratings"][str(r)] for r in range(3)], dtype=float)
+    chars = np.array([len(tok.decode(t)) for _, t in reviews])
+    result = classify.report(ll, labels, chars, prior, {0: "negative", 1: "positive", 2: "ambiguous"})
+    binary, three = result["classifier"]["binary (0/1)"], result["classifier"]["three ratings"]
+    assert binary["accuracy"] > 0.9 > binary["majority"] + 0.2
+    assert three["accuracy"] > 0.8 > three["majority"] + 0.3
+    assert set(result["per_rating"]) == {"negative", "positive", "ambiguous"}
+    assert all(0 < v["bpc"] < 8 for v in result["per_rating"].values())
+
+
+def test_evaluate_reports_bpc_per_rating_and_the_classifier(conditioned):
+    from kr3.stages import evaluate
+
+    run_dir, root = conditioned
+    result = evaluate.run(compose(["stage=evaluate", f"checkpoint={run_dir}", "evaluate.precision=fp32",
+                                   f"paths.output_dir={root / 'e'}"], root))
+    assert result["classifier"]["binary (0/1)"]["accuracy"] > 0.9
+    assert set(result["per_rating"]) == {"negative", "positive", "ambiguous"}
+    assert sum(v["reviews"] for v in result["per_rating"].values()) == result["classifier"]["three ratings"]["reviews"]
+
+
+def test_rating_steers_completions(conditioned):
+    import kr3
+
+    m = kr3.load(conditioned[0], device="cpu", precision="fp32")
+    assert m.ratings == ["negative", "positive", "ambiguous"]
+    for rating, words in WORDS.items():
+        texts = m.complete("이 집 짜장면", rating=rating, num_samples=8, max_new_tokens=8, temperature=0.7)
+        own = sum(any(w in t for w in words) for t in texts)
+        assert own >= 6, (rating, texts)
+    for rating, words in ((0, WORDS[0]), (1, WORDS[1])):
+        (first, p), = m.next_tokens("이 집 짜장면", k=1, rating=rating)
+        assert first.strip() and any(w.startswith(first.strip()) for w in words) and p > 0.2, (rating, first, p)
+    with pytest.raises(kr3.errors.UserError, match="rating=great is not a rating — use one of: negative"):
+        m.complete("이 집", rating="great")
+
+
+def test_rating_on_an_unconditioned_checkpoint_is_one_line(trained):
+    import kr3
+
+    m = kr3.load(trained[0], device="cpu")
+    assert m.ratings is None
+    with pytest.raises(kr3.errors.UserError, match="trained without ratings — train with data.condition=rating"):
+        m.complete("이 집", rating="negative")
+
+
+def test_generate_rating_on_the_command_line_and_in_the_repl(conditioned):
+    import os
+    import subprocess
+    import sys
+
+    from kr3.config import ROOT
+
+    run_dir, root = conditioned
+    base = [sys.executable, str(ROOT / "run.py"), f"paths.root_dir={root}", "stage=generate", f"checkpoint={run_dir}",
+            "generate.temperature=0", "generate.max_new_tokens=6"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([*base, "generate.rating=negative", "generate.prompt=이 집 짜장면"], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert one.returncode == 0, one.stderr
+    assert any(w in one.stdout for w in WORDS[0]), one.stdout
+    repl = subprocess.run(base, input=":rating positive\n이 집 짜장면\n:rating great\nexit\n", capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert repl.returncode == 0, repl.stderr
+    assert "rating=positive" in repl.stdout and any(w in repl.stdout for w in WORDS[1])
+    assert "rating=great is not a rating" in repl.stdout and "rating stays positive" in repl.stdout

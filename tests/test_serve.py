@@ -1,0 +1,433 @@
+"""stage=serve: the OpenAI-compatible API over a tiny trained model — through FastAPI's TestClient, a real uvicorn
+server on 127.0.0.1 (streams, disconnects, concurrency, the `openai` client) and the command itself."""
+
+import json
+import logging
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+import kr3
+from kr3 import serve
+from kr3.config import ROOT
+
+PROMPT = "이 집 짜장면은"
+
+
+@pytest.fixture(scope="module")
+def model(served_run):
+    return kr3.load(served_run, device="cpu", precision="fp32")
+
+
+@pytest.fixture
+def client(model):
+    return TestClient(serve.app(model))
+
+
+def complete(client, **body) -> dict:
+    response = client.post("/v1/completions", json={"prompt": PROMPT, **body})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def events(lines) -> list:
+    """The data of server-sent events, [DONE] as the string."""
+    data = [line[len("data: "):] for line in lines if line.startswith("data: ")]
+    return [d if d == "[DONE]" else json.loads(d) for d in data]
+
+
+def stream(client, **body) -> list:
+    with client.stream("POST", "/v1/completions", json={"prompt": PROMPT, "stream": True, **body}) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        return events(response.iter_lines())
+
+
+def test_a_completion_has_openai_s_shape(client, model):
+    reply = complete(client, max_tokens=12, seed=3)
+    assert reply["object"] == "text_completion" and reply["model"] == "kr3" and reply["id"].startswith("cmpl-")
+    assert abs(reply["created"] - time.time()) < 60
+    [choice] = reply["choices"]
+    assert choice["index"] == 0 and choice["finish_reason"] in ("stop", "length") and choice["logprobs"] is None
+    assert choice["text"] == model.complete(PROMPT, max_new_tokens=12, seed=3)  # the Python API's completion
+    usage = reply["usage"]
+    assert usage["prompt_tokens"] == len(model.tokenizer.encode(model.cleaned(PROMPT)))
+    assert 0 < usage["completion_tokens"] <= 12
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_the_stream_sends_the_same_completion_in_pieces(client):
+    whole = complete(client, max_tokens=20, seed=5)
+    chunks = stream(client, max_tokens=20, seed=5, stream_options={"include_usage": True})
+    assert chunks[-1] == "[DONE]"
+    *pieces, last, used = chunks[:-1]
+    assert len(pieces) > 1 and all(c["choices"][0]["finish_reason"] is None for c in pieces)
+    assert "".join(c["choices"][0]["text"] for c in pieces) == whole["choices"][0]["text"]
+    assert last["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert used["choices"] == [] and used["usage"] == whole["usage"]
+    assert {c["id"] for c in chunks[:-1]} == {pieces[0]["id"]}
+
+
+def test_a_seed_makes_a_completion_repeatable(client):
+    first, again = (complete(client, seed=11, temperature=1.0, max_tokens=16) for _ in range(2))
+    assert first["choices"] == again["choices"]
+    others = {complete(client, seed=s, temperature=1.0, max_tokens=16)["choices"][0]["text"] for s in range(6)}
+    assert len(others) > 1  # and no seed: a random one, so repeated requests differ
+    assert len({complete(client, temperature=1.0, max_tokens=16)["choices"][0]["text"] for _ in range(6)}) > 1
+
+
+def test_n_completions_of_each_prompt(client, model):
+    reply = complete(client, prompt=["이 집", "여기 냉면"], n=3, seed=7, temperature=1.0, max_tokens=8)
+    choices = reply["choices"]
+    assert [c["index"] for c in choices] == list(range(6))
+    expected = [*model.complete("이 집", num_samples=3, seed=7, temperature=1.0, max_new_tokens=8),
+                *model.complete("여기 냉면", num_samples=3, seed=7, temperature=1.0, max_new_tokens=8)]
+    assert [c["text"] for c in choices] == expected  # choice i of a prompt is the API's sample i
+    streamed = [c for c in stream(client, prompt=["이 집", "여기 냉면"], n=3, seed=7, temperature=1.0, max_tokens=8)
+                if c != "[DONE]"]
+    by_index = {i: "".join(c["choices"][0]["text"] for c in streamed if c["choices"][0]["index"] == i) for i in range(6)}
+    assert list(by_index.values()) == expected
+
+
+def test_a_stop_string_ends_the_completion_before_it(client):
+    greedy = complete(client, temperature=0, max_tokens=30)["choices"][0]["text"]
+    stop = greedy.strip()[2:4]
+    assert stop, greedy
+    cut = complete(client, temperature=0, max_tokens=30, stop=[stop, "없는 말"])["choices"][0]
+    assert cut["text"] == greedy[: greedy.index(stop)] and cut["finish_reason"] == "stop"
+    pieces = [c for c in stream(client, temperature=0, max_tokens=30, stop=stop) if c != "[DONE]"]
+    assert "".join(c["choices"][0]["text"] for c in pieces) == cut["text"]
+
+
+def test_finish_reason_length_when_max_tokens_runs_out(client):
+    reply = complete(client, max_tokens=2, temperature=0)
+    assert reply["choices"][0]["finish_reason"] == "length" and reply["usage"]["completion_tokens"] == 2
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ({"temperature": -1}, "temperature", "greater than or equal to 0"),
+    ({"temperature": "hot"}, "temperature", "valid number"),
+    ({"top_p": 1.5}, "top_p", "less than or equal to 1"),
+    ({"max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
+    ({"max_tokens": 100_000}, "max_tokens", "serve.max_tokens"),
+    ({"n": 99}, "n", "serve.max_n"),
+    ({"prompt": ["a"] * 99}, "prompt", "serve.max_prompts"),
+    ({"prompt": []}, "prompt", "empty"),
+    ({"prompt": [1, 2, 3]}, "prompt", "token ids are not supported"),
+    ({"prompt": None}, "prompt", "string"),
+    ({"stop": ""}, "stop", "1 to 100 characters"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
+    ({"seed": -3}, "seed", "greater than or equal to 0"),
+    ({"logprobs": 3}, "logprobs", "not supported"),
+    ({"echo": True}, "echo", "not supported"),
+    ({"rating": "positive"}, "rating", "not rating-conditioned"),
+    ({"stream_options": "yes"}, "stream_options", "dictionary"),
+])
+def test_a_bad_request_gets_400_saying_what_is_wrong(client, body, param, words):
+    response = client.post("/v1/completions", json={"prompt": PROMPT, **body})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and words in error["message"] and error["type"] == "invalid_request_error"
+    assert set(error) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b"", "\"이 집\"".encode()])
+def test_a_body_that_is_not_a_json_object_gets_400(client, content):
+    response = client.post("/v1/completions", content=content, headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
+
+
+def test_unknown_paths_and_methods_get_json_errors(client):
+    assert client.get("/v1/nothing").json()["error"]["type"] == "not_found_error"
+    response = client.get("/v1/completions")
+    assert response.status_code == 405 and "Method Not Allowed" in response.json()["error"]["message"]
+
+
+def test_a_bug_is_a_500_in_one_line_without_a_traceback(model, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("a bug\nTraceback (most recent call last): secret details")
+
+    monkeypatch.setattr(serve, "prompt_tokens", broken)
+    response = TestClient(serve.app(model), raise_server_exceptions=False).post("/v1/completions", json={"max_tokens": 2})
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert error["type"] == "server_error" and "RuntimeError" in error["message"] and "Traceback" not in response.text
+
+
+def test_a_stream_that_fails_says_so_in_the_stream(model, monkeypatch):
+    def failing(*args):
+        yield "맛"
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(serve, "completion_items", failing)
+    chunks = stream(TestClient(serve.app(model)))
+    assert chunks[0]["choices"][0]["text"] == "맛"
+    assert chunks[-1]["error"]["type"] == "server_error" and "RuntimeError" in chunks[-1]["error"]["message"]
+
+
+def test_request_bodies_are_bounded(model):
+    client = TestClient(serve.app(model, serve.Limits(max_body_bytes=1000)))
+    big = {"prompt": "맛" * 2000}
+    response = client.post("/v1/completions", json=big)
+    assert response.status_code == 413 and "serve.max_body_bytes" in response.json()["error"]["message"]
+    chunked = client.post("/v1/completions", content=iter([json.dumps(big).encode()[:600]] * 3),
+                          headers={"content-type": "application/json"})  # no content-length: counted as it comes
+    assert chunked.status_code == 413
+    assert client.post("/v1/completions", json={"prompt": "맛", "max_tokens": 1}).status_code == 200
+
+
+def test_an_api_key_is_required_when_set_and_never_logged(model, caplog, capsys):
+    key = "sk-kr3-test-8f1e"
+    client = TestClient(serve.app(model, api_key=key))
+    with caplog.at_level(logging.DEBUG):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": key}, {"Authorization": f"Basic {key}"}):
+            response = client.post("/v1/completions", json={"max_tokens": 1}, headers=headers)
+            assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+            assert response.json()["error"]["code"] == "invalid_api_key"
+        assert client.get("/v1/models").status_code == 401
+        ok = {"Authorization": f"Bearer {key}"}
+        assert client.post("/v1/completions", json={"max_tokens": 1}, headers=ok).status_code == 200
+        assert client.get("/v1/models", headers=ok).status_code == 200
+        assert client.get("/").status_code == 200 and client.get("/health").status_code == 200  # the page asks for the key
+    assert key not in caplog.text and key not in "".join(capsys.readouterr())
+
+
+def test_models_lists_the_served_model(model):
+    client = TestClient(serve.app(model, name="kr3-tiny"))
+    [card] = client.get("/v1/models").json()["data"]
+    assert card["id"] == "kr3-tiny" and card["object"] == "model" and card["owned_by"] == "kr3"
+    assert card["kr3"]["context_length"] == model.model.cfg.block_size and card["kr3"]["ratings"] is None
+    assert client.get("/v1/models/kr3-tiny").json() == card
+    missing = client.get("/v1/models/gpt-4")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    assert complete(client, max_tokens=1)["model"] == "kr3-tiny"
+
+
+def test_next_tokens_are_the_api_s(client, model):
+    reply = client.post("/v1/next_tokens", json={"prompt": PROMPT, "k": 7}).json()
+    expected = model.next_tokens(PROMPT, 7)
+    assert [t["text"] for t in reply["tokens"]] == [text for text, _ in expected]
+    assert [t["probability"] for t in reply["tokens"]] == pytest.approx([p for _, p in expected])
+    assert reply["prompt"] == model.cleaned(PROMPT)
+    ends = client.post("/v1/next_tokens", json={"prompt": "", "k": 50}).json()["tokens"]
+    assert [t["end_of_review"] for t in ends] == [t["text"] == "<end of review>" for t in ends]
+    too_many = client.post("/v1/next_tokens", json={"prompt": PROMPT, "k": 51})
+    assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "k"
+
+
+def test_the_page_is_served_and_needs_nothing_from_outside(client):
+    page = client.get("/")
+    assert page.status_code == 200 and 'lang="ko"' in page.text
+    for path in re.findall(r'(?:href|src)="(/static/[^"]+)"', page.text):
+        assert client.get(path).status_code == 200
+    for path in (ROOT / "kr3" / "static").iterdir():
+        text = re.sub(r'xmlns="[^"]*"', "", path.read_text())  # an SVG namespace names, it loads nothing
+        assert not re.search(r"https?://", text), f"{path.name} loads something from outside"
+    assert "Noto Sans CJK KR" in client.get("/static/style.css").text  # a font with Hangul, from the system
+
+
+@pytest.fixture(scope="module")
+def rated_model(tmp_path_factory, make_reviews, write_parquet):
+    """A tiny model trained with data.condition=rating (briefly: the tests ask only that a rating reaches it)."""
+    from kr3.config import compose
+    from kr3.stages import train
+
+    root = tmp_path_factory.mktemp("rated")
+    write_parquet(root / "kr3.parquet", make_reviews(1500, seed=3))
+    train.run(compose(root=root, overrides=[
+        "data=local", f"data.path={root / 'kr3.parquet'}", "tokenizer.vocab_size=400", "data.condition=rating",
+        "experiment=smoke", "trainer.precision=fp32", "trainer.max_steps=30", "trainer.eval_interval=0",
+        f"paths.output_dir={root / 'run'}"]))
+    return kr3.load(root / "run", device="cpu", precision="fp32")
+
+
+def test_a_rating_conditioned_checkpoint_takes_a_rating(rated_model):
+    client = TestClient(serve.app(rated_model))
+    ratings = client.get("/v1/models").json()["data"][0]["kr3"]["ratings"]
+    assert ratings == rated_model.ratings == ["negative", "positive", "ambiguous"]
+    options = {"seed": 4, "temperature": 1.0, "max_tokens": 10}
+    by_name = complete(client, rating="positive", **options)["choices"][0]["text"]
+    assert by_name == complete(client, rating=1, **options)["choices"][0]["text"]
+    assert by_name == rated_model.complete(PROMPT, rating="positive", seed=4, temperature=1.0, max_new_tokens=10)
+    streamed = stream(client, rating="positive", **options)[:-1]
+    assert "".join(c["choices"][0]["text"] for c in streamed) == by_name
+    charts = [client.post("/v1/next_tokens", json={"prompt": PROMPT, "rating": r}).json()["tokens"] for r in ratings]
+    assert [t["text"] for t in charts[0]] == [t for t, _ in rated_model.next_tokens(PROMPT, 10, rating="negative")]
+    assert len({json.dumps(c) for c in charts}) == 3  # each rating is its own context
+    for bad, words in (("great", "negative, positive, ambiguous"), (3, "or 0 to 2"), (-1, "or 0 to 2"), (True, "number")):
+        response = client.post("/v1/completions", json={"prompt": PROMPT, "rating": bad})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "rating"
+        assert words in response.json()["error"]["message"]
+
+
+class Endless:
+    """A stand-in for a completion that never ends by itself: pieces every few ms, counted, and whether it was closed."""
+
+    def __init__(self):
+        self.made, self.closed = 0, threading.Event()
+
+    def __call__(self, *args):
+        try:
+            while True:
+                time.sleep(0.005)
+                self.made += 1
+                yield "맛"
+        finally:
+            self.closed.set()
+
+
+def test_a_client_that_leaves_stops_its_generation(model, live_server, monkeypatch):
+    endless = Endless()
+    monkeypatch.setattr(serve, "completion_items", endless)
+    base = live_server(serve.app(model))
+    with httpx.stream("POST", f"{base}/v1/completions", json={"prompt": PROMPT, "stream": True}, timeout=10) as response:
+        for n, _ in enumerate(response.iter_lines()):
+            if n > 20:
+                break
+    assert endless.closed.wait(5), "the generation went on after the client left"
+    made = endless.made
+    time.sleep(0.2)
+    assert endless.made == made
+    assert httpx.get(f"{base}/health").json()["active"] == 0
+
+
+def test_a_client_that_leaves_a_whole_completion_stops_it_too(model, live_server, monkeypatch):
+    endless = Endless()
+    monkeypatch.setattr(serve, "completion_items", endless)
+    base = live_server(serve.app(model))
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{base}/v1/completions", json={"prompt": PROMPT}, timeout=0.5)
+    assert endless.closed.wait(5), "the generation went on after the client left"
+
+
+def test_requests_beyond_max_active_get_429(model, live_server, monkeypatch):
+    monkeypatch.setattr(serve, "completion_items", Endless())
+    base = live_server(serve.app(model, serve.Limits(max_active=1)))
+    with httpx.stream("POST", f"{base}/v1/completions", json={"prompt": PROMPT, "stream": True}, timeout=10) as held:
+        lines = held.iter_lines()  # kept: an iterator dropped would close the connection
+        next(lines)
+        busy = httpx.post(f"{base}/v1/completions", json={"prompt": PROMPT}, timeout=10)
+        assert busy.status_code == 429 and "serve.max_active" in busy.json()["error"]["message"]
+    deadline = time.monotonic() + 5
+    while httpx.get(f"{base}/health").json()["active"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert httpx.post(f"{base}/v1/next_tokens", json={"prompt": PROMPT}, timeout=10).status_code == 200
+
+
+def test_concurrent_clients_share_the_model_and_get_their_own_completions(model, live_server):
+    base = live_server(serve.app(model))
+
+    def one(seed: int) -> str:
+        body = {"prompt": PROMPT, "stream": True, "seed": seed, "temperature": 1.0, "max_tokens": 24}
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as response:
+            chunks = events(response.iter_lines())
+        assert chunks[-1] == "[DONE]"
+        return "".join(c["choices"][0]["text"] for c in chunks[:-1])
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(8) as pool:
+        texts = list(pool.map(one, range(16)))
+        ticks = [httpx.get(f"{base}/health", timeout=5).elapsed.total_seconds() for _ in range(5)]
+    assert texts == [model.complete(PROMPT, seed=s, temperature=1.0, max_new_tokens=24) for s in range(16)]
+    assert max(ticks) < 1.0, "the event loop waited for the model"
+    assert time.monotonic() - start < 60
+
+
+def test_kept_alive_connections_get_answers_without_delay(model, live_server):
+    """Nagle's algorithm off on the server's connections: with it on, every answer on a kept-alive connection waited
+    ~40 ms for the client's delayed ACK."""
+    base = live_server(serve.app(model))
+    with httpx.Client() as client:
+        times = [client.get(f"{base}/health").elapsed.total_seconds() for _ in range(11)]
+    assert statistics.median(times) < 0.03, times
+
+
+def test_the_openai_client_works_unchanged(model, live_server):
+    openai = pytest.importorskip("openai", reason="the openai package is a dev dependency: uv sync installs it")
+    base = live_server(serve.app(model, api_key="sk-local"))
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="sk-local", max_retries=0)
+    assert [m.id for m in client.models.list()] == ["kr3"]
+    reply = client.completions.create(model="kr3", prompt=PROMPT, max_tokens=10, seed=2, temperature=0.7, top_p=0.9)
+    assert reply.choices[0].text == model.complete(PROMPT, max_new_tokens=10, seed=2, temperature=0.7, top_p=0.9)
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    pieces = list(client.completions.create(model="kr3", prompt=PROMPT, max_tokens=10, seed=2, temperature=0.7,
+                                            top_p=0.9, stream=True))
+    assert "".join(p.choices[0].text for p in pieces) == reply.choices[0].text
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model="kr3", prompt=PROMPT, temperature=5)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def run_py(root, *args, **popen) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("KR3_API_KEY", None)
+    return subprocess.Popen([sys.executable, str(ROOT / "run.py"), "stage=serve", f"paths.root_dir={root}", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **popen)
+
+
+def test_stage_serve_serves_until_interrupted(served_run, tmp_path):
+    proc = run_py(tmp_path, f"checkpoint={served_run}", "serve.port=0", "serve.api_key=sk-never-written")
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if match := re.search(r"serving (http://127\.0\.0\.1:\d+/)", line):
+                break
+        assert match, "".join(lines)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                health = httpx.get(f"{match[1]}health", timeout=2)
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        assert health.json()["status"] == "ok"
+        denied = httpx.post(f"{match[1]}v1/completions", json={"max_tokens": 1}, timeout=10)
+        assert denied.status_code == 401
+        ok = httpx.post(f"{match[1]}v1/completions", json={"max_tokens": 3}, timeout=30,
+                        headers={"Authorization": "Bearer sk-never-written"})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] > 0
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=30)[0]
+    assert proc.returncode in (0, 130), rest
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and "sk-never-written" in p.read_text(errors="ignore")]
+    assert not written and "sk-never-written" not in "".join(lines) + rest
+
+
+def test_the_key_comes_from_serve_api_key_else_kr3_api_key(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from kr3.errors import UserError
+    from kr3.stages import serve as stage
+
+    monkeypatch.delenv("KR3_API_KEY", raising=False)
+    assert stage.api_key(OmegaConf.create({"api_key": None})) is None
+    monkeypatch.setenv("KR3_API_KEY", "sk-from-env")
+    assert stage.api_key(OmegaConf.create({"api_key": None})) == "sk-from-env"
+    assert stage.api_key(OmegaConf.create({"api_key": "sk-given"})) == "sk-given"
+    monkeypatch.setenv("KR3_API_KEY", " ")
+    with pytest.raises(UserError, match="empty"):
+        stage.api_key(OmegaConf.create({"api_key": None}))
+
+
+def test_a_port_in_use_is_one_line(served_run, tmp_path):
+    taken = serve.listen("127.0.0.1", 0)
+    port = taken.getsockname()[1]
+    taken.listen()
+    try:
+        proc = run_py(tmp_path, f"checkpoint={served_run}", f"serve.port={port}")
+        out = proc.communicate(timeout=120)[0]
+    finally:
+        taken.close()
+    assert proc.returncode == 2 and f"error: cannot listen on 127.0.0.1:{port}" in out and "Traceback" not in out

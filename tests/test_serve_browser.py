@@ -1,0 +1,65 @@
+"""stage=serve's page in a real browser: headless Chromium (Debian's chromium and chromium-driver, through selenium)
+against a uvicorn server on 127.0.0.1 — type a Korean prompt, see the next-token chart and a streamed completion."""
+
+import shutil
+
+import pytest
+
+import kr3
+from kr3 import serve
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+DRIVERS = ("chromedriver",)
+CHROME_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-dev-shm-usage", "--window-size=1200,860", "--lang=ko-KR")
+
+
+def first_found(names) -> str | None:
+    return next((path for path in map(shutil.which, names) if path), None)
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """Headless Chromium with a fresh profile, or a skip that says what is missing and how to install it."""
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is a dev dependency: uv sync installs it")
+    binary, driver = first_found(BROWSERS), first_found(DRIVERS)
+    if not binary or not driver:
+        missing = " and ".join(what for what, found in (("chromium", binary), ("chromedriver", driver)) if not found)
+        pytest.skip(f"the browser test cannot run: {missing} not found on PATH — "
+                    "apt-get install -y chromium chromium-driver (.ci/run does)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in (*CHROME_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    chrome = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
+    chrome.set_page_load_timeout(30)
+    yield chrome
+    chrome.quit()
+
+
+def test_the_page_completes_a_korean_review_and_charts_the_next_token(browser, served_run, live_server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    base = live_server(serve.app(kr3.load(served_run, device="cpu", precision="fp32")))
+    browser.get(f"{base}/")
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda b: b.find_element(By.ID, "model").text.startswith("kr3"))
+    prompt = browser.find_element(By.ID, "prompt")
+    prompt.send_keys("이 집 짜장면은")
+    wait.until(lambda b: b.find_element(By.ID, "chart").get_attribute("data-prompt") == "이 집 짜장면은")
+    rows = browser.find_elements(By.CSS_SELECTOR, "#chart .row")
+    assert len(rows) == 10 and all(row.find_element(By.CLASS_NAME, "p").text.endswith("%") for row in rows)
+    assert prompt.get_attribute("value") == "이 집 짜장면은"
+    browser.find_element(By.ID, "generate").click()
+    wait.until(lambda b: b.find_element(By.ID, "status").text in ("done", "stopped at the length limit"))
+    completion = browser.find_element(By.ID, "completion").text
+    assert completion.strip() and any("가" <= ch <= "힣" for ch in completion), completion
+    assert browser.find_element(By.ID, "shown-prompt").text == "이 집 짜장면은"
+    assert "error" not in browser.find_element(By.ID, "status").get_attribute("class")
+    browser.save_screenshot(str(tmp_path / "serve.png"))
+    assert (tmp_path / "serve.png").stat().st_size > 10_000
+    errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert not errors, errors
