@@ -37,23 +37,32 @@ _EMOJI = ["🍜", "🔥", "👍", "😋", "🥟"]
 
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory, write_parquet):
+def train_tiny(write_parquet):
+    """train_tiny(root, rows, *overrides, run="run") trains experiment=smoke (fp32, no periodic evaluation) on `rows`
+    written as root/kr3.parquet, with root as the project folder; returns the run folder root/<run>."""
+    def train(root: Path, rows, *overrides, run: str = "run") -> Path:
+        from kr3.stages import train as stage
+
+        src = write_parquet(root / "kr3.parquet", rows)
+        stage.run(compose(["data=local", f"data.path={src}", "experiment=smoke", "trainer.precision=fp32",
+                           "trainer.eval_interval=0", *overrides, f"paths.output_dir={root / run}"], root))
+        return root / run
+
+    return train
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, train_tiny):
     """A tiny model trained in seconds on 21,000 synthetic reviews, a tenth of them with Hanja, ㅋ and an emoji, so its
     val split holds 1,000+ reviews with all three: (run folder, project folder). Shared by the generate, API and export
     tests."""
-    from kr3.stages import train
-
     root = tmp_path_factory.mktemp("trained")
     rng = random.Random(3)
     rows = [(r, f"{t} {rng.choice(_HANJA)} {'ㅋ' * rng.randrange(1, 6)} {rng.choice(_EMOJI)}" if rng.random() < 0.1 else t)
             for r, t in _make_reviews(21000, seed=2)]
-    write_parquet(root / "kr3.parquet", rows)
-    cfg = compose(root=root, overrides=["data=local", f"data.path={root / 'kr3.parquet'}", "tokenizer.vocab_size=500",
-                                        "experiment=smoke", "trainer.precision=fp32", "trainer.max_steps=150",
-                                        "trainer.eval_interval=0", "trainer.lr=3e-3", "trainer.warmup_steps=10",
-                                        f"paths.output_dir={root / 'outputs/a/b'}"])
-    train.run(cfg)
-    return root / "outputs/a/b", root
+    run = train_tiny(root, rows, "tokenizer.vocab_size=500", "trainer.max_steps=150", "trainer.lr=3e-3",
+                     "trainer.warmup_steps=10", run="outputs/a/b")
+    return run, root
 
 
 @pytest.fixture(scope="session")
@@ -135,17 +144,10 @@ def pytest_report_header(config):
 
 
 @pytest.fixture(scope="session")
-def served_run(tmp_path_factory, make_reviews, write_parquet):
+def served_run(tmp_path_factory, make_reviews, train_tiny):
     """A tiny model trained for a few seconds on synthetic reviews, for the stage=serve tests: its run folder."""
-    from kr3.stages import train
-
-    root = tmp_path_factory.mktemp("served")
-    write_parquet(root / "kr3.parquet", make_reviews(3000, seed=2))
-    train.run(compose(root=root, overrides=[
-        "data=local", f"data.path={root / 'kr3.parquet'}", "tokenizer.vocab_size=500", "experiment=smoke",
-        "trainer.precision=fp32", "trainer.max_steps=80", "trainer.eval_interval=0", "trainer.lr=3e-3",
-        "trainer.warmup_steps=10", f"paths.output_dir={root / 'run'}"]))
-    return root / "run"
+    return train_tiny(tmp_path_factory.mktemp("served"), make_reviews(3000, seed=2), "tokenizer.vocab_size=500",
+                      "trainer.max_steps=80", "trainer.lr=3e-3", "trainer.warmup_steps=10")
 
 
 @pytest.fixture

@@ -26,17 +26,12 @@ def rated_reviews(n: int, seed: int = 0) -> list[tuple[int, str]]:
 
 
 @pytest.fixture(scope="module")
-def conditioned(tmp_path_factory, write_parquet):
+def conditioned(tmp_path_factory, train_tiny):
     """A tiny model trained on rated reviews with data.condition=rating: (run folder, root)."""
-    from kr3.stages import train
-
     root = tmp_path_factory.mktemp("cond")
-    src = write_parquet(root / "rated.parquet", rated_reviews(1200))
-    cfg = compose(["data=local", f"data.path={src}", "tokenizer.vocab_size=400", "data.condition=rating",
-                   "experiment=smoke", "trainer.precision=fp32", "trainer.max_steps=250", "trainer.eval_interval=0",
-                   "trainer.lr=3e-3", "trainer.batch_size=16", f"paths.output_dir={root / 'run'}"], root)
-    train.run(cfg)
-    return root / "run", root
+    run = train_tiny(root, rated_reviews(1200), "tokenizer.vocab_size=400", "data.condition=rating",
+                     "trainer.max_steps=250", "trainer.lr=3e-3", "trainer.batch_size=16")
+    return run, root
 
 
 def test_the_conditioned_model_classifies_ratings(conditioned):

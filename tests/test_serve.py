@@ -236,18 +236,11 @@ def test_the_page_is_served_and_needs_nothing_from_outside(client):
 
 
 @pytest.fixture(scope="module")
-def rated_model(tmp_path_factory, make_reviews, write_parquet):
+def rated_model(tmp_path_factory, make_reviews, train_tiny):
     """A tiny model trained with data.condition=rating (briefly: the tests ask only that a rating reaches it)."""
-    from kr3.config import compose
-    from kr3.stages import train
-
-    root = tmp_path_factory.mktemp("rated")
-    write_parquet(root / "kr3.parquet", make_reviews(1500, seed=3))
-    train.run(compose(root=root, overrides=[
-        "data=local", f"data.path={root / 'kr3.parquet'}", "tokenizer.vocab_size=400", "data.condition=rating",
-        "experiment=smoke", "trainer.precision=fp32", "trainer.max_steps=30", "trainer.eval_interval=0",
-        f"paths.output_dir={root / 'run'}"]))
-    return kr3.load(root / "run", device="cpu", precision="fp32")
+    run = train_tiny(tmp_path_factory.mktemp("rated"), make_reviews(1500, seed=3), "tokenizer.vocab_size=400",
+                     "data.condition=rating", "trainer.max_steps=30")
+    return kr3.load(run, device="cpu", precision="fp32")
 
 
 def test_a_rating_conditioned_checkpoint_takes_a_rating(rated_model):
