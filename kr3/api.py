@@ -95,9 +95,14 @@ class Model:
     def stream(self, prompt: str, sample: int = 0, **options: Unpack[Options]) -> Iterator[str]:
         """The completion of `prompt` in pieces of text, as it is decoded; `sample` i is complete()'s i-th sample
         (seed + i). No piece of a stop string is ever yielded."""
-        for piece in self._completer(options).stream(prompt, sample):
+        for piece in self.stream_with_stats(prompt, sample, **options):
             if isinstance(piece, str):
                 yield piece
+
+    def stream_with_stats(self, prompt: str, sample: int = 0, **options: Unpack[Options]) -> Iterator[str | dict]:
+        """stream(), then one last item: the completion's stats {completion, tokens, seconds, first_token_s,
+        tokens_per_s} (a server's usage counts and finish reason need them)."""
+        yield from self._completer(options).stream(prompt, sample)
 
     def next_tokens(self, prompt: str, k: int = 5, rating: str | int | None = None) -> list[tuple[str, float]]:
         """The k most likely next tokens after `prompt` (in a review of `rating`, if given) as (text they add,

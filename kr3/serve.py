@@ -226,10 +226,9 @@ def sse(data: dict | str) -> str:
 
 
 def completion_items(m: Model, prompt: str, sample: int, options: dict) -> Iterator:
-    """A completion's pieces of text, then its stats {completion, tokens, …}: what Model.stream decodes, with the
-    stats it drops (usage and finish_reason need the token count). A generator, so even setting up (a bf16 copy of
-    the model) runs on the model thread."""
-    yield from m._completer(options).stream(prompt, sample)
+    """A completion's pieces of text, then its stats {completion, tokens, …} (usage and finish_reason need the token
+    count). A generator, so even setting up (a bf16 copy of the model) runs on the model thread."""
+    yield from m.stream_with_stats(prompt, sample, **options)
 
 
 def check_rating(m: Model, rating: str | int | None) -> str | int | None:
