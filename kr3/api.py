@@ -146,8 +146,10 @@ class Model:
 
     def _completer(self, options: Mapping) -> Completer:
         settings = SimpleNamespace(**decoding_options(options, self.defaults))
-        control = rating_control(settings.rating, self.checkpoint.data.get("condition"))
-        return Completer(self._decoder(), self.tokenizer, settings, self.clean, control)
+        condition = self.checkpoint.data.get("condition")
+        control = rating_control(settings.rating, condition)
+        banned = list(condition["controls"].values()) if condition else None
+        return Completer(self._decoder(), self.tokenizer, settings, self.clean, control, banned)
 
     def _decoder(self) -> GPT:
         """The GPT that decodes: `model` itself in fp32, else a copy in `dtype` made for this call, so `model` keeps

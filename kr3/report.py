@@ -88,7 +88,7 @@ def write(df: pd.DataFrame, swept: list[str], jobs: list[Path], root: Path) -> l
     """report.md, report.csv, curves.png and bpc_vs_<param>.png into `root`; the paths written."""
     written = [root / "report.md", root / "report.csv"]
     with replacing(written[0]) as tmp:
-        tmp.write_text(f"# Runs under {root}\n\n{df.to_markdown(index=False, floatfmt='.4f', disable_numparse=True)}\n")
+        tmp.write_text(f"# Runs under {root}\n\n{df.round(4).to_markdown(index=False, disable_numparse=True)}\n")
     with replacing(written[1]) as tmp:
         df.to_csv(tmp, index=False)
     labels = {str(j.relative_to(root)) if j != root else j.name: j for j in jobs}

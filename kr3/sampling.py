@@ -41,10 +41,11 @@ def check_decoding(options: Mapping, section: str = "generate") -> None:
 @torch.no_grad()
 def sample_tokens(model: GPT, prompt_ids: list[int], max_new_tokens: int, eos_id: int, temperature: float = 1.0,
                   top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
-                  generator: torch.Generator | None = None):
+                  generator: torch.Generator | None = None, banned: list[int] | None = None):
     """Yield new token ids one at a time, stopping at EOS or `max_new_tokens`. The prompt is left-truncated
-    to leave room in the context; temperature 0 is greedy. When the context fills up, the cache restarts
-    on the most recent half-context."""
+    to leave room in the context; temperature 0 is greedy; `banned` ids are never picked (the rating control
+    tokens: they begin a review, they are no text). When the context fills up, the cache restarts on the most
+    recent half-context."""
     cfg = model.cfg
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -54,7 +55,10 @@ def sample_tokens(model: GPT, prompt_ids: list[int], max_new_tokens: int, eos_id
     logits = model(torch.tensor([ids], device=device), cache=cache)[0, -1]
     seen = list(ids)
     for _ in range(max_new_tokens):
-        nxt = pick(logits.float(), seen, temperature, top_k, top_p, repetition_penalty, generator)
+        logits = logits.float()
+        if banned:
+            logits[banned] = -float("inf")
+        nxt = pick(logits, seen, temperature, top_k, top_p, repetition_penalty, generator)
         if nxt == eos_id:
             return
         yield nxt
@@ -105,11 +109,12 @@ class Completer:
     control token) the prompt is given as a review of that rating: [end of review, control, prompt…], as the
     conditioned training data has it."""
 
-    def __init__(self, model, tokenizer, g, clean_cfg, control: int | None = None):
+    def __init__(self, model, tokenizer, g, clean_cfg, control: int | None = None, banned: list[int] | None = None):
         self.model, self.tok, self.g = model, tokenizer, g
         self.stops = stop_strings(g.stop)
         self.clean_cfg = clean_cfg
         self.head = [] if control is None else [tokenizer.eos_id, control]
+        self.banned = banned or []  # ids never sampled nor offered as a next token (the control tokens)
 
     def cleaned(self, prompt: str) -> str:
         return cleaned(prompt, self.clean_cfg)
@@ -131,7 +136,7 @@ class Completer:
         prefix = self.tok.decode(ids)
         text, shown, new, first = "", "", [], None
         for token in sample_tokens(self.model, ids, g.max_new_tokens, self.tok.eos_id, g.temperature, g.top_k, g.top_p,
-                               g.repetition_penalty, generator):
+                               g.repetition_penalty, generator, self.banned):
             new.append(token)
             first = first or time.perf_counter() - start
             decoded = self.tok.decode(ids + new)[len(prefix) :]  # decode with the prompt: keeps the joining space
@@ -162,6 +167,7 @@ class Completer:
         ids = self.encode_prompt(prompt) or [self.tok.eos_id]
         with torch.no_grad():
             logits = self.model(torch.tensor([ids], device=next(self.model.parameters()).device))[0, -1].float()
+        logits[self.banned] = -float("inf")
         probs = torch.softmax(logits, -1)
         top = torch.topk(probs, min(k, probs.numel()))
         return [(self.token_text(ids, int(i)), float(p)) for p, i in zip(top.values, top.indices)]

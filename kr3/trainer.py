@@ -133,6 +133,8 @@ class Trainer:
             if distributed.is_distributed() else None
         self.forward = torch.compile(self.ddp or model) if self.t.compile else self.ddp or model
         self.tokenizer = data.tokenizer
+        condition = data.meta.get("condition")
+        self.controls = list(condition["controls"].values()) if condition else None  # never sampled as text
         self.tokens_per_step = batches.per_step * model.cfg.block_size
         self.peak = hardware.peak_flops(device, dtype, self.t.peak_flops)
         self.tokens_per_s = None  # of the latest logged window
@@ -291,7 +293,8 @@ class Trainer:
         for prompt in self.t.sample_prompts or []:
             ids = list(sampling.sample_tokens(self.model, self.tokenizer.encode(prompt), self.t.sample_tokens,
                                               self.tokenizer.eos_id, temperature=0.8, top_k=50,
-                                              generator=torch.Generator().manual_seed(self.cfg.seed)))
+                                              generator=torch.Generator().manual_seed(self.cfg.seed),
+                                              banned=self.controls))
             rows.append((prompt, self.tokenizer.decode(ids)))
         self.model.train()
         return rows

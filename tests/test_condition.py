@@ -110,3 +110,30 @@ def test_generate_rating_on_the_command_line_and_in_the_repl(conditioned):
     assert repl.returncode == 0, repl.stderr
     assert "rating=positive" in repl.stdout and any(w in repl.stdout for w in WORDS[1])
     assert "rating=great is not a rating" in repl.stdout and "rating stays positive" in repl.stdout
+
+
+def test_control_tokens_are_never_text(conditioned):
+    """After EOS the model expects a control token; without a rating none may be sampled or offered as text."""
+    import kr3
+    from kr3.prepared import RATING_CONTROLS
+
+    m = kr3.load(conditioned[0], device="cpu", precision="fp32")
+    texts = m.complete("", num_samples=6, max_new_tokens=4, temperature=1.0)
+    offered = [text for text, _ in m.next_tokens("", k=20)]
+    for control in RATING_CONTROLS.values():
+        assert not any(control in t for t in texts + offered), (texts, offered)
+
+
+def test_a_rating_for_an_unconditioned_checkpoint_stops_before_any_output(trained):
+    import os
+    import subprocess
+    import sys
+
+    from kr3.config import ROOT
+
+    run_dir, root = trained
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), f"paths.root_dir={root}", "stage=generate",
+                           f"checkpoint={run_dir}", "generate.rating=negative", "generate.prompt=이 집 짜장면"],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert proc.returncode == 2 and "trained without ratings" in proc.stderr and "이 집" not in proc.stdout
+    assert not list((run_dir / "generate").glob("*/.hydra"))  # no folder left for a command that did nothing

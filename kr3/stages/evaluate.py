@@ -57,7 +57,8 @@ def rating_scores(m: api.Model, tokens: np.ndarray, batch_size: int) -> dict:
     reviews = classify.reviews_of(tokens, m.tokenizer.eos_id, controls)
     if not reviews:
         return {}
-    texts = [t for _, t in reviews]
+    # each review is scored in one window after [EOS, control]: a longer one is cut, and only what is scored counts
+    texts = [t[: m.model.cfg.block_size - 1] for _, t in reviews]
     # short sequences: 4x the batch keeps about the tokens per forward pass of the windows scored above
     ll = classify.log_likelihoods(m.model, texts, controls, m.tokenizer.eos_id, 4 * batch_size, m.device, m.dtype)
     prior = np.array([m.checkpoint.data["splits"]["train"]["ratings"][str(r)] for r in sorted(controls)], dtype=float)

@@ -39,6 +39,7 @@ def run(cfg):
     check_generate(g)
     hardware.setup(g.device, g.precision)
     m = api.load(cfg.checkpoint, g.device, g.precision, cfg.paths.log_dir, **decoding(g))
+    rating_control(g.rating, m.checkpoint.data.get("condition"))  # a bad rating stops before any output
     log.info(f"checkpoint {m.path}: step {m.checkpoint.step}, {m.model.num_params() / 1e6:.2f}M parameters, {m.device}, "
              f"{str(m.dtype).replace('torch.', '')}; vocabulary {m.tokenizer.vocab_size:,}")
     if g.prompts_file:

@@ -42,9 +42,10 @@ def run(cfg) -> dict:
         resume.restore(resumed, model, opt, run_dir)
         if resumed.is_finished(total):
             if main:
+                more = ("drop trainer.max_time (a resumed run keeps the steps it chose) and raise trainer.max_steps"
+                        if t.max_time else "raise trainer.max_steps (or trainer.epochs)")
                 log.info(f"{resumed.path} finished at step {resumed.step} (val loss {resumed.ckpt.val['loss']:.4f}, "
-                         f"bpc {resumed.ckpt.val['bpc']:.4f}): nothing to train — raise trainer.max_steps (or "
-                         "trainer.epochs) to go on")
+                         f"bpc {resumed.ckpt.val['bpc']:.4f}): nothing to train — {more} to go on")
             return resumed.ckpt.val
         if main:
             resume.warn_changes(resumed, total, batches.per_step)
