@@ -95,12 +95,12 @@ def rating_control(rating, condition: dict | None) -> int | None:
     if rating is None:
         return None
     if not condition:
-        raise UserError(f"rating={rating}: this checkpoint was trained without ratings — train with "
-                        "data.condition=rating, or leave the rating out")
+        raise UserError(f"rating={rating}: this checkpoint is not rating-conditioned, it was trained without ratings — "
+                        "train with data.condition=rating, or leave the rating out")
     names = {name: r for r, name in condition["names"].items()}
     key = names.get(str(rating).strip().lower(), str(rating).strip())
     if key not in condition["controls"]:
-        raise UserError(f"rating={rating} is not a rating — use one of: {', '.join(names)} (or {', '.join(names.values())})")
+        raise UserError(f"rating={rating} is not a rating — use one of: {', '.join(names)} or 0 to {len(names) - 1}")
     return condition["controls"][key]
 
 
@@ -170,15 +170,17 @@ class Completer:
         logits[self.banned] = -float("inf")
         probs = torch.softmax(logits, -1)
         top = torch.topk(probs, min(k, probs.numel()))
-        return [(self.token_text(ids, int(i)), float(p)) for p, i in zip(top.values, top.indices)]
+        prefix = self.tok.decode(ids)  # once, not per candidate
+        return [(self.token_text(ids, int(i), prefix), float(p)) for p, i in zip(top.values, top.indices)]
 
-    def token_text(self, ids: list[int], i: int) -> str:
+    def token_text(self, ids: list[int], i: int, prefix: str | None = None) -> str:
         """The text token i adds after `ids`: decoded with them, so a leading space stays (" 좋은"). EOS is
         END_OF_REVIEW; a token with no text of its own (a control token, one byte of a longer character) is its
         piece, e.g. <0xEC>."""
         if i == self.tok.eos_id:
             return END_OF_REVIEW
-        text = self.tok.decode([*ids, i])[len(self.tok.decode(ids)) :]
+        prefix = self.tok.decode(ids) if prefix is None else prefix
+        text = self.tok.decode([*ids, i])[len(prefix) :]
         return text if text and not text.endswith("\ufffd") else self.tok.id_to_piece(i)
 
 

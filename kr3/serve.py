@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException
 
 from kr3.api import Model, decoding_options
 from kr3.errors import UserError
-from kr3.sampling import END_OF_REVIEW
+from kr3.sampling import END_OF_REVIEW, rating_control
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -232,16 +232,12 @@ def completion_items(m: Model, prompt: str, sample: int, options: dict) -> Itera
 
 
 def check_rating(m: Model, rating: str | int | None) -> str | int | None:
-    if rating is None:
-        return None
-    names = m.ratings
-    if not names:
-        raise ApiError(400, "rating: this checkpoint is not rating-conditioned (trained without data.condition=rating) "
-                            "— leave rating out", "rating")
-    if rating in names or (isinstance(rating, int) and not isinstance(rating, bool) and 0 <= rating < len(names)):
-        return rating
-    raise ApiError(400, f"rating={json.dumps(rating, ensure_ascii=False)} is not a rating — use one of "
-                        f"{', '.join(names)} or 0 to {len(names) - 1}", "rating")
+    """`rating` as given, once kr3's own check (sampling.rating_control) accepts it for this checkpoint."""
+    try:
+        rating_control(rating, m.checkpoint.data.get("condition"))
+    except UserError as e:
+        raise ApiError(400, str(e), "rating") from None
+    return rating
 
 
 def check_completion(req: CompletionRequest, m: Model, limits: Limits, name: str) -> Completion:

@@ -69,6 +69,11 @@ def total_steps(t, batches: Batches, resumed: resume.Resumed | None = None) -> i
     return int(t.max_steps) if t.max_steps else int(t.epochs * batches.steps_per_epoch)
 
 
+def scoring_seconds(tokens: int, train_tokens_per_s: float) -> float:
+    """Time to score `tokens` at a training speed: a forward pass only, about a third of a step's work per token."""
+    return tokens / (3 * train_tokens_per_s)
+
+
 def eval_sizes(t, n_val: int, block_size: int) -> tuple[int, int]:
     """(share, final): periodic evaluations score the same whole windows at val's start, so their losses
     compare (best.pt); the final one scores them again as the start of its pass, then the rest."""
@@ -234,10 +239,9 @@ class Trainer:
         now = time.perf_counter()
         step_s = (now - self.first_step_done) / (self.step - self.first_step)
         tokens_per_s = self.tokens_per_step / step_s
-        # scoring is a forward pass only: about a third of a training step's work per token
-        share_s = self.share_n / (3 * tokens_per_s)
+        share_s = scoring_seconds(self.share_n, tokens_per_s)
         per_step = step_s + (share_s / self.t.eval_interval if self.t.eval_interval else 0.0)
-        left = self.budget_s - (now - self.started) - self.final_n / (3 * tokens_per_s)
+        left = self.budget_s - (now - self.started) - scoring_seconds(self.final_n, tokens_per_s)
         self.total = max(self.step + 1, self.step + int(left / per_step))
         bar.total = self.total
         bar.refresh()
@@ -267,8 +271,8 @@ class Trainer:
         """Its cost before it starts: all of val by default, which on a large corpus outlasts a short run."""
         if not self.main:
             return
-        # scoring is a forward pass only: about a third of a training step's work per token
-        estimate = f", about {self.final_n / (3 * self.tokens_per_s):,.0f} s at this run's speed" if self.tokens_per_s else ""
+        estimate = (f", about {scoring_seconds(self.final_n, self.tokens_per_s):,.0f} s at this run's speed"
+                    if self.tokens_per_s else "")
         log.info(f"final evaluation: {self.final_n:,} val tokens{estimate} (trainer.final_eval_tokens bounds it)")
 
     def _score(self, start: int, end: int, final: bool) -> tuple[float, int]:

@@ -1,4 +1,5 @@
 """User-facing error paths added by train/generate/evaluate that other tests do not feed."""
+import re
 
 import pytest
 
@@ -128,3 +129,27 @@ def test_bad_evaluate_values(tmp_path, override, message):
 
     with pytest.raises(UserError, match=message):
         evaluate.run(compose(root=tmp_path, overrides=["stage=evaluate", "checkpoint=x.pt", override]))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("tokenizer.kind=wordpiece", "tokenizer.kind='wordpiece' is not known — use one of: sentencepiece, pretrained"),
+    ("data.source=s3", "data.source='s3' is not known — use one of: hub, local"),
+    ("data.condition=stars", "data.condition=stars is not known — use data.condition=rating or null"),
+])
+def test_unknown_kinds_are_one_line(local_cfg, override, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        prepared.ensure(local_cfg(override))
+
+
+def test_unknown_logger_is_one_line(tmp_path):
+    from kr3.tracking import Tracker
+
+    with pytest.raises(UserError, match=re.escape("logger.kind='tensorboard' is not known — use one of: none, wandb")):
+        Tracker(compose(["logger.kind=tensorboard"], tmp_path), tmp_path / "run", enabled=True)
+
+
+def test_bad_profile_values_are_one_line(tmp_path):
+    from kr3.trainer import check_trainer
+
+    with pytest.raises(UserError, match=re.escape("trainer.profile.steps=-1 must be an integer ≥ 0")):
+        check_trainer(compose(["trainer.profile.steps=-1"], tmp_path).trainer)
