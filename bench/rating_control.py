@@ -2,7 +2,7 @@
 n-gram + logistic regression baseline trained on the same train split, and how well `rating=` steers
 completions (judged by that baseline).
 
-    uv run python bench/rating_control.py --checkpoint RUN_FOLDER [--openings 20 --samples 10]
+    uv run python bench/rating_control.py --checkpoint RUN_FOLDER [--openings 20 --samples 10 --guidance 1,2,3]
 
 RUN_FOLDER: a run trained with data.condition=rating (e.g. experiment=cpu_15min data.condition=rating). The
 classifier's accuracy is what `stage=evaluate` writes into eval.json (run here on the checkpoint's val split);
@@ -57,16 +57,18 @@ def evaluate(run: Path) -> dict:
     return json.loads((out / "eval.json").read_text())
 
 
-def control(run: Path, vec, clf, openings: int, samples: int) -> dict:
+def control(run: Path, vec, clf, openings: int, samples: int, guidance: float) -> dict:
     """The share of completions under each rating that the binary baseline judges as that rating."""
     model = load(run, precision="fp32")
     result = {}
     for rating, label in (("negative", 0), ("positive", 1)):
         texts = [f"{o}{c}" for i, o in enumerate(OPENINGS[:openings])
-                 for c in model.complete(o, rating=rating, num_samples=samples, seed=i, max_new_tokens=48)]
+                 for c in model.complete(o, rating=rating, num_samples=samples, seed=i, max_new_tokens=48,
+                                         guidance=guidance)]
         judged = clf.predict(vec.transform(texts))
         result[rating] = {"share": float((judged == label).mean()), "completions": len(texts), "examples": texts[:5]}
-    texts = [f"{o}{model.complete(o, rating='ambiguous', seed=i, max_new_tokens=48)}" for i, o in enumerate(OPENINGS)]
+    texts = [f"{o}{model.complete(o, rating='ambiguous', seed=i, max_new_tokens=48, guidance=guidance)}"
+             for i, o in enumerate(OPENINGS)]
     result["ambiguous"] = {"examples": texts[:5]}
     return result
 
@@ -76,6 +78,7 @@ def main():
     ap.add_argument("--checkpoint", type=Path, required=True)
     ap.add_argument("--openings", type=int, default=20)
     ap.add_argument("--samples", type=int, default=10)
+    ap.add_argument("--guidance", default="1,3", help="comma-separated generate.guidance values to judge")
     a = ap.parse_args()
     ckpt = checkpoint.load(checkpoint.locate(a.checkpoint))
     splits = splits_of(ckpt)
@@ -91,12 +94,13 @@ def main():
     print(f"| kr3, P(review | rating) · P(rating) | {cls['binary (0/1)']['accuracy']:.1%} | "
           f"{cls['three ratings']['accuracy']:.1%} |")
     print(f"(val reviews: {n_binary:,} binary, {n_three:,} all)")
-    steer = control(a.checkpoint, vec, clf, a.openings, a.samples)
-    for rating, r in steer.items():
-        share = f"{r['share']:.1%} of {r['completions']} judged {rating}" if "share" in r else "(not judged)"
-        print(f"\n{rating}: {share}")
-        for text in r["examples"]:
-            print(f"  - {text}")
+    for guidance in map(float, a.guidance.split(",")):
+        steer = control(a.checkpoint, vec, clf, a.openings, a.samples, guidance)
+        for rating, r in steer.items():
+            share = f"{r['share']:.1%} of {r['completions']} judged {rating}" if "share" in r else "(not judged)"
+            print(f"\nguidance {guidance:g}, {rating}: {share}")
+            for text in r["examples"]:
+                print(f"  - {text}")
 
 
 if __name__ == "__main__":

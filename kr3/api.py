@@ -47,6 +47,7 @@ class Options(TypedDict, total=False):
     seed: int  # sample i of a call uses seed + i
     num_samples: int  # complete(): more than 1 returns a list
     rating: str | int | None  # a rating-conditioned checkpoint: "negative", "positive", "ambiguous" (or 0, 1, 2)
+    guidance: float  # with a rating: > 1 steers away from the other ratings (classifier-free guidance); 1: off
 
 
 @cache
@@ -104,12 +105,15 @@ class Model:
         tokens_per_s} (a server's usage counts and finish reason need them)."""
         yield from self._completer(options).stream(prompt, sample)
 
-    def next_tokens(self, prompt: str, k: int = 5, rating: str | int | None = None) -> list[tuple[str, float]]:
-        """The k most likely next tokens after `prompt` (in a review of `rating`, if given) as (text they add,
-        probability), most likely first; the end-of-review token is kr3.sampling.END_OF_REVIEW."""
+    def next_tokens(self, prompt: str, k: int = 5, rating: str | int | None = None,
+                    guidance: float | None = None) -> list[tuple[str, float]]:
+        """The k most likely next tokens after `prompt` (in a review of `rating`, if given, steered by `guidance` or
+        the default's) as (text they add, probability), most likely first; the end-of-review token is
+        kr3.sampling.END_OF_REVIEW."""
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise UserError(f"k={k} must be an integer ≥ 1")
-        return self._completer({"rating": rating}).next_tokens(prompt, k)
+        given = {"rating": rating} if guidance is None else {"rating": rating, "guidance": guidance}
+        return self._completer(given).next_tokens(prompt, k)
 
     @property
     def ratings(self) -> list[str] | None:

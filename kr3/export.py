@@ -32,6 +32,7 @@ LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which kr3's model uses
 # GPTConfig fields GPT-2's config expresses (bias=false as zero biases: exactly what no bias computes). A later
 # field missing here refuses the export when it is off its default, naming itself.
 EXPRESSED = ("vocab_size", "n_layers", "n_heads", "d_model", "d_ffn", "block_size", "dropout", "bias")
+SWITCHES = {"controls": ("rating_embedding", "true", "false")}  # GPTConfig fields set by a model.* switch: its name, on, off
 SPM_TYPES = {"normal": 1, "unknown": 2, "control": 3, "user_defined": 4, "byte": 6}  # SentencePiece's piece types
 
 
@@ -61,8 +62,9 @@ def gpt2_config(cfg: GPTConfig, eos_id: int) -> dict:
     """transformers' GPT2Config for kr3's shape; a field GPT-2 cannot express is one line naming model.<field>."""
     for f in fields(GPTConfig):
         if f.name not in EXPRESSED and getattr(cfg, f.name) != f.default:
-            raise UserError(f"model.{f.name}={getattr(cfg, f.name)} has no GPT-2 equivalent, so this checkpoint cannot be "
-                            f"exported to transformers — export one trained with model.{f.name}={f.default}")
+            key, on, off = SWITCHES.get(f.name, (f.name, getattr(cfg, f.name), f.default))
+            raise UserError(f"model.{key}={on} has no GPT-2 equivalent, so this checkpoint cannot be exported to "
+                            f"transformers — export one trained with model.{key}={off}")
     return {"architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size,
             "n_embd": cfg.d_model, "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": cfg.d_ffn,
             "activation_function": "gelu_new", "layer_norm_epsilon": LAYER_NORM_EPS, "resid_pdrop": cfg.dropout,

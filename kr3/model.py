@@ -29,11 +29,14 @@ class GPTConfig:
     block_size: int
     dropout: float = 0.0
     bias: bool = True
+    controls: tuple[int, ...] = ()  # rating control token ids: the latest one's embedding joins every later position
 
     @classmethod
-    def from_cfg(cls, model_cfg, vocab_size: int) -> GPTConfig:
-        """From the `model` config group; the vocabulary comes from the prepared data."""
-        return cls(vocab_size=vocab_size, **{f.name: model_cfg[f.name] for f in fields(cls) if f.name in model_cfg})
+    def from_cfg(cls, model_cfg, vocab_size: int, controls: tuple[int, ...] = ()) -> GPTConfig:
+        """From the `model` config group; the vocabulary comes from the prepared data, and so do the rating
+        control tokens when the data is rating-conditioned and `model.rating_embedding` is on."""
+        shape = {f.name: model_cfg[f.name] for f in fields(cls) if f.name in model_cfg}
+        return cls(vocab_size=vocab_size, controls=tuple(controls) if model_cfg.get("rating_embedding") else (), **shape)
 
     def __post_init__(self):
         for key in ("vocab_size", "n_layers", "n_heads", "d_model", "d_ffn", "block_size"):
@@ -44,6 +47,7 @@ class GPTConfig:
                 f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads} "
                 f"— pick n_heads from {[h for h in range(1, 33) if self.d_model % h == 0]}"
             )
+        self.controls = tuple(int(i) for i in self.controls)
         if not 0 <= self.dropout < 1:
             raise UserError(f"model.dropout={self.dropout} must be in [0, 1)")
 
@@ -59,6 +63,7 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.length = 0
+        self.control = None  # (B,) the latest control token id seen in each row, -1 for none
 
 
 class SelfAttention(nn.Module):
@@ -190,7 +195,10 @@ class GPT(nn.Module):
         if start + T > self.cfg.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.cfg.block_size}")
         pos = torch.arange(start, start + T, device=idx.device)
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
+        x = self.tok_emb(idx) + self.pos_emb(pos)
+        if self.cfg.controls:
+            x = x + self.rating_embedding(idx, cache)
+        x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, cache, i)
         if cache is not None:
@@ -199,6 +207,20 @@ class GPT(nn.Module):
         if targets is None:
             return self.head(x)
         return linear_cross_entropy(x.view(B * T, -1), self.head.weight, targets.reshape(-1))
+
+    def rating_embedding(self, idx, cache: KVCache | None):
+        """At each position, the embedding of the latest control token at or before it (zero before any): every
+        token of a rated review is given its rating directly, not only through attention — the model learns
+        P(review | rating) much more sharply (BENCHMARKS.md, ratings as control). The cache keeps each row's."""
+        T = idx.shape[1]
+        at = torch.where(torch.isin(idx, torch.tensor(self.cfg.controls, device=idx.device)),
+                         torch.arange(T, device=idx.device), -1).cummax(1).values
+        latest = torch.where(at >= 0, idx.gather(1, at.clamp(min=0)), -1)
+        if cache is not None:
+            if cache.control is not None:
+                latest = torch.where(latest >= 0, latest, cache.control[:, None])
+            cache.control = latest[:, -1]
+        return torch.where((latest >= 0)[..., None], self.tok_emb(latest.clamp(min=0)), 0.0)
 
     def num_params(self, embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

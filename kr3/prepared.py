@@ -90,6 +90,11 @@ class PreparedData:
         self.dir = Path(directory)
         self.meta = read_meta(self.dir)
 
+    def control_ids(self) -> tuple[int, ...]:
+        """The rating control tokens' ids of a rating-conditioned folder (meta.json's `condition`), else ()."""
+        condition = self.meta.get("condition")
+        return tuple(condition["controls"].values()) if condition else ()
+
     @property
     def tokenizer_dir(self) -> Path:
         return self.dir / self.meta["tokenizer"]["dir"]

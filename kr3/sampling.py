@@ -22,6 +22,7 @@ DECODING_RULES = {
     "temperature": ("number", 0, None, False), "top_k": ("int", 0, None, True),
     "top_p": ("number", ("above", 0), 1, True), "repetition_penalty": ("number", ("above", 0), None, False),
     "max_new_tokens": ("int", 1, None, False), "num_samples": ("int", 1, None, False), "seed": ("int", 0, None, False),
+    "guidance": ("number", 1, None, False),
 }
 DECODING = (*DECODING_RULES, "stop", "rating")  # every decoding option
 
@@ -41,33 +42,43 @@ def check_decoding(options: Mapping, section: str = "generate") -> None:
 @torch.no_grad()
 def sample_tokens(model: GPT, prompt_ids: list[int], max_new_tokens: int, eos_id: int, temperature: float = 1.0,
                   top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
-                  generator: torch.Generator | None = None, banned: list[int] | None = None):
+                  generator: torch.Generator | None = None, banned: list[int] | None = None,
+                  heads: list[list[int]] = ((),), guidance: float = 1.0):
     """Yield new token ids one at a time, stopping at EOS or `max_new_tokens`. The prompt is left-truncated
     to leave room in the context; temperature 0 is greedy; `banned` ids are never picked (the rating control
-    tokens: they begin a review, they are no text). When the context fills up, the cache restarts on the most
-    recent half-context."""
+    tokens: they begin a review, they are no text). Each of `heads` (equal lengths) is put before the text:
+    one, or a rating's [EOS, control] and the other ratings' for `guidance` (see `next_logits`). When the context
+    fills up, the cache restarts on the heads and the most recent half-context."""
     cfg = model.cfg
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    room = cfg.block_size - 1
-    ids = list(prompt_ids)[-room:] or [eos_id]
-    cache = KVCache(cfg, 1, device, dtype)
-    logits = model(torch.tensor([ids], device=device), cache=cache)[0, -1]
-    seen = list(ids)
+    text = list(prompt_ids)[-(cfg.block_size - 1 - len(heads[0])) :] or ([] if heads[0] else [eos_id])
+    cache = KVCache(cfg, len(heads), device, dtype)
+    logits = next_logits(model, [[*h, *text] for h in heads], guidance, cache)
     for _ in range(max_new_tokens):
-        logits = logits.float()
         if banned:
             logits[banned] = -float("inf")
-        nxt = pick(logits, seen, temperature, top_k, top_p, repetition_penalty, generator)
+        nxt = pick(logits, text, temperature, top_k, top_p, repetition_penalty, generator)
         if nxt == eos_id:
             return
         yield nxt
-        seen.append(nxt)
+        text.append(nxt)
         if cache.length >= cfg.block_size:
-            cache = KVCache(cfg, 1, device, dtype)
-            logits = model(torch.tensor([seen[-(cfg.block_size // 2) :]], device=device), cache=cache)[0, -1]
+            cache = KVCache(cfg, len(heads), device, dtype)
+            logits = next_logits(model, [[*h, *text[-(cfg.block_size // 2) :]] for h in heads], guidance, cache)
         else:
-            logits = model(torch.tensor([[nxt]], device=device), cache=cache)[0, -1]
+            logits = next_logits(model, [[nxt]] * len(heads), guidance, cache)
+
+
+def next_logits(model: GPT, rows: list[list[int]], guidance: float = 1.0, cache: KVCache | None = None):
+    """The next token's logits (fp32) after the first row. With more rows (the other ratings' contexts), its
+    log-probabilities move away from the mean of theirs by `guidance`: log p + (guidance − 1)(log p − mean log q),
+    classifier-free guidance with the other ratings as the negative prompt."""
+    logits = model(torch.tensor(rows, device=next(model.parameters()).device), cache=cache)[:, -1].float()
+    if len(rows) == 1:
+        return logits[0]
+    logp = logits.log_softmax(-1)
+    return logp[0] + (guidance - 1) * (logp[0] - logp[1:].mean(0))
 
 
 def pick(logits, seen, temperature, top_k, top_p, repetition_penalty, generator) -> int:
@@ -107,25 +118,27 @@ def rating_control(rating, condition: dict | None) -> int | None:
 class Completer:
     """A loaded model + tokenizer + decoding settings; completes one prompt at a time. With `control` (a rating's
     control token) the prompt is given as a review of that rating: [end of review, control, prompt…], as the
-    conditioned training data has it."""
+    conditioned training data has it; with `g.guidance` above 1, also as a review of each other rating (the other
+    `banned` control tokens), which the sampled tokens are steered away from (`next_logits`)."""
 
     def __init__(self, model, tokenizer, g, clean_cfg, control: int | None = None, banned: list[int] | None = None):
         self.model, self.tok, self.g = model, tokenizer, g
         self.stops = stop_strings(g.stop)
         self.clean_cfg = clean_cfg
-        self.head = [] if control is None else [tokenizer.eos_id, control]
         self.banned = banned or []  # ids never sampled nor offered as a next token (the control tokens)
+        others = [c for c in self.banned if c != control] if g.guidance != 1 else []
+        self.heads = [[]] if control is None else [[tokenizer.eos_id, c] for c in (control, *others)]
 
     def cleaned(self, prompt: str) -> str:
         return cleaned(prompt, self.clean_cfg)
 
     def encode_prompt(self, prompt: str) -> list[int]:
         ids = self.tok.encode(self.cleaned(prompt))
-        room = self.model.cfg.block_size - 1 - len(self.head)
+        room = self.model.cfg.block_size - 1 - len(self.heads[0])
         if len(ids) > room:
             log.warning(f"the prompt has {len(ids)} tokens; keeping its last {room} (model.block_size)")
             ids = ids[-room:]
-        return self.head + ids
+        return ids
 
     def stream(self, prompt: str, sample: int = 0):
         """Yield pieces of completion text as they are decoded; the last item is a stats dict."""
@@ -136,7 +149,7 @@ class Completer:
         prefix = self.tok.decode(ids)
         text, shown, new, first = "", "", [], None
         for token in sample_tokens(self.model, ids, g.max_new_tokens, self.tok.eos_id, g.temperature, g.top_k, g.top_p,
-                               g.repetition_penalty, generator, self.banned):
+                               g.repetition_penalty, generator, self.banned, self.heads, g.guidance):
             new.append(token)
             first = first or time.perf_counter() - start
             decoded = self.tok.decode(ids + new)[len(prefix) :]  # decode with the prompt: keeps the joining space
@@ -164,9 +177,10 @@ class Completer:
 
     def next_tokens(self, prompt: str, k: int) -> list[tuple[str, float]]:
         """The k most likely next tokens after the prompt as (text, probability), most likely first."""
-        ids = self.encode_prompt(prompt) or [self.tok.eos_id]
+        ids = self.encode_prompt(prompt)
         with torch.no_grad():
-            logits = self.model(torch.tensor([ids], device=next(self.model.parameters()).device))[0, -1].float()
+            rows = [[*h, *ids] or [self.tok.eos_id] for h in self.heads]
+            logits = next_logits(self.model, rows, self.g.guidance)
         logits[self.banned] = -float("inf")
         probs = torch.softmax(logits, -1)
         top = torch.topk(probs, min(k, probs.numel()))

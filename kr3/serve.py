@@ -87,7 +87,7 @@ Rating = Annotated[str | int | None, BeforeValidator(rating_name_or_number)]
 
 
 class CompletionRequest(BaseModel):
-    """OpenAI's completion request; `top_k`, `repetition_penalty` and `rating` are kr3's own. Unset sampling values
+    """OpenAI's completion request; `top_k`, `repetition_penalty`, `rating` and `guidance` are kr3's own. Unset sampling values
     take the server's defaults (stage=serve's `generate.*`); an unset seed is a random one."""
 
     model_config = ConfigDict(extra="allow")  # OpenAI's other parameters: see UNSUPPORTED
@@ -104,6 +104,7 @@ class CompletionRequest(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     rating: Rating = None
+    guidance: float | None = Field(None, ge=1)
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -130,6 +131,7 @@ class NextTokensRequest(BaseModel):
     prompt: str = ""
     k: int = Field(10, ge=1)
     rating: Rating = None
+    guidance: float | None = Field(None, ge=1)
 
 
 class ModelThread:
@@ -260,7 +262,8 @@ def check_completion(req: CompletionRequest, m: Model, limits: Limits, name: str
 def decoding(req: CompletionRequest, m: Model, limits: Limits) -> dict:
     """The request's sampling parameters as kr3 decoding options over the server's defaults, checked."""
     given = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k,
-             "repetition_penalty": req.repetition_penalty, "stop": req.stop, "rating": check_rating(m, req.rating)}
+             "repetition_penalty": req.repetition_penalty, "stop": req.stop, "rating": check_rating(m, req.rating),
+             "guidance": req.guidance}
     options = {"max_new_tokens": req.max_tokens or min(m.defaults["max_new_tokens"], limits.max_tokens),
                "seed": secrets.randbelow(2**31) if req.seed is None else req.seed, "num_samples": 1,
                **{k: v for k, v in given.items() if v is not None}}
@@ -336,7 +339,7 @@ class Server:
         rating = check_rating(self.m, req.rating)
         self.thread.admit()
         try:
-            top = await self.thread.call(self.m.next_tokens, req.prompt, req.k, rating)
+            top = await self.thread.call(self.m.next_tokens, req.prompt, req.k, rating, req.guidance)
         finally:
             self.thread.release()
         tokens = [{"text": text, "probability": p, "end_of_review": text == END_OF_REVIEW} for text, p in top]

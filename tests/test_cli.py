@@ -88,10 +88,10 @@ def test_help_lists_stages_groups_and_examples(tmp_path):
     stages = out.split("== Stages")[1].split("==")[1]
     assert [line.split()[0] for line in stages.strip().splitlines()] == list(STAGES)
     groups = out.split("== Config groups")[1].split("== Examples ==")[0]
-    assert "model: base, small, tiny" in groups and "experiment: cpu_15min, original, smoke" in groups
+    assert "model: base, small, tiny" in groups and "experiment: cpu_15min, cpu_15min_rating, original, smoke" in groups
     assert "sweep" not in groups  # sweeps/wandb.yaml is a W&B file, not a Hydra group
     examples = out.split("== Examples ==")[1].strip().split("\n\n")[0].splitlines()
-    assert len(examples) == 5 and all(e.strip().startswith("kr3 ") for e in examples)
+    assert len(examples) == 6 and all(e.strip().startswith("kr3 ") for e in examples)
     assert 'eval "$(kr3 -sc install=bash)"' in out
 
 

@@ -38,6 +38,7 @@ def test_the_conditioned_model_classifies_ratings(conditioned):
     run_dir, _ = conditioned
     model, tok, ckpt = checkpoint.load_model(run_dir, "cpu")
     controls = {int(r): i for r, i in ckpt.data["condition"]["controls"].items()}
+    assert model.cfg.controls == tuple(controls.values())  # model.rating_embedding is on by default
     val = np.fromfile(f"{ckpt.data['dir']}/val.bin", dtype=ckpt.data["dtype"])
     reviews = classify.reviews_of(val, tok.eos_id, controls)
     assert len(reviews) == ckpt.data["splits"]["val"]["reviews"] > 30
@@ -79,6 +80,47 @@ def test_rating_steers_completions(conditioned):
         assert first.strip() and any(w.startswith(first.strip()) for w in words) and p > 0.2, (rating, first, p)
     with pytest.raises(kr3.errors.UserError, match="rating=great is not a rating — use one of: negative"):
         m.complete("이 집", rating="great")
+
+
+def test_model_rating_embedding_false_leaves_the_rating_to_the_control_token_alone(tmp_path):
+    from kr3.model import GPTConfig
+
+    for switch, expected in (("true", (3, 4, 5)), ("false", ())):
+        cfg = compose(["stage=train", "model=tiny", f"model.rating_embedding={switch}"], tmp_path)
+        assert GPTConfig.from_cfg(cfg.model, 300, (3, 4, 5)).controls == expected
+    assert GPTConfig.from_cfg(cfg.model, 300).controls == ()  # unconditioned data has no control tokens
+
+
+def test_guidance_steers_away_from_the_other_ratings(conditioned):
+    import kr3
+
+    m = kr3.load(conditioned[0], device="cpu", precision="fp32")
+
+    def share(rating: int, guidance: float, words: list[str]) -> float:
+        top = m.next_tokens("이 집 짜장면", k=50, rating=rating, guidance=guidance)
+        return sum(p for t, p in top if t.strip() and any(w.startswith(t.strip()) for w in words))
+
+    for rating in (0, 1, 2):
+        others = [w for r, words in WORDS.items() if r != rating for w in words]
+        assert share(rating, 3.0, WORDS[rating]) > share(rating, 1.0, WORDS[rating]), rating
+        assert share(rating, 3.0, others) < share(rating, 1.0, others) / 4, rating
+    with pytest.raises(kr3.errors.UserError, match=r"guidance=0.5"):
+        m.complete("이 집", rating="negative", guidance=0.5)
+
+
+def test_guided_sampling_keeps_each_rating_when_the_context_refills(conditioned, monkeypatch):
+    from kr3 import sampling
+
+    model, tok, ckpt = checkpoint.load_model(conditioned[0], "cpu")
+    heads = [[tok.eos_id, c] for c in ckpt.data["condition"]["controls"].values()]
+    rows, real = [], sampling.next_logits
+    monkeypatch.setattr(sampling, "next_logits", lambda m, r, g, cache=None: rows.append(r) or real(m, r, g, cache))
+    new = list(sampling.sample_tokens(model, tok.encode("이 집"), 3 * model.cfg.block_size, tok.eos_id,
+                                      temperature=0, banned=[tok.eos_id], heads=heads, guidance=3.0))
+    assert len(new) == 3 * model.cfg.block_size
+    refills = [r for r in rows if len(r[0]) > 1]
+    assert len(refills) >= 3 and all(row[:2] == h for r in refills for row, h in zip(r, heads))
+    assert all(len(row) <= model.cfg.block_size for r in refills for row in r)
 
 
 def test_rating_on_an_unconditioned_checkpoint_is_one_line(trained):

@@ -131,6 +131,13 @@ def test_an_option_gpt2_cannot_express_is_one_line(monkeypatch):
         export.gpt2_config(cfg, 2)
 
 
+def test_a_model_given_its_rating_at_every_token_is_not_exported():
+    cfg = GPTConfig(vocab_size=300, n_layers=1, n_heads=1, d_model=8, d_ffn=8, block_size=8, controls=(3, 4, 5))
+    with pytest.raises(UserError, match="model.rating_embedding=true has no GPT-2 equivalent.*"
+                                        "export one trained with model.rating_embedding=false"):
+        export.gpt2_config(cfg, 2)
+
+
 def test_without_transformers_it_says_what_to_install(monkeypatch):
     find = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else find(name, *a))

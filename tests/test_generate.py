@@ -186,7 +186,7 @@ def test_stop_strings_are_never_shown(monkeypatch, stop, completion):
     monkeypatch.setattr(sampling, "sample_tokens", lambda *a, **k: iter([2, 3, 4, 5, 6]))
     model = types.SimpleNamespace(cfg=types.SimpleNamespace(block_size=16))
     g = types.SimpleNamespace(stop=stop, seed=0, max_new_tokens=5, temperature=0, top_k=None, top_p=None,
-                              repetition_penalty=1.0)
+                              repetition_penalty=1.0, guidance=1.0)
     *pieces, stats = Completer(model, PieceTokenizer(), g, {}).stream("이 집")
     assert "".join(pieces) == stats["completion"] == completion
 

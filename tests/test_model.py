@@ -21,6 +21,31 @@ def test_kv_cache_matches_full_forward():
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-4)
 
 
+def test_rating_embedding_gives_each_token_its_latest_control():
+    torch.manual_seed(0)
+    model = GPT(tiny(controls=(3, 4, 5))).eval()
+    x = torch.tensor([[9, 3, 10, 11, 2, 5, 12, 13], [9, 10, 11, 12, 4, 13, 14, 15]])
+    added = model.rating_embedding(x, None)
+    emb = model.tok_emb.weight
+    expected = [[None, 3, 3, 3, 3, 5, 5, 5], [None, None, None, None, 4, 4, 4, 4]]
+    for row, ids in zip(added, expected):
+        for vec, i in zip(row, ids):
+            torch.testing.assert_close(vec, torch.zeros_like(vec) if i is None else emb[i])
+    plain = GPT(tiny()).eval()
+    plain.load_state_dict(model.state_dict())
+    assert not torch.allclose(model(x)[:, 2:], plain(x)[:, 2:]) and torch.equal(model(x)[1, :4], plain(x)[1, :4])
+
+
+def test_kv_cache_keeps_the_latest_control():
+    torch.manual_seed(0)
+    model = GPT(tiny(controls=(3, 4, 5))).eval()
+    x = torch.tensor([[2, 3, 10, 11, 12, 2, 5, 12, 13, 14], [2, 4, 10, 11, 12, 13, 14, 15, 16, 17]])
+    full = model(x)
+    cache = KVCache(model.cfg, 2, "cpu", torch.float32)
+    steps = [model(x[:, :3], cache=cache)] + [model(x[:, t : t + 1], cache=cache) for t in range(3, 10)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-4)
+
+
 def test_loss_and_shapes():
     model = GPT(tiny())
     x = torch.randint(0, 97, (3, 16))

@@ -130,6 +130,7 @@ def test_finish_reason_length_when_max_tokens_runs_out(client):
     ({"logprobs": 3}, "logprobs", "not supported"),
     ({"echo": True}, "echo", "not supported"),
     ({"rating": "positive"}, "rating", "not rating-conditioned"),
+    ({"guidance": 0.5}, "guidance", "greater than or equal to 1"),
     ({"stream_options": "yes"}, "stream_options", "dictionary"),
 ])
 def test_a_bad_request_gets_400_saying_what_is_wrong(client, body, param, words):
@@ -256,6 +257,10 @@ def test_a_rating_conditioned_checkpoint_takes_a_rating(rated_model):
     charts = [client.post("/v1/next_tokens", json={"prompt": PROMPT, "rating": r}).json()["tokens"] for r in ratings]
     assert [t["text"] for t in charts[0]] == [t for t, _ in rated_model.next_tokens(PROMPT, 10, rating="negative")]
     assert len({json.dumps(c) for c in charts}) == 3  # each rating is its own context
+    plain = complete(client, rating="positive", guidance=1, **options)["choices"][0]["text"]
+    assert plain == rated_model.complete(PROMPT, rating="positive", guidance=1, seed=4, temperature=1.0, max_new_tokens=10)
+    unguided = client.post("/v1/next_tokens", json={"prompt": PROMPT, "rating": "negative", "guidance": 1}).json()
+    assert unguided["tokens"] != charts[0]
     for bad, words in (("great", "negative, positive, ambiguous"), (3, "or 0 to 2"), (-1, "or 0 to 2"), (True, "number")):
         response = client.post("/v1/completions", json={"prompt": PROMPT, "rating": bad})
         assert response.status_code == 400 and response.json()["error"]["param"] == "rating"
