@@ -24,6 +24,7 @@ from kr3 import checkpoint as kckpt
 from kr3 import hardware
 from kr3.config import CONFIG_DIR, ROOT
 from kr3.errors import UserError
+from kr3.prepared import rating_controls
 from kr3.sampling import DECODING, Completer, check_decoding, cleaned, rating_control
 from kr3.scoring import metrics, token_loss
 
@@ -152,7 +153,7 @@ class Model:
         settings = SimpleNamespace(**decoding_options(options, self.defaults))
         condition = self.checkpoint.data.get("condition")
         control = rating_control(settings.rating, condition)
-        banned = list(condition["controls"].values()) if condition else None
+        banned = list(rating_controls(condition).values())
         return Completer(self._decoder(), self.tokenizer, settings, self.clean, control, banned)
 
     def _decoder(self) -> GPT:

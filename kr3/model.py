@@ -175,6 +175,8 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.head.weight = self.tok_emb.weight  # tied
+        # a buffer, so it moves with the model: no host-to-device copy in the training step
+        self.register_buffer("control_ids", torch.tensor(cfg.controls, dtype=torch.long), persistent=False)
         self.apply(self._init)
 
     def _init(self, m):
@@ -213,8 +215,7 @@ class GPT(nn.Module):
         token of a rated review is given its rating directly, not only through attention — the model learns
         P(review | rating) much more sharply (BENCHMARKS.md, ratings as control). The cache keeps each row's."""
         T = idx.shape[1]
-        at = torch.where(torch.isin(idx, torch.tensor(self.cfg.controls, device=idx.device)),
-                         torch.arange(T, device=idx.device), -1).cummax(1).values
+        at = torch.where(torch.isin(idx, self.control_ids), torch.arange(T, device=idx.device), -1).cummax(1).values
         latest = torch.where(at >= 0, idx.gather(1, at.clamp(min=0)), -1)
         if cache is not None:
             if cache.control is not None:

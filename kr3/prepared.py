@@ -90,11 +90,6 @@ class PreparedData:
         self.dir = Path(directory)
         self.meta = read_meta(self.dir)
 
-    def control_ids(self) -> tuple[int, ...]:
-        """The rating control tokens' ids of a rating-conditioned folder (meta.json's `condition`), else ()."""
-        condition = self.meta.get("condition")
-        return tuple(condition["controls"].values()) if condition else ()
-
     @property
     def tokenizer_dir(self) -> Path:
         return self.dir / self.meta["tokenizer"]["dir"]
@@ -261,6 +256,11 @@ def conditioned(dcfg, corpus) -> bool:
         raise UserError(f"data.condition=rating needs ratings, and {corpus.source} has no integer rating column "
                         f"{dcfg.label_column!r} — set data.label_column or data.condition=null")
     return True
+
+
+def rating_controls(condition: dict | None) -> dict[int, int]:
+    """{rating: control token id} of a `condition` (meta.json's, which checkpoints carry in `data`); {} for none."""
+    return {int(r): i for r, i in condition["controls"].items()} if condition else {}
 
 
 def control_ids(tok: ktok.Tokenizer) -> dict[int, int]:

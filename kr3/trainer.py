@@ -22,7 +22,7 @@ from kr3.atomic import replacing
 from kr3.batches import Batches
 from kr3.checkpoint import Checkpoint
 from kr3.errors import UserError, check_values
-from kr3.prepared import PreparedData
+from kr3.prepared import PreparedData, rating_controls
 from kr3.profiling import StepProfiler
 from kr3.tracking import Tracker, progress, table
 
@@ -138,8 +138,7 @@ class Trainer:
             if distributed.is_distributed() else None
         self.forward = torch.compile(self.ddp or model) if self.t.compile else self.ddp or model
         self.tokenizer = data.tokenizer
-        condition = data.meta.get("condition")
-        self.controls = list(condition["controls"].values()) if condition else None  # never sampled as text
+        self.controls = list(rating_controls(data.meta.get("condition")).values())  # never sampled as text
         self.tokens_per_step = batches.per_step * model.cfg.block_size
         self.peak = hardware.peak_flops(device, dtype, self.t.peak_flops)
         self.tokens_per_s = None  # of the latest logged window

@@ -53,7 +53,7 @@ def rating_scores(m: api.Model, tokens: np.ndarray, batch_size: int) -> dict:
     condition = m.checkpoint.data.get("condition")
     if not condition:
         return {}
-    controls = {int(r): i for r, i in condition["controls"].items()}
+    controls = prepared.rating_controls(condition)
     reviews = classify.reviews_of(tokens, m.tokenizer.eos_id, controls)
     if not reviews:
         return {}

@@ -29,7 +29,7 @@ def run(cfg) -> dict:
     with distributed.main_first():  # rank 0 prepares (or reuses) the data, the others wait
         data = prepared.PreparedData(prepared.ensure(cfg) if main else prepared.prepared_dir(cfg))
     resumed = resume.check(cfg, *found, run_dir, data.meta) if found else None
-    vocab, controls = data.meta["vocab_size"], data.control_ids()
+    vocab, controls = data.meta["vocab_size"], tuple(prepared.rating_controls(data.meta.get("condition")).values())
     mcfg = GPTConfig(**resumed.ckpt.model_config) if resumed else GPTConfig.from_cfg(cfg.model, vocab, controls)
 
     torch.manual_seed(cfg.seed)
