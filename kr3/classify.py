@@ -76,3 +76,47 @@ def report(ll: np.ndarray, labels: np.ndarray, chars: np.ndarray, prior: np.ndar
     return {"rated_bpc": float(-own.sum() / chars.sum() / math.log(2)),  # every rated review, controls not scored
             "per_rating": per_rating, "classifier": {"binary (0/1)": accuracy(ll, labels, prior, [0, 1]),
                                                      "three ratings": accuracy(ll, labels, prior, [0, 1, 2])}}
+
+
+def rating_prior(splits: dict, controls: dict[int, int]) -> np.ndarray:
+    """P(r) of each rating of `controls` (in rating order): its share of the train split's rated reviews."""
+    counts = np.array([splits["train"]["ratings"].get(str(r), 0) for r in sorted(controls)], dtype=float)
+    return counts / counts.sum()
+
+
+def training_losses(forward, x: torch.Tensor, y: torch.Tensor, controls: torch.Tensor, log_prior: torch.Tensor,
+                    eos_id: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(next-token loss of the batch, rating loss): the rating loss is the cross-entropy of each review's
+    rating under Bayes' rule — log P(review | r) + log P(r) over every rating r, as `accuracy` classifies —
+    for the reviews whose control token is in the first `rows` rows. Those rows are scored once more under
+    each other rating (every control token moved k ratings on), in the same forward pass as the batch.
+    `controls`: the control token ids in rating order."""
+    n, (B, T) = len(controls), x.shape
+    rating = (x[..., None] == controls).int().argmax(-1)  # of the control tokens; 0 elsewhere
+    is_control = torch.isin(x, controls)
+    moved = [torch.where(is_control, controls[(rating + k) % n], x)[:rows] for k in range(1, n)]
+    logits = forward(torch.cat([x, *moved]))
+    targets = torch.cat([y, *[y[:rows]] * (n - 1)])
+    logp = -F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(-1, T)
+    lm_loss = -logp[:B].mean()
+    labels = rating[:rows][is_control[:rows]]
+    if not len(labels):
+        return lm_loss, lm_loss * 0
+    # column k: each review under rating label + k
+    shifted = torch.stack([review_sums(lp, x[:rows], controls, eos_id) for lp in [logp[:rows], *logp[B:].split(rows)]], 1)
+    columns = (labels[:, None] + torch.arange(n, device=x.device)) % n
+    scores = torch.zeros_like(shifted).scatter_(1, columns, shifted) + log_prior
+    return lm_loss, F.cross_entropy(scores, labels)
+
+
+def review_sums(logp: torch.Tensor, x: torch.Tensor, controls: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Summed `logp` (B, T) of the next tokens of each review whose control token is in `x`, row by row: from
+    its control token to its last text token (which predicts its EOS). Text after an EOS and before the next
+    control token (a review without a rating) and a review whose control token is in an earlier row are not
+    scored."""
+    at = torch.arange(x.shape[1], device=x.device)
+    is_control = torch.isin(x, controls)
+    review = torch.where(is_control, at, -1).cummax(1).values
+    scored = review > torch.where(x == eos_id, at, -1).cummax(1).values
+    sums = torch.zeros_like(logp).scatter_add_(1, review.clamp(min=0), logp * scored)
+    return sums[is_control]

@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from kr3 import checkpoint, distributed, hardware, resume, sampling, scoring
+from kr3 import checkpoint, classify, distributed, hardware, resume, sampling, scoring
 from kr3 import tokenizer as ktok
 from kr3.atomic import replacing
 from kr3.batches import Batches
@@ -35,7 +35,8 @@ def check_trainer(t) -> None:
         "log_interval": ("int", 1, None, False), "eval_batch_size": ("int", 1, None, False),
         "warmup_steps": ("int", 0, None, False), "keep_last": ("int", 0, None, False),
         "eval_tokens": ("int", 1, None, True), "final_eval_tokens": ("int", 1, None, True),
-        "lr": ("number", 0, None, False),
+        "lr": ("number", 0, None, False), "rating_loss": ("number", 0, None, False),
+        "rating_loss_rows": ("number", ("above", 0), 1, False),
     })
     check_values("trainer.profile", t.profile, {"start": ("int", 0, None, False), "steps": ("int", 0, None, False)})
 
@@ -138,7 +139,11 @@ class Trainer:
             if distributed.is_distributed() else None
         self.forward = torch.compile(self.ddp or model) if self.t.compile else self.ddp or model
         self.tokenizer = data.tokenizer
-        self.controls = list(rating_controls(data.meta.get("condition")).values())  # never sampled as text
+        controls = rating_controls(data.meta.get("condition"))
+        self.controls = list(controls.values())  # never sampled as text
+        if self.t.rating_loss:  # in rating order, as the rating loss scores them
+            self.control_ids = torch.tensor([controls[r] for r in sorted(controls)], device=device)
+            self.log_prior = torch.tensor(classify.rating_prior(data.meta["splits"], controls), device=device).log().float()
         self.tokens_per_step = batches.per_step * model.cfg.block_size
         self.peak = hardware.peak_flops(device, dtype, self.t.peak_flops)
         self.tokens_per_s = None  # of the latest logged window
@@ -207,9 +212,10 @@ class Trainer:
             # all-reduce the gradients on the last micro-step only (also when compiled: ddp is the inner module)
             sync = self.ddp is None or micro == accum - 1
             with (nullcontext() if sync else self.ddp.no_sync()), hardware.autocast(self.device, self.dtype):
-                loss = self.forward(x, y) / accum
-            loss.backward()
-            self.window_loss += loss.detach()
+                loss, rating_loss = self.losses(x, y)
+            ((loss + self.t.rating_loss * rating_loss) / accum).backward()
+            self.window_loss += loss.detach() / accum
+            self.window_rating_loss += rating_loss.detach() / accum
         self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip or float("inf"))
         with interrupts.update():
             self.opt.step()
@@ -218,6 +224,13 @@ class Trainer:
         self.window_steps += 1
         if self.first_step_done is None:
             self.first_step, self.first_step_done = self.step, time.perf_counter()
+
+    def losses(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
+        """(next-token loss, rating loss); the rating loss only with trainer.rating_loss > 0 (else 0)."""
+        if not self.t.rating_loss:
+            return self.forward(x, y), torch.zeros((), device=self.device)
+        return classify.training_losses(self.forward, x, y, self.control_ids, self.log_prior, self.data.meta["eos_id"],
+                                        max(1, round(self.t.rating_loss_rows * len(x))))
 
     def _after_step(self, bar) -> None:
         """Metrics, periodic evaluation and checkpoints, each at its own interval."""
@@ -249,14 +262,17 @@ class Trainer:
 
     def _start_window(self) -> None:
         self.window_loss = torch.zeros((), device=self.device)
+        self.window_rating_loss = torch.zeros((), device=self.device)
         self.window_steps, self.window_start = 0, time.perf_counter()
 
     def _log_window(self, bar) -> None:
         world = distributed.world_size()
-        loss = distributed.all_reduce_sum(self.window_loss.clone()).item() / self.window_steps / world
+        loss = self._window_mean(self.window_loss)
         tps = self.tokens_per_step * self.window_steps / (time.perf_counter() - self.window_start)
         row = {"train/loss": loss, "train/lr": self.lr, "train/grad_norm": float(self.grad_norm),
                "train/tokens_per_s": tps, "train/epoch": self.step / self.batches.steps_per_epoch}
+        if self.t.rating_loss:
+            row["train/rating_loss"] = self._window_mean(self.window_rating_loss)
         if self.peak:
             row["train/mfu"] = self.model.flops_per_token() * tps / (self.peak * world)
         if self.device.type == "cuda":
@@ -265,6 +281,10 @@ class Trainer:
         self.tokens_per_s = tps
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
         self._start_window()
+
+    def _window_mean(self, total: torch.Tensor) -> float:
+        """A loss summed over the window's steps: its mean per step and process."""
+        return distributed.all_reduce_sum(total.clone()).item() / self.window_steps / distributed.world_size()
 
     def _announce_final_evaluation(self) -> None:
         """Its cost before it starts: all of val by default, which on a large corpus outlasts a short run."""

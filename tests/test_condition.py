@@ -1,6 +1,7 @@
 """data.condition=rating end to end: a corpus whose ratings are trivially predictable from one word, a tiny
 conditioned model trained on it, and the model as a generative classifier of those ratings."""
 
+import json
 import random
 
 import numpy as np
@@ -179,3 +180,53 @@ def test_a_rating_for_an_unconditioned_checkpoint_stops_before_any_output(traine
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
     assert proc.returncode == 2 and "trained without ratings" in proc.stderr and "이 집" not in proc.stdout
     assert not list((run_dir / "generate").glob("*/.hydra"))  # no folder left for a command that did nothing
+
+
+def test_the_rating_loss_is_the_classifier_cross_entropy_of_each_review():
+    """training_losses scores a review under every rating exactly as the evaluation does (log_likelihoods)."""
+    from kr3.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    eos, controls, T = 2, {0: 3, 1: 4, 2: 5}, 12
+    model = GPT(GPTConfig(vocab_size=24, n_layers=2, n_heads=2, d_model=32, d_ffn=64, block_size=T, controls=(3, 4, 5)))
+    labels = torch.tensor([0, 2, 1, 1])
+    texts = torch.randint(6, 24, (4, T - 1))  # each row one review that fills it: [EOS, control, text…]
+    seqs = torch.cat([torch.full((4, 1), eos), torch.tensor([controls[int(r)] for r in labels])[:, None], texts], 1)
+    x, y = seqs[:, :-1], seqs[:, 1:]
+    prior = np.array([0.2, 0.5, 0.3])
+    ids = torch.tensor([3, 4, 5])
+    lm, rating = classify.training_losses(model, x, y, ids, torch.tensor(prior).log().float(), eos, rows=3)
+    ll = classify.log_likelihoods(model, texts[:3].tolist(), controls, eos, 8, torch.device("cpu"), torch.float32)
+    expected = torch.nn.functional.cross_entropy(torch.tensor(ll + np.log(prior)), labels[:3])
+    assert rating.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert lm.item() == pytest.approx(model(x, y).item(), rel=1e-5)
+    lm.backward()  # both losses train the model
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_the_rating_loss_scores_every_rated_review_of_a_row_and_nothing_else():
+    """A row of a review's tail (its control token in an earlier row), a rated review, an unrated one and a rated
+    one cut by the row's end: each rated review is scored from its control token up to its EOS, or the row's end."""
+    eos = 2
+    seq = torch.tensor([[9, 9, eos, 3, 10, 11, eos, 12, 13, 14, eos, 4, 15, 16, 17, 18, 19]])
+    logp = torch.arange(1.0, 17.0)[None]  # the log-probability of the next token at position t: t + 1
+    sums = classify.review_sums(logp, seq[:, :-1], torch.tensor([3, 4, 5]), eos)
+    assert sums.tolist() == [4 + 5 + 6, 12 + 13 + 14 + 15 + 16]
+
+
+def test_training_with_the_rating_loss_logs_it_and_learns_the_ratings(tmp_path, train_tiny):
+    run = train_tiny(tmp_path, rated_reviews(600), "tokenizer.vocab_size=400", "data.condition=rating",
+                     "trainer.max_steps=60", "trainer.lr=3e-3", "trainer.batch_size=16", "trainer.rating_loss=0.1")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rating = [r["train/rating_loss"] for r in rows if "train/rating_loss" in r]
+    # from about log 3 (chance among three ratings) to a fraction of it
+    assert len(rating) == 60 and np.mean(rating[:5]) > 0.8 and np.mean(rating[-5:]) < 0.2
+
+
+def test_the_rating_loss_needs_rated_data(tmp_path):
+    import kr3
+    from kr3.stages import train
+
+    with pytest.raises(kr3.errors.UserError, match="trainer.rating_loss=0.1 .* needs data.condition=rating"):
+        train.run(compose(["stage=train", "experiment=smoke", "trainer.rating_loss=0.1", "data=local",
+                           f"data.path={tmp_path / 'none.parquet'}", f"paths.output_dir={tmp_path / 'run'}"], tmp_path))

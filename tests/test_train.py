@@ -319,6 +319,8 @@ def test_resume_into_a_folder_with_later_checkpoints_is_refused(corpus, tmp_path
     ("trainer.keep_last=null", "trainer.keep_last=null must be an integer ≥ 0"),
     ("trainer.lr=-1", "trainer.lr=-1 must be a number ≥ 0"),
     ("trainer.eval_tokens=-5", "trainer.eval_tokens=-5 must be an integer ≥ 1, or null"),
+    ("trainer.rating_loss=-1", "trainer.rating_loss=-1 must be a number ≥ 0"),
+    ("trainer.rating_loss_rows=0", "trainer.rating_loss_rows=0 must be a number > 0 and ≤ 1"),
 ])
 def test_bad_trainer_values_are_user_errors(corpus, tmp_path, override, message):
     with pytest.raises(UserError, match=re.escape(message)):
@@ -342,6 +344,22 @@ def test_two_processes_match_one(corpus, tmp_path, optimizer, split):
     assert sorted(a) == sorted(b) == list(range(1, 13))  # rank 0 alone logged
     np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=2e-4, atol=2e-5)
     np.testing.assert_allclose(losses(runs[0], "val/loss")[12], losses(tmp_path / "one", "val/loss")[12], rtol=2e-4)
+
+
+def test_two_processes_train_with_the_rating_loss(corpus, tmp_path):
+    """The rating loss scores each rank's rows under every rating in one forward pass through DDP. Its mean over
+    each rank's reviews is averaged over ranks (reviews per rank differ), so after the first update the runs
+    part slightly; the first step's next-token loss is the same."""
+    common = [*base(corpus, tmp_path), "stage=train", "trainer.max_steps=6", "trainer.eval_interval=0",
+              "data.condition=rating", "trainer.rating_loss=0.5", "trainer.rating_loss_rows=0.5"]
+    one = cli([*common, "trainer.batch_size=8", f"hydra.run.dir={tmp_path / 'one'}"])
+    assert one.returncode == 0, one.stderr
+    two = cli([*common, "trainer.batch_size=4", f"hydra.run.dir={tmp_path / 'two'}"], torchrun=2)
+    assert two.returncode == 0, two.stderr
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert a[1] == pytest.approx(b[1], rel=2e-4) and a[6] == pytest.approx(b[6], rel=1e-2)
+    ra, rb = losses(tmp_path / "one", "train/rating_loss"), losses(tmp_path / "two", "train/rating_loss")
+    assert sorted(ra) == sorted(rb) == list(range(1, 7)) and ra[1] == pytest.approx(rb[1], rel=0.1)
 
 
 def wandb_ids(run_dir) -> list[str]:

@@ -61,7 +61,7 @@ def rating_scores(m: api.Model, tokens: np.ndarray, batch_size: int) -> dict:
     texts = [t[: m.model.cfg.block_size - 1] for _, t in reviews]
     # short sequences: 4x the batch keeps about the tokens per forward pass of the windows scored above
     ll = classify.log_likelihoods(m.model, texts, controls, m.tokenizer.eos_id, 4 * batch_size, m.device, m.dtype)
-    prior = np.array([m.checkpoint.data["splits"]["train"]["ratings"][str(r)] for r in sorted(controls)], dtype=float)
+    prior = classify.rating_prior(m.checkpoint.data["splits"], controls)
     chars = np.array([len(m.tokenizer.decode(t)) for t in texts])
     names = {int(r): name for r, name in condition["names"].items()}
     return classify.report(ll, np.array([r for r, _ in reviews]), chars, prior, names)

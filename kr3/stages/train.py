@@ -10,6 +10,7 @@ import torch
 
 from kr3 import checkpoint, distributed, hardware, optim, prepared, resume
 from kr3.batches import Batches
+from kr3.errors import UserError
 from kr3.model import GPT, GPTConfig
 from kr3.trainer import Trainer, check_trainer, total_steps
 
@@ -26,6 +27,9 @@ def run(cfg) -> dict:
     found = resume.load(cfg, run_dir)
     if found:
         cfg = resume.with_checkpoint_data(cfg, found[1], command_overrides())
+    if t.rating_loss and cfg.data.get("condition") != "rating":
+        raise UserError(f"trainer.rating_loss={t.rating_loss} trains the model as a rating classifier: it needs "
+                        "data.condition=rating (e.g. experiment=cpu_15min_rating)")
     with distributed.main_first():  # rank 0 prepares (or reuses) the data, the others wait
         data = prepared.PreparedData(prepared.ensure(cfg) if main else prepared.prepared_dir(cfg))
     resumed = resume.check(cfg, *found, run_dir, data.meta) if found else None
