@@ -86,37 +86,36 @@ def rating_prior(splits: dict, controls: dict[int, int]) -> np.ndarray:
 
 def training_losses(forward, x: torch.Tensor, y: torch.Tensor, controls: torch.Tensor, log_prior: torch.Tensor,
                     eos_id: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(next-token loss of the batch, rating loss): the rating loss is the cross-entropy of each review's
-    rating under Bayes' rule — log P(review | r) + log P(r) over every rating r, as `accuracy` classifies —
-    for the reviews whose control token is in the first `rows` rows. Those rows are scored once more under
-    each other rating (every control token moved k ratings on), in the same forward pass as the batch.
-    `controls`: the control token ids in rating order."""
+    """(next-token loss of the batch, rating loss): the rating loss is the cross-entropy of a review's rating
+    under Bayes' rule — log P(review | r) + log P(r) over every rating r, as `accuracy` classifies — for the
+    first whole rated review of each of the first `rows` rows. Those rows run once more per other rating, that
+    review's control token moved k ratings on, in the same forward pass as the batch. Only the first review
+    moves: a later one would see the earlier ones under ratings that contradict their text, evidence the
+    evaluation never has. `controls`: the control token ids in rating order."""
     n, (B, T) = len(controls), x.shape
-    rating = (x[..., None] == controls).int().argmax(-1)  # of the control tokens; 0 elsewhere
-    is_control = torch.isin(x, controls)
-    moved = [torch.where(is_control, controls[(rating + k) % n], x)[:rows] for k in range(1, n)]
+    start, end, whole = first_reviews(x[:rows], y[:rows], controls, eos_id)
+    scored = whole.nonzero().squeeze(1)
+    if not len(scored):
+        return forward(x, y), torch.zeros((), device=x.device)
+    start, end = start[scored], end[scored]
+    labels = (x[scored, start][:, None] == controls).int().argmax(1)
+    moved = [x[scored].index_put((torch.arange(len(scored), device=x.device), start), controls[(labels + k) % n])
+             for k in range(1, n)]
     logits = forward(torch.cat([x, *moved]))
-    targets = torch.cat([y, *[y[:rows]] * (n - 1)])
+    targets = torch.cat([y, *[y[scored]] * (n - 1)])
     logp = -F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(-1, T)
-    lm_loss = -logp[:B].mean()
-    labels = rating[:rows][is_control[:rows]]
-    if not len(labels):
-        return lm_loss, lm_loss * 0
-    # column k: each review under rating label + k
-    shifted = torch.stack([review_sums(lp, x[:rows], controls, eos_id) for lp in [logp[:rows], *logp[B:].split(rows)]], 1)
-    columns = (labels[:, None] + torch.arange(n, device=x.device)) % n
-    scores = torch.zeros_like(shifted).scatter_(1, columns, shifted) + log_prior
-    return lm_loss, F.cross_entropy(scores, labels)
+    at = torch.arange(T, device=x.device)
+    span = (at >= start[:, None]) & (at <= end[:, None])  # from the control token to the token before EOS
+    shifted = torch.stack([torch.where(span, lp, 0).sum(1) for lp in [logp[scored], *logp[B:].split(len(scored))]], 1)
+    scores = shifted.gather(1, (torch.arange(n, device=x.device) - labels[:, None]) % n) + log_prior
+    return -logp[:B].mean(), F.cross_entropy(scores, labels)
 
 
-def review_sums(logp: torch.Tensor, x: torch.Tensor, controls: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """Summed `logp` (B, T) of the next tokens of each review whose control token is in `x`, row by row: from
-    its control token to its last text token (which predicts its EOS). Text after an EOS and before the next
-    control token (a review without a rating) and a review whose control token is in an earlier row are not
-    scored."""
-    at = torch.arange(x.shape[1], device=x.device)
-    is_control = torch.isin(x, controls)
-    review = torch.where(is_control, at, -1).cummax(1).values
-    scored = review > torch.where(x == eos_id, at, -1).cummax(1).values
-    sums = torch.zeros_like(logp).scatter_add_(1, review.clamp(min=0), logp * scored)
-    return sums[is_control]
+def first_reviews(x: torch.Tensor, y: torch.Tensor, controls: torch.Tensor, eos_id: int):
+    """Per row, its first rated review: the position of its control token, the position whose next token is its
+    EOS, and whether the row has such a review with its EOS (a review cut by the row's end is not whole)."""
+    T = x.shape[1]
+    at = torch.arange(T, device=x.device)
+    start = torch.where(torch.isin(x, controls), at, T).min(1).values
+    end = torch.where((y == eos_id) & (at >= start[:, None]), at, T).min(1).values
+    return start, end, end < T

@@ -142,8 +142,11 @@ class Trainer:
         controls = rating_controls(data.meta.get("condition"))
         self.controls = list(controls.values())  # never sampled as text
         if self.t.rating_loss:  # in rating order, as the rating loss scores them
-            self.control_ids = torch.tensor([controls[r] for r in sorted(controls)], device=device)
-            self.log_prior = torch.tensor(classify.rating_prior(data.meta["splits"], controls), device=device).log().float()
+            self.rating_control_ids = torch.tensor([controls[r] for r in sorted(controls)], device=device)
+            prior = classify.rating_prior(data.meta["splits"], controls)
+            self.log_prior = torch.tensor(prior, dtype=torch.float32, device=device).log()
+        # rows the model runs per trained row (about): the rating loss runs some again, once per other rating
+        self.passes = 1 + (len(controls) - 1) * self.t.rating_loss_rows if self.t.rating_loss else 1
         self.tokens_per_step = batches.per_step * model.cfg.block_size
         self.peak = hardware.peak_flops(device, dtype, self.t.peak_flops)
         self.tokens_per_s = None  # of the latest logged window
@@ -229,7 +232,7 @@ class Trainer:
         """(next-token loss, rating loss); the rating loss only with trainer.rating_loss > 0 (else 0)."""
         if not self.t.rating_loss:
             return self.forward(x, y), torch.zeros((), device=self.device)
-        return classify.training_losses(self.forward, x, y, self.control_ids, self.log_prior, self.data.meta["eos_id"],
+        return classify.training_losses(self.forward, x, y, self.rating_control_ids, self.log_prior, self.data.meta["eos_id"],
                                         max(1, round(self.t.rating_loss_rows * len(x))))
 
     def _after_step(self, bar) -> None:
@@ -250,7 +253,7 @@ class Trainer:
         speed of the steps since the first (which pays one-off costs such as compilation)."""
         now = time.perf_counter()
         step_s = (now - self.first_step_done) / (self.step - self.first_step)
-        tokens_per_s = self.tokens_per_step / step_s
+        tokens_per_s = self.tokens_per_step * self.passes / step_s
         share_s = scoring_seconds(self.share_n, tokens_per_s)
         per_step = step_s + (share_s / self.t.eval_interval if self.t.eval_interval else 0.0)
         left = self.budget_s - (now - self.started) - scoring_seconds(self.final_n, tokens_per_s)
@@ -274,7 +277,7 @@ class Trainer:
         if self.t.rating_loss:
             row["train/rating_loss"] = self._window_mean(self.window_rating_loss)
         if self.peak:
-            row["train/mfu"] = self.model.flops_per_token() * tps / (self.peak * world)
+            row["train/mfu"] = self.model.flops_per_token() * tps * self.passes / (self.peak * world)
         if self.device.type == "cuda":
             row["train/peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.tracker.log(row, self.step)
@@ -290,7 +293,7 @@ class Trainer:
         """Its cost before it starts: all of val by default, which on a large corpus outlasts a short run."""
         if not self.main:
             return
-        estimate = (f", about {scoring_seconds(self.final_n, self.tokens_per_s):,.0f} s at this run's speed"
+        estimate = (f", about {scoring_seconds(self.final_n, self.tokens_per_s * self.passes):,.0f} s at this run's speed"
                     if self.tokens_per_s else "")
         log.info(f"final evaluation: {self.final_n:,} val tokens{estimate} (trainer.final_eval_tokens bounds it)")
 

@@ -183,35 +183,42 @@ def test_a_rating_for_an_unconditioned_checkpoint_stops_before_any_output(traine
 
 
 def test_the_rating_loss_is_the_classifier_cross_entropy_of_each_review():
-    """training_losses scores a review under every rating exactly as the evaluation does (log_likelihoods)."""
+    """training_losses scores the first whole review of a row under every rating exactly as the evaluation does
+    (log_likelihoods); what follows it in the row changes nothing, and a row whose review is cut is left out."""
     from kr3.model import GPT, GPTConfig
 
     torch.manual_seed(0)
-    eos, controls, T = 2, {0: 3, 1: 4, 2: 5}, 12
+    eos, controls, T = 2, {0: 3, 1: 4, 2: 5}, 16
     model = GPT(GPTConfig(vocab_size=24, n_layers=2, n_heads=2, d_model=32, d_ffn=64, block_size=T, controls=(3, 4, 5)))
-    labels = torch.tensor([0, 2, 1, 1])
-    texts = torch.randint(6, 24, (4, T - 1))  # each row one review that fills it: [EOS, control, text…]
-    seqs = torch.cat([torch.full((4, 1), eos), torch.tensor([controls[int(r)] for r in labels])[:, None], texts], 1)
+    labels, lengths = [0, 2, 1, 1], [3, 7, 5, 4]
+    texts = [torch.randint(6, 24, (n,)).tolist() for n in lengths]
+    rows = [[eos, controls[r], *t, eos, controls[(r + 1) % 3], *torch.randint(6, 24, (T,)).tolist()][: T + 1]
+            for r, t in zip(labels, texts)]
+    rows.append([eos, controls[0], *torch.randint(6, 24, (T - 1,)).tolist()])  # cut by the row's end
+    seqs = torch.tensor(rows)
     x, y = seqs[:, :-1], seqs[:, 1:]
     prior = np.array([0.2, 0.5, 0.3])
-    ids = torch.tensor([3, 4, 5])
-    lm, rating = classify.training_losses(model, x, y, ids, torch.tensor(prior).log().float(), eos, rows=3)
-    ll = classify.log_likelihoods(model, texts[:3].tolist(), controls, eos, 8, torch.device("cpu"), torch.float32)
-    expected = torch.nn.functional.cross_entropy(torch.tensor(ll + np.log(prior)), labels[:3])
+    lm, rating = classify.training_losses(model, x, y, torch.tensor([3, 4, 5]), torch.tensor(prior).log().float(), eos,
+                                          rows=5)
+    ll = classify.log_likelihoods(model, texts, controls, eos, 8, torch.device("cpu"), torch.float32)
+    expected = torch.nn.functional.cross_entropy(torch.tensor(ll + np.log(prior)), torch.tensor(labels))
     assert rating.item() == pytest.approx(expected.item(), rel=1e-5)
     assert lm.item() == pytest.approx(model(x, y).item(), rel=1e-5)
-    lm.backward()  # both losses train the model
-    assert all(p.grad is not None for p in model.parameters())
+    rating.backward()  # the rating loss alone trains the model
+    assert model.tok_emb.weight.grad[3:6].abs().sum() > 0 and model.head.weight.grad.abs().sum() > 0
 
 
-def test_the_rating_loss_scores_every_rated_review_of_a_row_and_nothing_else():
-    """A row of a review's tail (its control token in an earlier row), a rated review, an unrated one and a rated
-    one cut by the row's end: each rated review is scored from its control token up to its EOS, or the row's end."""
+def test_the_rating_loss_scores_each_rows_first_whole_rated_review():
+    """Rows of: a review's tail (its control token in an earlier row), a rated review, an unrated one, a rated one
+    cut by the row's end; a cut rated review alone; no rated review at all."""
     eos = 2
-    seq = torch.tensor([[9, 9, eos, 3, 10, 11, eos, 12, 13, 14, eos, 4, 15, 16, 17, 18, 19]])
-    logp = torch.arange(1.0, 17.0)[None]  # the log-probability of the next token at position t: t + 1
-    sums = classify.review_sums(logp, seq[:, :-1], torch.tensor([3, 4, 5]), eos)
-    assert sums.tolist() == [4 + 5 + 6, 12 + 13 + 14 + 15 + 16]
+    x = torch.tensor([[9, 9, eos, 3, 10, 11, eos, 12, 13, eos, 4, 15, 16],
+                      [eos, 4, 15, 16, 17, 18, 19, 20, 21, 22, 23, 15, 16],
+                      [9, 9, eos, 12, 13, eos, 14, 15, 16, 17, 18, 19, 20]])
+    y = torch.cat([x[:, 1:], torch.tensor([[17], [17], [21]])], 1)
+    start, end, whole = classify.first_reviews(x, y, torch.tensor([3, 4, 5]), eos)
+    assert whole.tolist() == [True, False, False]
+    assert (start[0].item(), end[0].item()) == (3, 5)  # positions 3–5 predict 10, 11 and the review's EOS
 
 
 def test_training_with_the_rating_loss_logs_it_and_learns_the_ratings(tmp_path, train_tiny):
