@@ -216,9 +216,10 @@ class Trainer:
             sync = self.ddp is None or micro == accum - 1
             with (nullcontext() if sync else self.ddp.no_sync()), hardware.autocast(self.device, self.dtype):
                 loss, rating_loss = self.losses(x, y)
-            ((loss + self.t.rating_loss * rating_loss) / accum).backward()
+            (loss if rating_loss is None else loss + self.t.rating_loss * rating_loss).div(accum).backward()
             self.window_loss += loss.detach() / accum
-            self.window_rating_loss += rating_loss.detach() / accum
+            if rating_loss is not None:
+                self.window_rating_loss += rating_loss.detach() / accum
         self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip or float("inf"))
         with interrupts.update():
             self.opt.step()
@@ -228,10 +229,10 @@ class Trainer:
         if self.first_step_done is None:
             self.first_step, self.first_step_done = self.step, time.perf_counter()
 
-    def losses(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
-        """(next-token loss, rating loss); the rating loss only with trainer.rating_loss > 0 (else 0)."""
+    def losses(self, x, y) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(next-token loss, rating loss); the rating loss only with trainer.rating_loss > 0 (else None)."""
         if not self.t.rating_loss:
-            return self.forward(x, y), torch.zeros((), device=self.device)
+            return self.forward(x, y), None
         return classify.training_losses(self.forward, x, y, self.rating_control_ids, self.log_prior, self.data.meta["eos_id"],
                                         max(1, round(self.t.rating_loss_rows * len(x))))
 
