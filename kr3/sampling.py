@@ -74,7 +74,7 @@ def next_logits(model: GPT, rows: list[list[int]], guidance: float = 1.0, cache:
     """The next token's logits (fp32) after the first row. With more rows (the other ratings' contexts), its
     log-probabilities move away from the mean of theirs by `guidance`: log p + (guidance − 1)(log p − mean log q),
     classifier-free guidance with the other ratings as the negative prompt."""
-    logits = model(torch.tensor(rows, device=next(model.parameters()).device), cache=cache)[:, -1].float()
+    logits = model(torch.tensor(rows, device=model.tok_emb.weight.device), cache=cache)[:, -1].float()
     if len(rows) == 1:
         return logits[0]
     logp = logits.log_softmax(-1)
