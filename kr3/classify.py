@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from kr3 import hardware
+from kr3.model import linear_cross_entropy
 from kr3.tracking import progress
 
 
@@ -84,15 +85,16 @@ def rating_prior(splits: dict, controls: dict[int, int]) -> np.ndarray:
     return counts / counts.sum()
 
 
-def training_losses(forward, x: torch.Tensor, y: torch.Tensor, controls: torch.Tensor, log_prior: torch.Tensor,
-                    eos_id: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+def training_losses(forward, head: torch.Tensor, x: torch.Tensor, y: torch.Tensor, controls: torch.Tensor,
+                    log_prior: torch.Tensor, eos_id: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(next-token loss of the batch, rating loss): the rating loss is the cross-entropy of a review's rating
     under Bayes' rule — log P(review | r) + log P(r) over every rating r, as `accuracy` classifies — for the
     first whole rated review of each of the first `rows` rows. Those rows run once more per other rating, that
-    review's control token moved k ratings on, in the same forward pass as the batch. Only the first review
-    moves: a later one would see the earlier ones under ratings that contradict their text, evidence the
-    evaluation never has. `controls`: the control token ids in rating order."""
-    n, (B, T) = len(controls), x.shape
+    review's control token moved k ratings on, in the same forward pass as the batch; the head (`head`: the
+    output layer's weight) makes logits only where the scored reviews are. Only the first review moves: a later
+    one would see the earlier ones under ratings that contradict their text, evidence the evaluation never has.
+    `controls`: the control token ids in rating order."""
+    n, B = len(controls), len(x)
     start, end, whole = first_reviews(x[:rows], y[:rows], controls, eos_id)
     scored = whole.nonzero().squeeze(1)
     if not len(scored):
@@ -101,14 +103,17 @@ def training_losses(forward, x: torch.Tensor, y: torch.Tensor, controls: torch.T
     labels = (x[scored, start][:, None] == controls).int().argmax(1)
     moved = [x[scored].index_put((torch.arange(len(scored), device=x.device), start), controls[(labels + k) % n])
              for k in range(1, n)]
-    logits = forward(torch.cat([x, *moved]))
-    targets = torch.cat([y, *[y[scored]] * (n - 1)])
-    logp = -F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(-1, T)
-    at = torch.arange(T, device=x.device)
-    span = (at >= start[:, None]) & (at <= end[:, None])  # from the control token to the token before EOS
-    shifted = torch.stack([torch.where(span, lp, 0).sum(1) for lp in [logp[scored], *logp[B:].split(len(scored))]], 1)
+    h = forward(torch.cat([x, *moved]), hidden=True)
+    lm = linear_cross_entropy(h[:B].flatten(0, 1), head, y.flatten())
+    at = torch.arange(x.shape[1], device=x.device)
+    span = ((at >= start[:, None]) & (at <= end[:, None])).repeat(n, 1)  # from the control token to before EOS
+    where = torch.cat([scored, torch.arange(B, len(h), device=x.device)])  # the review's row under each rating
+    logits = h[where][span] @ head.t()
+    logp = -F.cross_entropy(logits.float(), y[scored].repeat(n, 1)[span], reduction="none")
+    review = torch.arange(n * len(scored), device=x.device)[:, None].expand_as(span)[span]
+    shifted = torch.zeros(n * len(scored), device=x.device).index_add(0, review, logp).view(n, -1).t()
     scores = shifted.gather(1, (torch.arange(n, device=x.device) - labels[:, None]) % n) + log_prior
-    return -logp[:B].mean(), F.cross_entropy(scores, labels)
+    return lm, F.cross_entropy(scores, labels)
 
 
 def first_reviews(x: torch.Tensor, y: torch.Tensor, controls: torch.Tensor, eos_id: int):

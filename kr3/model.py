@@ -189,9 +189,10 @@ class GPT(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, 0.0, 0.02)
 
-    def forward(self, idx, targets=None, cache: KVCache | None = None):
-        """Logits (B, T, V), or the mean cross-entropy when `targets` is given (then the logits are never whole).
-        With a cache, `idx` holds only the new tokens and positions continue from `cache.length`."""
+    def forward(self, idx, targets=None, cache: KVCache | None = None, hidden: bool = False):
+        """Logits (B, T, V), or the mean cross-entropy when `targets` is given (then the logits are never whole),
+        or with `hidden` the final hidden states (B, T, C) that the head turns into logits. With a cache, `idx`
+        holds only the new tokens and positions continue from `cache.length`."""
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.block_size:
@@ -206,6 +207,8 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length += T
         x = self.ln_f(x)
+        if hidden:
+            return x
         if targets is None:
             return self.head(x)
         return linear_cross_entropy(x.view(B * T, -1), self.head.weight, targets.reshape(-1))

@@ -145,8 +145,10 @@ class Trainer:
             self.rating_control_ids = torch.tensor([controls[r] for r in sorted(controls)], device=device)
             prior = classify.rating_prior(data.meta["splits"], controls)
             self.log_prior = torch.tensor(prior, dtype=torch.float32, device=device).log()
-        # rows the model runs per trained row (about): the rating loss runs some again, once per other rating
-        self.passes = 1 + (len(controls) - 1) * self.t.rating_loss_rows if self.t.rating_loss else 1
+        # the model's work per trained token, in whole passes: the rating loss runs some rows again through the
+        # blocks, once per other rating (the head only at their scored reviews, left out: a lower bound)
+        blocks = 1 - 6 * model.head.weight.numel() / model.flops_per_token()
+        self.passes = 1 + (len(controls) - 1) * self.t.rating_loss_rows * blocks if self.t.rating_loss else 1
         self.tokens_per_step = batches.per_step * model.cfg.block_size
         self.peak = hardware.peak_flops(device, dtype, self.t.peak_flops)
         self.tokens_per_s = None  # of the latest logged window
@@ -233,8 +235,8 @@ class Trainer:
         """(next-token loss, rating loss); the rating loss only with trainer.rating_loss > 0 (else None)."""
         if not self.t.rating_loss:
             return self.forward(x, y), None
-        return classify.training_losses(self.forward, x, y, self.rating_control_ids, self.log_prior, self.data.meta["eos_id"],
-                                        max(1, round(self.t.rating_loss_rows * len(x))))
+        return classify.training_losses(self.forward, self.model.head.weight, x, y, self.rating_control_ids, self.log_prior,
+                                        self.data.meta["eos_id"], max(1, round(self.t.rating_loss_rows * len(x))))
 
     def _after_step(self, bar) -> None:
         """Metrics, periodic evaluation and checkpoints, each at its own interval."""

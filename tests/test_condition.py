@@ -199,8 +199,8 @@ def test_the_rating_loss_is_the_classifier_cross_entropy_of_each_review():
     seqs = torch.tensor(rows)
     x, y = seqs[:, :-1], seqs[:, 1:]
     prior = np.array([0.2, 0.5, 0.3])
-    lm, rating = classify.training_losses(model, x, y, torch.tensor([3, 4, 5]), torch.tensor(prior).log().float(), eos,
-                                          rows=5)
+    lm, rating = classify.training_losses(model, model.head.weight, x, y, torch.tensor([3, 4, 5]),
+                                          torch.tensor(prior).log().float(), eos, rows=5)
     ll = classify.log_likelihoods(model, texts, controls, eos, 8, torch.device("cpu"), torch.float32)
     expected = torch.nn.functional.cross_entropy(torch.tensor(ll + np.log(prior)), torch.tensor(labels))
     assert rating.item() == pytest.approx(expected.item(), rel=1e-5)

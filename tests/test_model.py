@@ -50,6 +50,7 @@ def test_loss_and_shapes():
     model = GPT(tiny())
     x = torch.randint(0, 97, (3, 16))
     assert model(x).shape == (3, 16, 97)
+    assert torch.allclose(model(x, hidden=True) @ model.head.weight.t(), model(x), atol=1e-6)  # the head's input
     loss = model(x, x)
     assert abs(loss.item() - torch.log(torch.tensor(97.0)).item()) < 0.5  # near uniform at init
     with pytest.raises(ValueError, match="exceeds block_size"):
