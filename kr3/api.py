@@ -78,6 +78,7 @@ class Model:
         self.model, self.tokenizer, self.checkpoint, self.path = model, tokenizer, ckpt, path
         self.device, self.dtype, self.defaults = device, dtype, defaults
         self.clean = ckpt.config["data"]["clean"]
+        self._decoder_copy, self._decoder_of = None, None
 
     def __repr__(self) -> str:
         return (f"kr3.Model({str(self.path)!r}, step {self.checkpoint.step}, {self.model.num_params() / 1e6:.2f}M "
@@ -157,11 +158,21 @@ class Model:
         return Completer(self._decoder(), self.tokenizer, settings, self.clean, control, banned)
 
     def _decoder(self) -> GPT:
-        """The GPT that decodes: `model` itself in fp32, else a copy in `dtype` made for this call, so `model` keeps
-        its fp32 weights and a change to them is always what decodes."""
+        """The GPT that decodes: `model` itself in fp32, else a copy in `dtype`, so `model` keeps its fp32 weights.
+        The copy is made again only when a weight of `model` changed since (in place or replaced), so a change is
+        always what decodes, and a call does not copy a large model."""
         if self.dtype == torch.float32:
             return self.model
-        return copy.deepcopy(self.model).to(self.dtype)
+        weights = [*self.model.parameters(), *self.model.buffers()]  # held, so no id is reused while compared
+        stamp = (weights, [w._version for w in weights])
+        if self._decoder_of is None or not same_weights(stamp, self._decoder_of):
+            self._decoder_copy, self._decoder_of = copy.deepcopy(self.model).to(self.dtype), stamp
+        return self._decoder_copy
+
+
+def same_weights(a: tuple[list, list], b: tuple[list, list]) -> bool:
+    """Whether two (tensors, their versions) stamps name the same tensors, none changed in place between them."""
+    return len(a[0]) == len(b[0]) and all(x is y for x, y in zip(a[0], b[0])) and a[1] == b[1]
 
 
 def load(checkpoint: str | Path = "latest", device: str = "auto", precision: str = "auto",

@@ -352,7 +352,7 @@ class Server:
                 "kr3": {"ratings": self.m.ratings, "context_length": self.m.model.cfg.block_size,
                         "step": self.m.checkpoint.step, "limits": asdict(self.limits),
                         "defaults": {"max_tokens": min(d["max_new_tokens"], self.limits.max_tokens),
-                                     "temperature": d["temperature"], "top_p": d["top_p"]}}}
+                                     "temperature": d["temperature"], "top_p": d["top_p"], "guidance": d["guidance"]}}}
 
 
 def app(m: Model, limits: Limits | None = None, api_key: str | None = None, name: str = "kr3") -> FastAPI:

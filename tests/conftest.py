@@ -150,6 +150,14 @@ def served_run(tmp_path_factory, make_reviews, train_tiny):
                       "trainer.max_steps=80", "trainer.lr=3e-3", "trainer.warmup_steps=10")
 
 
+@pytest.fixture(scope="session")
+def rated_run(tmp_path_factory, make_reviews, train_tiny):
+    """A tiny model trained with data.condition=rating (briefly: the tests ask only that a rating reaches it): its
+    run folder."""
+    return train_tiny(tmp_path_factory.mktemp("rated"), make_reviews(1500, seed=3), "tokenizer.vocab_size=400",
+                      "data.condition=rating", "trainer.max_steps=30")
+
+
 @pytest.fixture
 def live_server():
     """live_server(app) serves an ASGI app with uvicorn on 127.0.0.1 (a free port) in a thread until the test ends;

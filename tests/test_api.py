@@ -96,3 +96,17 @@ def test_bf16_decodes_on_a_copy_and_keeps_fp32_weights(trained):
     assert isinstance(m16.complete("이 집"), str) and m16.score("이 집 짜장면")["tokens"] > 0
     assert m16.defaults["temperature"] == 0
     assert "bfloat16" in repr(m16)
+
+
+def test_bf16_decoding_copies_the_weights_once_and_again_after_they_change(trained):
+    from kr3 import load
+
+    m16 = load(trained[0], device="cpu", precision="bf16", temperature=0, max_new_tokens=6)
+    first = m16._decoder()
+    assert m16._decoder() is first and first.tok_emb.weight.dtype == torch.bfloat16
+    before = m16.next_tokens("이 집", 3)
+    with torch.no_grad():
+        m16.model.ln_f.bias.add_(m16.model.tok_emb.weight[m16.tokenizer.eos_id] * 5)  # in place: the same tensor
+    assert m16._decoder() is not first
+    assert torch.equal(m16._decoder().ln_f.bias, m16.model.ln_f.bias.to(torch.bfloat16))
+    assert m16.next_tokens("이 집", 3) != before

@@ -237,11 +237,8 @@ def test_the_page_is_served_and_needs_nothing_from_outside(client):
 
 
 @pytest.fixture(scope="module")
-def rated_model(tmp_path_factory, make_reviews, train_tiny):
-    """A tiny model trained with data.condition=rating (briefly: the tests ask only that a rating reaches it)."""
-    run = train_tiny(tmp_path_factory.mktemp("rated"), make_reviews(1500, seed=3), "tokenizer.vocab_size=400",
-                     "data.condition=rating", "trainer.max_steps=30")
-    return kr3.load(run, device="cpu", precision="fp32")
+def rated_model(rated_run):
+    return kr3.load(rated_run, device="cpu", precision="fp32")
 
 
 def test_a_rating_conditioned_checkpoint_takes_a_rating(rated_model):

@@ -63,3 +63,30 @@ def test_the_page_completes_a_korean_review_and_charts_the_next_token(browser, s
     assert (tmp_path / "serve.png").stat().st_size > 10_000
     errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
     assert not errors, errors
+
+
+def test_the_page_steers_the_chart_and_the_completion_by_a_rating(browser, rated_run, live_server):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    model = kr3.load(rated_run, device="cpu", precision="fp32")
+    browser.get(f"{live_server(serve.app(model))}/")
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda b: b.find_element(By.ID, "model").text.startswith("kr3"))
+    guidance = browser.find_element(By.ID, "guidance")
+    assert browser.find_element(By.ID, "guidance-control").is_displayed() and not guidance.is_enabled()
+    assert guidance.get_attribute("value") == "3"  # the server's default
+    browser.find_element(By.ID, "prompt").send_keys("이 집 짜장면은")
+    Select(browser.find_element(By.ID, "rating")).select_by_value("negative")
+    assert guidance.is_enabled()
+    browser.execute_script("arguments[0].value = 2; arguments[0].dispatchEvent(new Event('input'))", guidance)
+    chart = browser.find_element(By.ID, "chart")
+    wait.until(lambda b: (chart.get_attribute("data-rating"), chart.get_attribute("data-guidance")) == ("negative", "2"))
+    shown = [label.get_attribute("title") for label in browser.find_elements(By.CSS_SELECTOR, "#chart .token")]
+    assert shown == [text for text, _ in model.next_tokens("이 집 짜장면은", 10, rating="negative", guidance=2)]
+    assert shown != [text for text, _ in model.next_tokens("이 집 짜장면은", 10, rating="negative", guidance=1)]
+    browser.find_element(By.ID, "generate").click()
+    wait.until(lambda b: b.find_element(By.ID, "status").text in ("done", "stopped at the length limit"))
+    assert browser.find_element(By.ID, "completion").text.strip()
+    errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert not errors, errors

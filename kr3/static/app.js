@@ -28,9 +28,10 @@ function say(text, isError = false) {
   $("status").classList.toggle("error", isError);
 }
 
+// a chosen rating, with the guidance that steers towards it (the slider is off while the rating is "any")
 function rating() {
   const value = $("rating").value;
-  return $("rating-control").hidden || value === "" ? {} : { rating: value };
+  return $("rating-control").hidden || value === "" ? {} : { rating: value, guidance: Number($("guidance").value) };
 }
 
 async function connect() {
@@ -41,7 +42,7 @@ async function connect() {
     $("model").textContent = `${card.id} · step ${step}`;
     $("max_tokens").max = limits.max_tokens;
     for (const name of SLIDERS) $(name).value = defaults[name] ?? $(name).max;  // top_p null: off, i.e. 1
-    showRatings(ratings);
+    showRatings(ratings, defaults.guidance);
     SLIDERS.forEach(showValue);
     $("keyform").hidden = true;
     say("");
@@ -52,11 +53,19 @@ async function connect() {
   }
 }
 
-function showRatings(ratings) {
-  $("rating-control").hidden = !ratings;
+function showRatings(ratings, guidance) {
+  $("rating-control").hidden = $("guidance-control").hidden = !ratings;
   const select = $("rating");
   select.replaceChildren(new Option("any", ""));
   for (const name of ratings || []) select.add(new Option(RATING_LABELS[name] || name, name));
+  $("guidance").value = guidance;
+  showValue("guidance");
+  ratingChanged();
+}
+
+function ratingChanged() {
+  $("guidance").disabled = $("rating").value === "";
+  chartSoon();
 }
 
 function showValue(name) {
@@ -72,17 +81,19 @@ async function chart() {
   const asked = ++state.asked;
   try {
     const prompt = $("prompt").value;
-    const reply = await (await call("/v1/next_tokens", { model: state.model, prompt, k: 10, ...rating() })).json();
-    if (asked === state.asked) drawChart(reply.tokens, prompt);  // an answer to an older prompt is dropped
+    const steer = rating();
+    const reply = await (await call("/v1/next_tokens", { model: state.model, prompt, k: 10, ...steer })).json();
+    if (asked === state.asked) drawChart(reply.tokens, prompt, steer);  // an answer to an older prompt is dropped
   } catch (e) {
     say(e.message, true);
   }
 }
 
-function drawChart(tokens, prompt) {
+function drawChart(tokens, prompt, steer) {
   const top = Math.max(...tokens.map((t) => t.probability), 1e-9);
   $("chart").replaceChildren(...tokens.map((t) => chartRow(t, top)));
-  $("chart").dataset.prompt = prompt;  // the prompt these are the next tokens of
+  // what these are the next tokens of
+  Object.assign($("chart").dataset, { prompt, rating: steer.rating ?? "", guidance: steer.guidance ?? "" });
 }
 
 function chartRow(token, top) {
@@ -175,7 +186,8 @@ function start() {
   for (const name of SLIDERS) $(name).addEventListener("input", () => showValue(name));
   $("prompt").addEventListener("input", chartSoon);
   $("prompt").addEventListener("keydown", (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) complete(); });
-  $("rating").addEventListener("change", chartSoon);
+  $("rating").addEventListener("change", ratingChanged);
+  $("guidance").addEventListener("input", () => { showValue("guidance"); chartSoon(); });
   $("generate").addEventListener("click", complete);
   $("stop").addEventListener("click", () => state.running?.abort());
   $("keyform").addEventListener("submit", useKey);
