@@ -159,20 +159,28 @@ class Model:
 
     def _decoder(self) -> GPT:
         """The GPT that decodes: `model` itself in fp32, else a copy in `dtype`, so `model` keeps its fp32 weights.
-        The copy is made again only when a weight of `model` changed since (in place or replaced), so a change is
-        always what decodes, and a call does not copy a large model."""
+        The copy is kept (with the model's train/eval mode of that moment) and made again when a weight tensor of
+        `model` is replaced or changed in place through autograd-visible ops (optimizer.step, load_state_dict), so
+        such a change is what decodes; a write through `.data` or by a fused optimizer is not seen — then call
+        `refresh()`. Inference tensors keep no version: a model made under inference_mode is copied every call."""
         if self.dtype == torch.float32:
             return self.model
-        weights = [*self.model.parameters(), *self.model.buffers()]  # held, so no id is reused while compared
-        stamp = (weights, [w._version for w in weights])
-        if self._decoder_of is None or not same_weights(stamp, self._decoder_of):
+        weights = [*self.model.parameters(), *self.model.buffers()]
+        if any(w.is_inference() for w in weights):
+            return copy.deepcopy(self.model).to(self.dtype)
+        stamp = [(w, w.data_ptr(), w.dtype, w.device, w._version) for w in weights]  # w held: no id is reused
+        if not same_weights(stamp, self._decoder_of):
             self._decoder_copy, self._decoder_of = copy.deepcopy(self.model).to(self.dtype), stamp
         return self._decoder_copy
 
+    def refresh(self) -> None:
+        """Decode with `model`'s weights as they are now (see _decoder: only needed after writes it cannot see)."""
+        self._decoder_copy, self._decoder_of = None, None
 
-def same_weights(a: tuple[list, list], b: tuple[list, list]) -> bool:
-    """Whether two (tensors, their versions) stamps name the same tensors, none changed in place between them."""
-    return len(a[0]) == len(b[0]) and all(x is y for x, y in zip(a[0], b[0])) and a[1] == b[1]
+
+def same_weights(a: list[tuple], b: list[tuple] | None) -> bool:
+    """Whether two stamps (tensor, address, dtype, device, version) name the same tensors, unchanged between them."""
+    return b is not None and len(a) == len(b) and all(x[0] is y[0] and x[1:] == y[1:] for x, y in zip(a, b))
 
 
 def load(checkpoint: str | Path = "latest", device: str = "auto", precision: str = "auto",

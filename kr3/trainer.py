@@ -146,7 +146,8 @@ class Trainer:
             prior = classify.rating_prior(data.meta["splits"], controls)
             self.log_prior = torch.tensor(prior, dtype=torch.float32, device=device).log()
         # the model's work per trained token, in whole passes: the rating loss runs some rows again through the
-        # blocks, once per other rating (the head only at their scored reviews, left out: a lower bound)
+        # blocks, once per other rating; the head at their scored reviews is left out (a lower bound: MFU reads
+        # low, max_time's evaluation estimate is generous)
         blocks = 1 - 6 * model.head.weight.numel() / model.flops_per_token()
         self.passes = 1 + (len(controls) - 1) * self.t.rating_loss_rows * blocks if self.t.rating_loss else 1
         self.tokens_per_step = batches.per_step * model.cfg.block_size

@@ -104,9 +104,15 @@ def test_bf16_decoding_copies_the_weights_once_and_again_after_they_change(train
     m16 = load(trained[0], device="cpu", precision="bf16", temperature=0, max_new_tokens=6)
     first = m16._decoder()
     assert m16._decoder() is first and first.tok_emb.weight.dtype == torch.bfloat16
-    before = m16.next_tokens("이 집", 3)
+    before, original = m16.next_tokens("이 집", 3), m16.model.ln_f.bias.detach().clone()
     with torch.no_grad():
         m16.model.ln_f.bias.add_(m16.model.tok_emb.weight[m16.tokenizer.eos_id] * 5)  # in place: the same tensor
     assert m16._decoder() is not first
     assert torch.equal(m16._decoder().ln_f.bias, m16.model.ln_f.bias.to(torch.bfloat16))
     assert m16.next_tokens("이 집", 3) != before
+    changed = m16._decoder()
+    with torch.no_grad():
+        m16.model.ln_f.bias.data.copy_(original)  # through .data: not seen, until refresh()
+    assert m16._decoder() is changed
+    m16.refresh()
+    assert m16._decoder() is not changed and m16.next_tokens("이 집", 3) == before

@@ -69,13 +69,16 @@ def test_the_page_steers_the_chart_and_the_completion_by_a_rating(browser, rated
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    model = kr3.load(rated_run, device="cpu", precision="fp32")
+    model = kr3.load(rated_run, device="cpu", precision="fp32", guidance=2.5)
     browser.get(f"{live_server(serve.app(model))}/")
     wait = WebDriverWait(browser, 30)
     wait.until(lambda b: b.find_element(By.ID, "model").text.startswith("kr3"))
+    # record what the page asks the server
+    browser.execute_script("window.sent = []; const f = window.fetch; window.fetch = (url, o) => "
+                           "{ if (o && o.body) window.sent.push([url, JSON.parse(o.body)]); return f(url, o); }")
     guidance = browser.find_element(By.ID, "guidance")
     assert browser.find_element(By.ID, "guidance-control").is_displayed() and not guidance.is_enabled()
-    assert guidance.get_attribute("value") == "3"  # the server's default
+    assert guidance.get_attribute("value") == "2.5"  # the server's default
     browser.find_element(By.ID, "prompt").send_keys("이 집 짜장면은")
     Select(browser.find_element(By.ID, "rating")).select_by_value("negative")
     assert guidance.is_enabled()
@@ -84,9 +87,11 @@ def test_the_page_steers_the_chart_and_the_completion_by_a_rating(browser, rated
     wait.until(lambda b: (chart.get_attribute("data-rating"), chart.get_attribute("data-guidance")) == ("negative", "2"))
     shown = [label.get_attribute("title") for label in browser.find_elements(By.CSS_SELECTOR, "#chart .token")]
     assert shown == [text for text, _ in model.next_tokens("이 집 짜장면은", 10, rating="negative", guidance=2)]
-    assert shown != [text for text, _ in model.next_tokens("이 집 짜장면은", 10, rating="negative", guidance=1)]
     browser.find_element(By.ID, "generate").click()
     wait.until(lambda b: b.find_element(By.ID, "status").text in ("done", "stopped at the length limit"))
     assert browser.find_element(By.ID, "completion").text.strip()
+    sent = browser.execute_script("return window.sent")
+    asked = {url: (body.get("rating"), body.get("guidance")) for url, body in sent}  # the last request to each
+    assert asked == {"/v1/next_tokens": ("negative", 2), "/v1/completions": ("negative", 2)}
     errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
     assert not errors, errors

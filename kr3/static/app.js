@@ -58,6 +58,7 @@ function showRatings(ratings, guidance) {
   const select = $("rating");
   select.replaceChildren(new Option("any", ""));
   for (const name of ratings || []) select.add(new Option(RATING_LABELS[name] || name, name));
+  $("guidance").max = Math.max(6, guidance);  // the server's default is always on the slider
   $("guidance").value = guidance;
   showValue("guidance");
   ratingChanged();
