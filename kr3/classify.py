@@ -108,9 +108,9 @@ def training_losses(forward, head: torch.Tensor, x: torch.Tensor, y: torch.Tenso
     at = torch.arange(x.shape[1], device=x.device)
     span = ((at >= start[:, None]) & (at <= end[:, None])).repeat(n, 1)  # from the control token to before EOS
     where = torch.cat([scored, torch.arange(B, len(h), device=x.device)])  # the review's row under each rating
-    logits = h[where][span] @ head.t()
-    logp = -F.cross_entropy(logits.float(), y[scored].repeat(n, 1)[span], reduction="none")
-    review = torch.arange(n * len(scored), device=x.device)[:, None].expand_as(span)[span]
+    review, pos = span.nonzero(as_tuple=True)  # the scored positions, each with its (review, rating) row
+    logits = h[where[review], pos] @ head.t()
+    logp = -F.cross_entropy(logits.float(), y[scored.repeat(n)[review], pos], reduction="none")
     shifted = torch.zeros(n * len(scored), device=x.device).index_add(0, review, logp).view(n, -1).t()
     scores = shifted.gather(1, (torch.arange(n, device=x.device) - labels[:, None]) % n) + log_prior
     return lm, F.cross_entropy(scores, labels)
