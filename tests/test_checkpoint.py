@@ -51,3 +51,16 @@ def test_bad_device_and_precision():
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="no CUDA device is visible"):
             hardware.resolve_device("cuda")
+
+
+def test_stages_let_fp32_matmuls_use_tf32_on_a_gpu_only(monkeypatch):
+    matmul = torch.backends.cuda.matmul
+    before, matmul.allow_tf32 = matmul.allow_tf32, False
+    try:
+        hardware.setup("cpu", "fp32")
+        assert not matmul.allow_tf32
+        monkeypatch.setattr(hardware, "resolve_device", lambda name: torch.device("cuda", 0))
+        assert hardware.setup("cuda", "fp32") == (torch.device("cuda", 0), torch.float32)
+        assert matmul.allow_tf32
+    finally:
+        matmul.allow_tf32 = before
