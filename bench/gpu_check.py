@@ -11,14 +11,18 @@ written, prepared with the default SentencePiece tokenizer, and trained on. What
     and compiled; small eager again under `trainer.profile` and under `torchrun --nproc_per_node=1`;
 then prints one table (tokens/s, trainer/bare ratio, MFU, peak memory) and the trainer's top CUDA and CPU ops.
 
-A GPU machine with torch but without kr3's other dependencies: build wheels here and carry them there.
-    uv export --no-dev --no-hashes --no-emit-project | grep -v -E '^(torch|nvidia|triton)' > /tmp/req.txt
-    uv run --with pip pip download -r /tmp/req.txt --only-binary=:all: -d wheels/
-there: python bench/gpu_check.py --wheels wheels   (installs only the missing ones, offline)
+A GPU machine with torch but without kr3's other dependencies (the lent H200: Python 3.12, no package index):
+carry them as wheels in the checkout's .whl/ (the versions uv.lock pins; all pure Python):
+    echo /.whl/ >> .git/info/exclude
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp -d .whl \
+        hydra-core==1.3.8 omegaconf==2.3.1 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+    python3 -m pip wheel --no-deps antlr4-python3-runtime==4.9.3 -w .whl   # a source archive only: build it here
+there, before this script:
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 """
 
 import argparse
-import importlib.util
+import importlib
 import json
 import statistics
 import subprocess
@@ -28,9 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-NEEDED = {"hydra": "hydra-core", "omegaconf": "omegaconf", "datasets": "datasets", "sentencepiece": "sentencepiece",
-          "tokenizers": "tokenizers", "pandas": "pandas", "pyarrow": "pyarrow", "tqdm": "tqdm",
-          "matplotlib": "matplotlib", "filelock": "filelock"}
+NEEDED = ["hydra", "omegaconf", "datasets", "sentencepiece", "tokenizers", "pandas", "pyarrow", "tqdm", "matplotlib",
+          "filelock"]  # what prepare and train import
 SHAPES = {  # name: (model overrides, batch, block)
     "small": (["model=small"], 256, 256),
     "base": (["model=base", "model.dropout=0.0"], 64, 512),
@@ -39,14 +42,15 @@ DRY = {"small": (["model=tiny"], 8, 64), "base": (["model=tiny", "model.n_layers
 VOCAB = {"cuda": 8000, "cpu": 4000}  # the prepared vocabulary; the bare step uses the same
 
 
-def install_missing(wheels: Path | None) -> None:
-    missing = [pkg for mod, pkg in NEEDED.items() if importlib.util.find_spec(mod) is None]
-    if not missing:
-        return
-    if wheels is None:
-        sys.exit(f"missing: {', '.join(missing)} — carry wheels and pass --wheels DIR (see this file's docstring)")
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(wheels), *missing],
-                   check=True)
+def check_imports() -> None:
+    missing = []
+    for mod in NEEDED:
+        try:
+            importlib.import_module(mod)
+        except ImportError:
+            missing.append(mod)
+    if missing:
+        sys.exit(f"cannot import {', '.join(missing)} — carry wheels as this file's docstring says")
 
 
 def bare_step(model_args: list[str], batch: int, block: int, device: str, compiled: bool, torch_loss: bool,
@@ -60,6 +64,7 @@ def bare_step(model_args: list[str], batch: int, block: int, device: str, compil
     from kr3.model import GPT, GPTConfig
 
     cfg = compose([*model_args, f"model.block_size={block}"])
+    torch._dynamo.reset()  # each shape compiled afresh: a second shape would otherwise be compiled dynamic
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_cfg(cfg.model, vocab_size=VOCAB[device])).to(device)
     opt = torch.optim.AdamW(model.param_groups(0.1), lr=1e-4, fused=device == "cuda")
@@ -143,9 +148,8 @@ def main():
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--steps", type=int, default=None, help="timed steps per job (default 40 on cuda, 4 on cpu)")
     ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "gpu-check")
-    ap.add_argument("--wheels", type=Path, default=None)
     a = ap.parse_args()
-    install_missing(a.wheels)
+    check_imports()
     import torch
 
     steps = a.steps or (40 if a.device == "cuda" else 4)

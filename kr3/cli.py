@@ -68,8 +68,8 @@ def main():
         check_overrides(sys.argv[1:])
     except UserError as e:
         fail(str(e))
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # under torchrun: join before Hydra picks the run folder
-        from kr3 import distributed
+    if "WORLD_SIZE" in os.environ:  # under torchrun, also of one process: join before Hydra picks the run folder
+        from kr3 import distributed  # not before: `--help` needs no torch
 
         distributed.init()
         atexit.register(distributed.teardown)

@@ -33,6 +33,11 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def launched() -> bool:
+    """Started by torchrun (or as a submitit job's task): a process group to join, also of one process."""
+    return "WORLD_SIZE" in os.environ
+
+
 def adopt_submitit_tasks() -> None:
     """Under hydra/launcher=submitit_* every task of a job is one process of it: give each the variables
     torchrun would (rank, local rank, world size, rendezvous on the first node)."""
@@ -50,7 +55,7 @@ def init() -> None:
     """Join the process group torchrun (or a submitit job) describes, once per process (a Hydra multirun
     reuses it), and agree on one start time so that every rank resolves the same Hydra run folder."""
     adopt_submitit_tasks()
-    if world_size() == 1 or is_distributed():
+    if not launched() or is_distributed():
         return
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
@@ -100,6 +105,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def rank0_int(value: int) -> int:
+    """Rank 0's value on every rank: a decision each rank could take differently (from its own clock) must be one."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def teardown() -> None:

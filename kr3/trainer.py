@@ -135,7 +135,8 @@ class Trainer:
         in_place = resumed is not None and resumed.in_place
         self.tracker = Tracker(cfg, run_dir, enabled=self.main, resume_id=resumed.ckpt.wandb_run_id if in_place else None,
                                history_until=resumed.step if in_place else None)
-        self.ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        # buffers (the control ids) never change: no broadcast before each forward
+        self.ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False) \
             if distributed.is_distributed() else None
         self.forward = torch.compile(self.ddp or model) if self.t.compile else self.ddp or model
         self.tokenizer = data.tokenizer
@@ -165,7 +166,8 @@ class Trainer:
         return table([
             ("data", f"{self.data.dir} ({meta['splits']['train']['tokens']:,} train tokens)"),
             ("model", f"{m.num_params() / 1e6:.2f}M parameters, {m.cfg.n_layers} layers, d_model {m.cfg.d_model}"),
-            ("device", f"{self.device} × {distributed.world_size()} process(es), {str(self.dtype).replace('torch.', '')}"
+            ("device", f"{self.device} × {distributed.world_size()} process(es){' (DDP)' if self.ddp else ''}, "
+                       f"{str(self.dtype).replace('torch.', '')}"
                        f"{', compiled' if self.t.compile else ''}, {torch.get_num_threads()} threads"),
             ("steps", f"{self.step} → {self.total} ({self.batches.steps_per_epoch} per epoch, "
                       f"{self.tokens_per_step:,} tokens each)"),
@@ -261,7 +263,7 @@ class Trainer:
         share_s = scoring_seconds(self.share_n, tokens_per_s)
         per_step = step_s + (share_s / self.t.eval_interval if self.t.eval_interval else 0.0)
         left = self.budget_s - (now - self.started) - scoring_seconds(self.final_n, tokens_per_s)
-        self.total = max(self.step + 1, self.step + int(left / per_step))
+        self.total = distributed.rank0_int(max(self.step + 1, self.step + int(left / per_step)))
         bar.total = self.total
         bar.refresh()
         log.info(f"trainer.max_time={self.t.max_time}: {step_s * 1e3:.0f} ms per step here, so max_steps={self.total} "

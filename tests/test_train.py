@@ -1,3 +1,4 @@
+import gzip
 import math
 import os
 import re
@@ -116,7 +117,7 @@ def test_profile_traces_the_model_ops(corpus, tmp_path):
 
     _, run_dir = train_in_process(corpus, tmp_path, "trainer.max_steps=5", "trainer.eval_interval=0",
                                   "trainer.profile.start=2", "trainer.profile.steps=2")
-    events = json.loads((run_dir / "profile" / "trace.json").read_text())["traceEvents"]
+    events = json.loads(gzip.decompress((run_dir / "profile" / "trace.json.gz").read_bytes()))["traceEvents"]
     names = {e.get("name", "") for e in events}
     assert any("scaled_dot_product" in n for n in names) and any("_LinearCrossEntropy" in n for n in names)
     assert any(n.startswith("aten::addmm") or n.startswith("aten::mm") for n in names)
@@ -344,6 +345,47 @@ def test_two_processes_match_one(corpus, tmp_path, optimizer, split):
     assert sorted(a) == sorted(b) == list(range(1, 13))  # rank 0 alone logged
     np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=2e-4, atol=2e-5)
     np.testing.assert_allclose(losses(runs[0], "val/loss")[12], losses(tmp_path / "one", "val/loss")[12], rtol=2e-4)
+
+
+def test_torchrun_with_one_process_trains_through_ddp(corpus, tmp_path):
+    """torchrun --nproc_per_node=1 joins a process group of one and trains through DDP (what a one-GPU torchrun
+    measures), step for step as a plain run."""
+    common = [*base(corpus, tmp_path), "stage=train", "trainer.max_steps=4", "trainer.eval_interval=0",
+              "trainer.log_interval=1"]
+    one = cli([*common, f"hydra.run.dir={tmp_path / 'plain'}"])
+    assert one.returncode == 0, one.stderr
+    ddp = cli([*common, f"hydra.run.dir={tmp_path / 'ddp'}"], torchrun=1)
+    assert ddp.returncode == 0, ddp.stderr
+    assert "1 process(es) (DDP)" in (tmp_path / "ddp" / "run.log").read_text()
+    assert "(DDP)" not in (tmp_path / "plain" / "run.log").read_text()
+    a, b = losses(tmp_path / "plain"), losses(tmp_path / "ddp")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-5)
+
+
+def _rank0_int_of(rank: int, port: int, out) -> None:
+    import torch.distributed as dist
+
+    from kr3 import distributed
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    out[rank] = distributed.rank0_int(100 + rank)  # each rank's own budget, as max_time computes it
+    dist.destroy_process_group()
+
+
+def test_ranks_take_rank0s_step_count():
+    """max_time's step count comes from each rank's own clock: every rank must take rank 0's, or one would wait in
+    a collective the others never reach."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_rank0_int_of, args=(port, out), nprocs=2)
+    assert dict(out) == {0: 100, 1: 100}
 
 
 def test_two_processes_train_with_the_rating_loss(corpus, tmp_path):
