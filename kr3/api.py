@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from kr3 import checkpoint as kckpt
 from kr3 import hardware
 from kr3.config import CONFIG_DIR, ROOT
-from kr3.errors import UserError
+from kr3.errors import UserError, check_values
 from kr3.prepared import rating_controls
 from kr3.sampling import DECODING, Completer, check_decoding, cleaned, rating_control
 from kr3.scoring import metrics, token_loss
@@ -145,7 +145,8 @@ class Model:
                      show_progress: bool = False) -> dict:
         """score() of a token stream (reviews each followed by the end-of-review token) holding `chars` characters:
         {tokens, loss, ppl, bpc}, the first `max_tokens` scored."""
-        scored = tokens[: int(max_tokens)] if max_tokens else tokens
+        check_values("score", {"max_tokens": max_tokens}, {"max_tokens": ("int", 1, None, True)})
+        scored = tokens[: max_tokens] if max_tokens else tokens
         nats, n = token_loss(self.model, scored, self.tokenizer.eos_id, self.model.cfg.block_size, batch_size,
                              self.device, self.dtype, show_progress=show_progress)
         return {"tokens": n, **metrics(nats, n, len(tokens), chars)}

@@ -12,16 +12,34 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 @contextmanager
 def replacing(path: str | Path):
-    """Yield a temporary path beside `path`; on success it replaces `path`, on failure it is removed."""
+    """Yield a temporary path beside `path`, already made (empty): a path that cannot be written fails before any
+    work. On success it replaces `path`, on failure it is removed."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
+    if path.is_dir():
+        raise UserError(f"{path} is a folder — give the path of a file to write")
     with disk_full_as_user_error(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
+        with unwritable_as_user_error(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.touch()
         try:
             yield tmp
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def unwritable_as_user_error(path: str | Path):
+    """Making `path` or its folder failed (no permission, a file where a folder should be, a read-only or virtual
+    file system): one line. A full disk is left to disk_full_as_user_error."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in DISK_FULL:
+            raise
+        raise UserError(f"cannot write {path} ({e.strerror or type(e).__name__}) — give a path in a folder you can "
+                        "write") from None
 
 
 @contextmanager

@@ -8,13 +8,14 @@ import io
 import math
 import os
 import re
+import warnings
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 import torch
 
 from kr3.atomic import replacing
-from kr3.errors import UserError
+from kr3.errors import UserError, first_line
 
 FORMAT_VERSION = 1
 CKPT_DIR = "checkpoints"
@@ -106,7 +107,9 @@ def load(path: str | Path, map_location="cpu", resume: bool = False) -> Checkpoi
     """The checkpoint at `path`, with every field generate/evaluate read (and, with `resume`, what resuming reads)."""
     path = Path(path)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns before refusing a foreign pickle: the error below says it
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise UserError(f"checkpoint {path} does not exist — check the path") from None
     except Exception as e:  # truncated zip, garbage bytes, unpickling refused
@@ -118,13 +121,17 @@ def load(path: str | Path, map_location="cpu", resume: bool = False) -> Checkpoi
         raise UserError(f"{path} is not a kr3 checkpoint — give a file written by stage=train")
     if state["format_version"] != FORMAT_VERSION:
         raise UserError(
-            f"checkpoint {path} has format_version {state['format_version']}, this kr3 reads {FORMAT_VERSION} "
+            f"checkpoint {path} has format_version {state['format_version']!r}, this kr3 reads {FORMAT_VERSION!r} "
             "— use the kr3 version that wrote it"
         )
     missing = [k for k in REQUIRED if k not in state]
     if missing:
         raise UserError(f"checkpoint {path} is incomplete (no {', '.join(missing)}) — use another one, e.g. an earlier "
                         "step-*.pt of the same run")
+    wrong = [k for k in REQUIRED if not isinstance(state[k], int if k == "step" else dict)]
+    if wrong:
+        raise UserError(f"checkpoint {path} holds {', '.join(wrong)} of the wrong kind — it was changed after "
+                        "training; use another one")
     missing = [k for k in RESUME_REQUIRED if resume and k not in state]
     if missing:
         raise UserError(f"checkpoint {path} holds no {', '.join(missing)} (weights only?), so it cannot be resumed "
@@ -160,8 +167,14 @@ def load_model(path: str | Path, device, dtype=None, log_dir: str | Path | None 
     from kr3 import tokenizer as ktok
     from kr3.model import GPT, GPTConfig
 
-    ckpt = load(locate(path, log_dir))
-    model = GPT(GPTConfig(**ckpt.model_config))
-    model.load_state_dict(ckpt.model)
+    path = locate(path, log_dir)
+    ckpt = load(path)
+    try:
+        model = GPT(GPTConfig(**ckpt.model_config))
+        model.load_state_dict(ckpt.model)
+        tokenizer = ktok.from_files(ckpt.tokenizer["files"])
+    except Exception as e:  # a file edited after training: fields of other types, shapes or keys
+        raise UserError(f"checkpoint {path} holds a model or tokenizer kr3 cannot rebuild ({first_line(e)}) — it was "
+                        "changed after training; use another checkpoint") from None
     model.to(device=device, dtype=dtype).eval()
-    return model, ktok.from_files(ckpt.tokenizer["files"]), ckpt
+    return model, tokenizer, ckpt

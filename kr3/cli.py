@@ -12,10 +12,10 @@ from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue
 
 from kr3.config import CONFIG_DIR, compose, quote_free_text, register_resolvers
-from kr3.errors import UserError
+from kr3.errors import UserError, check_values
 
 register_resolvers()  # here, not in main(): submitit's job processes import this module, then run a job
 
@@ -28,16 +28,35 @@ def run_stage(cfg: DictConfig):
     try:
         if cfg.stage not in STAGES:
             raise UserError(f"stage={cfg.stage} is not a stage — use one of: {', '.join(STAGES)}")
+        check_values("", cfg, {"seed": ("int", 0, 2**63 - 1, False)})
         return objective(importlib.import_module(STAGES[cfg.stage]).run(cfg))
     except MissingMandatoryValue as e:
         discard_empty_run_folder()
         fail(f"{e.full_key} is required — add {e.full_key}=... to the command")
+    except (ConfigAttributeError, ConfigKeyError) as e:
+        removed = removed_by(e.full_key)
+        if removed is None:
+            raise
+        discard_empty_run_folder()
+        fail(f"{e.full_key} is read by stage={cfg.stage}, and ~{removed} removed it — give it a value (null where "
+             "allowed) instead of removing it")
     except UserError as e:
         discard_empty_run_folder()
         fail(str(e))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def removed_by(key: str) -> str | None:
+    """The `~key` override of this command that removed `key` (or a section holding it), if any."""
+    from hydra.core.hydra_config import HydraConfig
+
+    for override in HydraConfig.get().overrides.task:
+        removed = override[1:].split("=")[0]
+        if override.startswith("~") and (key == removed or key.startswith(removed + ".")):
+            return removed
+    return None
 
 
 def objective(result):
@@ -79,7 +98,8 @@ def main():
 def check_overrides(argv: list[str]):
     """Hydra runs `+trainer.lrr=1` with the typo ignored (and suggests that `+` for `trainer.lrr=1`), and answers
     `model=huge` in several lines. kr3 reads no key that conf/ lacks, so both are typos: one line naming the known
-    ones. Bad syntax, Hydra's own keys and runs that bring their own config (-cn, -cd, ...) are left to Hydra."""
+    ones. A value of another kind than its default (`model.n_layers=abc`) and bad syntax are one line too. Hydra's
+    own keys and runs that bring their own config (-cn, -cd, ...) are left to Hydra."""
     from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
@@ -88,16 +108,22 @@ def check_overrides(argv: list[str]):
     if any((args.help, args.hydra_help, args.shell_completion, args.info, args.experimental_rerun,
             args.config_path, args.config_name, args.config_dir)):
         return
-    try:
-        overrides = [o for o in OverridesParser.create().parse_overrides(args.overrides) if not o.is_hydra_override()]
-    except OverrideParseException:
-        return
+    parser, overrides = OverridesParser.create(), []
+    for line in args.overrides:
+        try:
+            overrides += [o for o in parser.parse_overrides([line]) if not o.is_hydra_override()]
+        except OverrideParseException as e:
+            reason = "; ".join(x for x in str(e).splitlines() if not x.startswith(("Error parsing", "See ")))
+            raise UserError(f"cannot read the override {line!r} ({reason}) — write key=value; quote a value with "
+                            "spaces or brackets: key='[a b'") from None
     groups = {o.key_or_group: group_choices(o) for o in overrides if (CONFIG_DIR / o.key_or_group).is_dir()}
     keys = [o for o in overrides if o.key_or_group not in groups]
-    known = known_keys(groups) if keys else None
-    if known:  # empty: the config does not compose, and Hydra will say why
+    defaults = composed(groups) if keys else None
+    if defaults:  # None: the config does not compose, and Hydra will say why
+        known = config_keys(OmegaConf.to_container(defaults))
         for o in keys:
             check_key(o.key_or_group, o.is_add(), known)
+            check_kind(o, defaults)
 
 
 def group_choices(override) -> list[str]:
@@ -116,17 +142,43 @@ def group_choices(override) -> list[str]:
     return [f"{override.get_key_element()}={value}" for value in values]
 
 
-def known_keys(groups: dict[str, list[str]]) -> set[str]:
-    """The keys of the config these group choices compose; for a sweep over a group (`model=tiny,base`), those of
-    every option. Empty when it does not compose: Hydra will say why."""
+def composed(groups: dict[str, list[str]]) -> DictConfig | None:
+    """The config these group choices compose, as a dict; for a sweep over a group (`model=tiny,base`), every
+    option's merged into it (the first option's values win). None when it does not compose: Hydra will say why."""
     from hydra.errors import HydraException
 
     first = {group: choices[0] for group, choices in groups.items()}
     variants = [first, *({**first, group: c} for group, choices in groups.items() for c in choices[1:])]
     try:
-        return set().union(*(config_keys(OmegaConf.to_container(compose(list(v.values())))) for v in variants))
+        trees = [OmegaConf.create(OmegaConf.to_container(compose(list(v.values())))) for v in variants]
     except (HydraException, ValueError):  # ValueError: Hydra's own, for `experiment=null`
-        return set()
+        return None
+    return OmegaConf.merge(*reversed(trees))
+
+
+def check_kind(override, defaults: DictConfig) -> None:
+    """`model.n_layers=abc` or `data.clean.nfc=maybe` would fail deep in a stage, or pass unseen: a value (each of a
+    sweep) must be of its default's kind — a flag, a number, a list — or null. Defaults that are null or text take
+    any value; interpolations (`${...}`) are left to OmegaConf."""
+    from hydra.core.override_parser.types import ValueType
+
+    if override.is_delete() or override.value_type in (ValueType.INTERVAL_SWEEP, ValueType.GLOB_CHOICE_SWEEP):
+        return
+    default = OmegaConf.select(defaults, override.key_or_group)
+    kinds = {bool: ("true or false", (bool,)), int: ("an integer", (int,)), float: ("a number", (int, float)),
+             list: ("a list, e.g. [1,2]", (list,))}
+    name, accepted = next((v for k, v in kinds.items() if type(default) is k or (k is list and OmegaConf.is_list(default))),
+                          (None, None))
+    if name is None:
+        return
+    values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
+    for value in values:
+        if value is None or (isinstance(value, str) and value.startswith("${")):
+            continue
+        if not isinstance(value, accepted) or (bool not in accepted and isinstance(value, bool)):
+            shown = value if override.is_sweep_override() else override.input_line.split("=", 1)[1]  # as typed
+            raise UserError(f"{override.key_or_group}={shown} must be {name} (its default: "
+                            f"{str(default).lower() if isinstance(default, bool) else default})")
 
 
 def config_keys(tree: dict, prefix: str = "") -> set[str]:

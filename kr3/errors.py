@@ -1,3 +1,6 @@
+import math
+
+
 class UserError(Exception):
     """A mistake the user can fix: shown as one line ("what is wrong — what to do"), no traceback."""
 
@@ -11,7 +14,8 @@ def first_line(e: BaseException) -> str:
 def check_values(section: str, values, rules: dict) -> None:
     """One-line errors for config values that would otherwise fail deep inside a stage. `rules` maps a key to
     (kind, low, high, null_ok): kind "int" or "number"; low inclusive, or exclusive as ("above", x); high
-    inclusive or None; null_ok whether null is accepted."""
+    inclusive or None; null_ok whether null is accepted. Infinity and NaN are no number here. `section` "" names
+    top-level keys."""
     for key, (kind, low, high, null_ok) in rules.items():
         value = values[key]
         if value is None and null_ok:
@@ -19,11 +23,12 @@ def check_values(section: str, values, rules: dict) -> None:
         above = isinstance(low, tuple)
         low = low[1] if above else low
         ok = (isinstance(value, int if kind == "int" else (int, float)) and not isinstance(value, bool)
-              and (value > low if above else value >= low) and (high is None or value <= high))
+              and math.isfinite(value) and (value > low if above else value >= low) and (high is None or value <= high))
         if not ok:
             bound = f"{'>' if above else '≥'} {low}" + (f" and ≤ {high}" if high is not None else "")
             shown = "null" if value is None else value
-            raise UserError(f"{section}.{key}={shown} must be {'an integer' if kind == 'int' else 'a number'} {bound}"
+            name = f"{section}.{key}" if section else key
+            raise UserError(f"{name}={shown} must be {'an integer' if kind == 'int' else 'a number'} {bound}"
                             + (", or null" if null_ok else ""))
 
 

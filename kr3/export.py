@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kr3.api import Model
-from kr3.atomic import disk_full_as_user_error
+from kr3.atomic import disk_full_as_user_error, unwritable_as_user_error
 from kr3.errors import UserError
 from kr3.model import GPT, GPTConfig
 from kr3.sampling import stop_strings
@@ -209,14 +209,17 @@ def _unigram_vocab(pieces: list[tuple[str, float, int]]) -> list[tuple[str, floa
 def replacing_folder(out: Path) -> Iterator[Path]:
     """A temp folder beside `out` that takes its place when the block ends well and is removed when it fails, so
     `out` is never half-written. An existing `out` is replaced only when it is empty or an earlier export."""
-    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / "model.safetensors").is_file()):
+    if out.is_file():
+        raise UserError(f"export.dir={out} is a file — give a new or empty folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "model.safetensors").is_file():
         raise UserError(f"export.dir={out} holds other files — give a new or empty folder (an earlier export there "
                         "is replaced)")
     tmp, old = (out.parent / f".{out.name}.{kind}-{os.getpid()}" for kind in ("tmp", "old"))
     with disk_full_as_user_error(out):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        with unwritable_as_user_error(out):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
         try:
             yield tmp
             if out.exists():

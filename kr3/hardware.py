@@ -63,9 +63,10 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return distributed.device()
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("trainer.device=cuda but no CUDA device is visible — use trainer.device=auto or cpu")
+        raise UserError("device=cuda but no CUDA device is visible — use device=auto or cpu (trainer.device, "
+                        "generate.device, ...)")
     if name not in ("cpu", "cuda"):
-        raise UserError(f"trainer.device={name} is not known — use auto, cpu or cuda")
+        raise UserError(f"device={name} is not known — use auto, cpu or cuda (trainer.device, generate.device, ...)")
     return distributed.device() if name == "cuda" else torch.device("cpu")
 
 

@@ -255,6 +255,11 @@ def conditioned(dcfg, corpus) -> bool:
     if corpus.labels is None:
         raise UserError(f"data.condition=rating needs ratings, and {corpus.source} has no integer rating column "
                         f"{dcfg.label_column!r} — set data.label_column or data.condition=null")
+    if not set(corpus.labels) & RATING_NAMES.keys():
+        held = sorted({label for label in corpus.labels if label is not None})[:5]
+        raise UserError(f"data.condition=rating: no review of {corpus.source} has a KR3 rating (0 negative, 1 "
+                        f"positive, 2 ambiguous); column {dcfg.label_column!r} holds {held or 'none'} — map its "
+                        "values to those, or set data.condition=null")
     return True
 
 

@@ -46,6 +46,16 @@ def find(resume: str | None, run_dir: Path) -> Path | None:
     return checkpoint.resolve(resume)
 
 
+def refuse_other_run(run_dir: Path) -> None:
+    """A run trained anew in a folder that holds another run's checkpoints would replace its best.pt and mix its
+    own with them (a later resume=auto would pick the other run's newest)."""
+    held = [p.name for p in (*checkpoint.list_steps(run_dir), Path(run_dir) / checkpoint.CKPT_DIR / checkpoint.BEST)
+            if p.exists()]
+    if held:
+        raise UserError(f"{run_dir} already holds a run's checkpoints ({', '.join(held)}) — continue it with "
+                        "trainer.resume=auto, or train anew in another folder (hydra.run.dir=...)")
+
+
 # what shapes the prepared data: taken from the checkpoint on resume unless the command gives one of them
 DATA_KEYS = ("data", "tokenizer", "seed", "paths.data_dir")
 

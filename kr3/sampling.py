@@ -16,13 +16,14 @@ from kr3.model import GPT, KVCache
 
 log = logging.getLogger(__name__)
 END_OF_REVIEW = "<end of review>"  # next_tokens' text for the end-of-review (EOS) token
+MAX_GUIDANCE = 100.0  # far past any use (3 steers a small model fully); larger ones only overflow
 # decoding option: (kind, low, high, null_ok) for errors.check_values; `stop` (strings) is checked on its own.
 # Their defaults are the `generate:` block of conf/config.yaml.
 DECODING_RULES = {
     "temperature": ("number", 0, None, False), "top_k": ("int", 0, None, True),
     "top_p": ("number", ("above", 0), 1, True), "repetition_penalty": ("number", ("above", 0), None, False),
-    "max_new_tokens": ("int", 1, None, False), "num_samples": ("int", 1, None, False), "seed": ("int", 0, None, False),
-    "guidance": ("number", 1, None, False),
+    "max_new_tokens": ("int", 1, None, False), "num_samples": ("int", 1, None, False),
+    "seed": ("int", 0, 2**63 - 1, False), "guidance": ("number", 1, MAX_GUIDANCE, False),
 }
 DECODING = (*DECODING_RULES, "stop", "rating")  # every decoding option
 
@@ -86,9 +87,13 @@ def pick(logits, seen, temperature, top_k, top_p, repetition_penalty, generator)
         idx = torch.tensor(sorted(set(seen)), device=logits.device)
         vals = logits[idx]
         logits[idx] = torch.where(vals > 0, vals / repetition_penalty, vals * repetition_penalty)
+    if torch.isnan(logits).any():
+        raise UserError("the model's next-token scores are NaN: its weights are — use a checkpoint from before the "
+                        "run diverged")
     if temperature <= 0:
         return int(logits.argmax())
-    logits = logits / temperature
+    # ≤ 0 and in fp64: a tiny temperature gives −inf or a finite number, never 0/0 or inf − inf
+    logits = (logits.double() - logits.max()) / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
         logits[logits < kth] = -float("inf")
@@ -144,7 +149,7 @@ class Completer:
         """Yield pieces of completion text as they are decoded; the last item is a stats dict."""
         g = self.g
         ids = self.encode_prompt(prompt)
-        generator = torch.Generator().manual_seed(int(g.seed) + sample)
+        generator = torch.Generator().manual_seed((int(g.seed) + sample) % 2**63)
         start = time.perf_counter()
         prefix = self.tok.decode(ids)
         text, shown, new, first = "", "", [], None
@@ -200,6 +205,12 @@ class Completer:
 
 def cleaned(prompt: str, clean_cfg: Mapping) -> str:
     """The prompt as the model is given it: normalized like the training data (`data.clean` of its checkpoint)."""
+    if not isinstance(prompt, str):
+        raise UserError(f"a prompt must be text (a str), not {type(prompt).__name__}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"the prompt is not valid Unicode text ({e.reason} at character {e.start})") from None
     return clean_text(prompt, bool(clean_cfg.get("nfc", True)), bool(clean_cfg.get("strip_control", True)),
                       bool(clean_cfg.get("collapse_whitespace", True)))
 

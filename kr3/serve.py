@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException
 
 from kr3.api import Model, decoding_options
 from kr3.errors import UserError
-from kr3.sampling import END_OF_REVIEW, rating_control
+from kr3.sampling import END_OF_REVIEW, MAX_GUIDANCE, rating_control
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -90,7 +90,7 @@ class CompletionRequest(BaseModel):
     """OpenAI's completion request; `top_k`, `repetition_penalty`, `rating` and `guidance` are kr3's own. Unset sampling values
     take the server's defaults (stage=serve's `generate.*`); an unset seed is a random one."""
 
-    model_config = ConfigDict(extra="allow")  # OpenAI's other parameters: see UNSUPPORTED
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)  # OpenAI's other parameters: see UNSUPPORTED
     model: str | None = None
     prompt: str | list[str] = ""
     max_tokens: int | None = Field(None, ge=1)
@@ -104,7 +104,7 @@ class CompletionRequest(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     rating: Rating = None
-    guidance: float | None = Field(None, ge=1)
+    guidance: float | None = Field(None, ge=1, le=MAX_GUIDANCE)
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -127,11 +127,12 @@ class CompletionRequest(BaseModel):
 
 
 class NextTokensRequest(BaseModel):
+    model_config = ConfigDict(allow_inf_nan=False)
     model: str | None = None
     prompt: str = ""
     k: int = Field(10, ge=1)
     rating: Rating = None
-    guidance: float | None = Field(None, ge=1)
+    guidance: float | None = Field(None, ge=1, le=MAX_GUIDANCE)
 
 
 class ModelThread:

@@ -36,8 +36,17 @@ def check_trainer(t) -> None:
         "warmup_steps": ("int", 0, None, False), "keep_last": ("int", 0, None, False),
         "eval_tokens": ("int", 1, None, True), "final_eval_tokens": ("int", 1, None, True),
         "lr": ("number", 0, None, False), "rating_loss": ("number", 0, None, False),
-        "rating_loss_rows": ("number", ("above", 0), 1, False),
+        "rating_loss_rows": ("number", ("above", 0), 1, False), "max_steps": ("int", 1, None, True),
+        "epochs": ("number", ("above", 0), None, False), "embedding_lr": ("number", 0, None, True),
+        "muon_lr": ("number", 0, None, False), "min_lr_ratio": ("number", 0, 1, False),
+        "weight_decay": ("number", 0, None, False), "grad_clip": ("number", 0, None, False),
+        "eval_interval": ("int", 0, None, False), "ckpt_interval": ("int", 0, None, False),
+        "threads": ("int", 1, None, True), "sample_tokens": ("int", 1, None, False),
     })
+    betas = t.betas
+    if not (OmegaConf.is_list(betas) or isinstance(betas, list | tuple)) or len(betas) != 2 or not all(
+            isinstance(b, int | float) and not isinstance(b, bool) and 0 <= b < 1 for b in betas):
+        raise UserError(f"trainer.betas={betas} must be two numbers in [0, 1), e.g. trainer.betas=[0.9,0.95]")
     check_values("trainer.profile", t.profile, {"start": ("int", 0, None, False), "steps": ("int", 0, None, False)})
 
 
@@ -115,6 +124,10 @@ class Interrupts:
     def restore(self):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+
+
+class Diverged(UserError):
+    """The loss or the weights became NaN or infinite."""
 
 
 class Trainer:
@@ -196,6 +209,9 @@ class Trainer:
             val = self._evaluate_and_log(final=True)
             self._save_step(val)
             self._write_result("finished", val)
+        except Diverged:
+            self._write_result("diverged", None)
+            raise
         except KeyboardInterrupt:
             interrupts.ignore()
             self._save_on_interrupt()
@@ -252,6 +268,7 @@ class Trainer:
             self._evaluate_and_log()
             self.window_start = time.perf_counter()
         if t.ckpt_interval and step % t.ckpt_interval == 0 and not last:
+            self._check_finite()
             self._save_step()
 
     def _fit_schedule_to_budget(self, bar) -> None:
@@ -277,6 +294,7 @@ class Trainer:
     def _log_window(self, bar) -> None:
         world = distributed.world_size()
         loss = self._window_mean(self.window_loss)
+        self._check_finite(loss)
         tps = self.tokens_per_step * self.window_steps / (time.perf_counter() - self.window_start)
         row = {"train/loss": loss, "train/lr": self.lr, "train/grad_norm": float(self.grad_norm),
                "train/tokens_per_s": tps, "train/epoch": self.step / self.batches.steps_per_epoch}
@@ -290,6 +308,15 @@ class Trainer:
         self.tokens_per_s = tps
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
         self._start_window()
+
+    def _check_finite(self, loss: float = 0.0) -> None:
+        """Stop a run whose loss or weights became NaN or infinite before it logs on or saves them: its last
+        checkpoint stays the newest, and nothing it could still train would mend them."""
+        weights = torch.stack([p.isfinite().all() for p in self.model.parameters()]).all()
+        if not (math.isfinite(loss) and bool(weights)):
+            raise Diverged(f"training diverged by step {self.step} (train loss {loss:.4g}, weights "
+                           f"{'finite' if weights else 'not finite'}) — lower trainer.lr (or embedding_lr, muon_lr) or "
+                           "set trainer.grad_clip; the checkpoints before it are kept")
 
     def _window_mean(self, total: torch.Tensor) -> float:
         """A loss summed over the window's steps: its mean per step and process."""

@@ -46,7 +46,7 @@ def test_missing_paths(tmp_path):
 def test_bad_device_and_precision():
     with pytest.raises(UserError, match="precision=fp8 is not known"):
         hardware.resolve_precision("fp8", torch.device("cpu"))
-    with pytest.raises(UserError, match="trainer.device=tpu is not known"):
+    with pytest.raises(UserError, match="device=tpu is not known"):
         hardware.resolve_device("tpu")
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="no CUDA device is visible"):

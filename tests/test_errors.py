@@ -153,3 +153,24 @@ def test_bad_profile_values_are_one_line(tmp_path):
 
     with pytest.raises(UserError, match=re.escape("trainer.profile.steps=-1 must be an integer ≥ 0")):
         check_trainer(compose(["trainer.profile.steps=-1"], tmp_path).trainer)
+
+
+def test_conditioning_on_ratings_the_corpus_lacks_is_one_line(tmp_path, reviews, write_parquet):
+    """Star ratings 5–7 are no KR3 rating: data.condition=rating would prepare a folder with no control token."""
+    src = write_parquet(tmp_path / "stars.parquet", [(5 + i % 3, text) for i, (_, text) in enumerate(reviews)])
+    cfg = compose(["data=local", f"data.path={src}", "tokenizer.vocab_size=400", "data.condition=rating"], tmp_path)
+    with pytest.raises(UserError, match=re.escape("column 'Rating' holds [5, 6, 7] — map its values to those")):
+        prepared.ensure(cfg)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.max_steps=-1", "trainer.max_steps=-1 must be an integer ≥ 1, or null"),
+    ("trainer.betas=[0.9,2]", "trainer.betas=[0.9, 2] must be two numbers in [0, 1)"),
+    ("trainer.betas=[0.9]", "trainer.betas=[0.9] must be two numbers in [0, 1)"),
+    ("trainer.lr=inf", "trainer.lr=inf must be a number ≥ 0"),
+])
+def test_bad_trainer_numbers_are_one_line(tmp_path, override, message):
+    from kr3.trainer import check_trainer
+
+    with pytest.raises(UserError, match=re.escape(message)):
+        check_trainer(compose([override], tmp_path).trainer)

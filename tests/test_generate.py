@@ -210,6 +210,9 @@ def test_generate_errors(trained, args, message):
     ("generate.repetition_penalty=0", "generate.repetition_penalty=0 must be a number > 0"),
     ("generate.num_samples=0", "generate.num_samples=0 must be an integer ≥ 1"),
     ("generate.temperature=abc", "generate.temperature=abc must be a number ≥ 0"),
+    ("generate.temperature=inf", "generate.temperature=inf must be a number ≥ 0"),
+    ("generate.guidance=1000", "generate.guidance=1000 must be a number ≥ 1 and ≤ 100.0"),
+    ("generate.seed=1180591620717411303424", "generate.seed=1180591620717411303424 must be an integer ≥ 0 and ≤ 922"),
     ("generate.stop=['']", "generate.stop=[''] must be non-empty strings"),
 ])
 def test_bad_decoding_values(tmp_path, override, message):
@@ -228,6 +231,42 @@ def test_a_stdin_line_that_is_not_utf8_gets_a_message(trained):
                           env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})  # as on a ko_KR.UTF-8 terminal
     assert proc.returncode == 0, proc.stderr
     assert b"not UTF-8 text" in proc.stdout and proc.stdout.splitlines()[-1].startswith("사장님".encode())
+
+
+def test_a_bad_output_path_is_one_line_before_any_work(trained, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("이 집\n")
+    (tmp_path / "folder").mkdir()
+    for out, words in ((tmp_path / "folder", "is a folder"), (prompts / "x.jsonl", "cannot write")):
+        proc = cli(trained[1], "stage=generate", f"checkpoint={trained[0]}", f"generate.prompts_file={prompts}",
+                   f"generate.output={out}")
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr and words in proc.stderr, proc.stderr
+        assert "generate:" not in proc.stderr  # refused before the first prompt
+    assert list((tmp_path / "folder").iterdir()) == []
+
+
+def test_sampling_survives_a_tiny_temperature_and_refuses_nan_scores():
+    from kr3.errors import UserError
+    from kr3.sampling import pick
+
+    logits = torch.tensor([0.5, 2.0, -1.0, 1.9])
+    assert pick(logits.clone(), [], 1e-300, None, None, 1.0, torch.Generator().manual_seed(0)) == 1  # 1e-300: 0 in fp32
+    with pytest.raises(UserError, match="scores are NaN"):
+        pick(torch.tensor([0.5, float("nan")]), [], 1.0, None, None, 1.0, None)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda s: s["model_config"].update(foo=1), "unexpected keyword argument 'foo'"),
+    (lambda s: s["model"].pop("head.weight"), "Error(s) in loading state_dict"),
+    (lambda s: s["tokenizer"]["files"].clear(), "no tokenizer saved"),
+    (lambda s: s.update(config=None), "holds config of the wrong kind"),
+])
+def test_a_checkpoint_edited_after_training_is_one_line(trained, tmp_path, edit, words):
+    state = torch.load(checkpoint.list_steps(trained[0])[-1], weights_only=True)
+    edit(state)
+    torch.save(state, tmp_path / "edited.pt")
+    proc = cli(trained[1], "stage=generate", f"checkpoint={tmp_path / 'edited.pt'}", "generate.prompt=이 집")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and words in proc.stderr, proc.stderr
 
 
 def test_corrupt_checkpoint_is_one_line(trained, tmp_path):

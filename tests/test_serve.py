@@ -131,6 +131,8 @@ def test_finish_reason_length_when_max_tokens_runs_out(client):
     ({"echo": True}, "echo", "not supported"),
     ({"rating": "positive"}, "rating", "not rating-conditioned"),
     ({"guidance": 0.5}, "guidance", "greater than or equal to 1"),
+    ({"guidance": 1e300}, "guidance", "less than or equal to 100"),
+    ({"repetition_penalty": float("inf")}, "repetition_penalty", "finite number"),
     ({"stream_options": "yes"}, "stream_options", "dictionary"),
 ])
 def test_a_bad_request_gets_400_saying_what_is_wrong(client, body, param, words):
@@ -139,6 +141,18 @@ def test_a_bad_request_gets_400_saying_what_is_wrong(client, body, param, words)
     error = response.json()["error"]
     assert error["param"] == param and words in error["message"] and error["type"] == "invalid_request_error"
     assert set(error) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize("path, body, words", [
+    ("/v1/completions", b'{"prompt": "a", "guidance": Infinity}', "finite number"),
+    ("/v1/next_tokens", b'{"prompt": "a", "guidance": 1e309}', "finite number"),
+    ("/v1/completions", b'{"prompt": "\\ud800"}', "not valid Unicode text"),
+    ("/v1/next_tokens", b'{"prompt": "a\\udc80b"}', "not valid Unicode text"),
+])
+def test_numbers_json_allows_and_text_it_cannot_hold_get_400(client, path, body, words):
+    """JSON parsers take Infinity, 1e309 (inf) and lone surrogates (no UTF-8 for them): 400, not a failure inside."""
+    response = client.post(path, content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400 and words in response.json()["error"]["message"], response.text
 
 
 @pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b"", "\"이 집\"".encode()])

@@ -1,4 +1,5 @@
 import gzip
+import json
 import math
 import os
 import re
@@ -303,6 +304,29 @@ def test_resume_takes_optimizer_settings_from_the_config(corpus, tmp_path):
     groups = checkpoint.load(checkpoint.step_path(run_dir, 5)).optimizer["param_groups"]
     assert [g["weight_decay"] for g in groups] == [0.0, 0.0, 0.0] and all(g["betas"] == (0.8, 0.9) for g in groups)
     assert checkpoint.load(checkpoint.step_path(run_dir, 4)).optimizer["param_groups"][0]["weight_decay"] == 0.1
+
+
+def test_training_anew_in_a_folder_holding_a_run_is_refused(corpus, tmp_path):
+    """Its best.pt would be replaced and its checkpoints mixed with the new run's; resume=auto continues it."""
+    _, run_dir = train_in_process(corpus, tmp_path, "trainer.max_steps=4", "trainer.eval_interval=0")
+    before = {p.name: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").iterdir()}
+    with pytest.raises(UserError, match=r"already holds a run's checkpoints \(step-0000004\.pt, best\.pt\) — continue "
+                                        r"it with trainer\.resume=auto, or train anew in another folder"):
+        train_in_process(corpus, tmp_path, "trainer.max_steps=2", "trainer.eval_interval=0")
+    assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").iterdir()} == before
+    train_in_process(corpus, tmp_path, "trainer.max_steps=6", "trainer.eval_interval=0", "trainer.resume=auto")
+    assert checkpoint.step_of(checkpoint.list_steps(run_dir)[-1]) == 6
+
+
+def test_a_diverged_run_stops_in_one_line_and_saves_no_nan(corpus, tmp_path):
+    diverged = r"training diverged by step \d+ \(train loss \S+, weights (not )?finite\) — lower trainer\.lr"
+    with pytest.raises(UserError, match=diverged):
+        train_in_process(corpus, tmp_path, "trainer.max_steps=40", "trainer.eval_interval=0", "trainer.log_interval=2",
+                         "trainer.ckpt_interval=2", "trainer.lr=1e6", "trainer.embedding_lr=1e6", "trainer.grad_clip=0")
+    run_dir = tmp_path / "run"
+    assert json.loads((run_dir / "result.json").read_text())["state"] == "diverged"
+    for path in checkpoint.list_steps(run_dir):
+        assert all(torch.isfinite(w).all() for w in checkpoint.load(path).model.values())
 
 
 def test_resume_into_a_folder_with_later_checkpoints_is_refused(corpus, tmp_path):

@@ -179,7 +179,8 @@ def batch(cfg, m: api.Model) -> Path:
     g = cfg.generate
     src = Path(g.prompts_file).expanduser()
     if not src.is_file():
-        raise UserError(f"generate.prompts_file={src} does not exist — give a text file with one prompt per line")
+        raise UserError(f"generate.prompts_file={src} {'is a folder' if src.is_dir() else 'does not exist'} — give a "
+                        "text file with one prompt per line")
     try:
         prompts = [line.strip() for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
     except UnicodeDecodeError:

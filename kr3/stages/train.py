@@ -25,6 +25,8 @@ def run(cfg) -> dict:
     main = distributed.is_main()
     dev, dtype = hardware.setup(t.device, t.precision, t.threads)
     found = resume.load(cfg, run_dir)
+    if not found:
+        resume.refuse_other_run(run_dir)
     if found:
         cfg = resume.with_checkpoint_data(cfg, found[1], command_overrides())
     if t.rating_loss and cfg.data.get("condition") != "rating":
