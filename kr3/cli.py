@@ -158,15 +158,17 @@ def composed(groups: dict[str, list[str]]) -> DictConfig | None:
 
 def check_kind(override, defaults: DictConfig) -> None:
     """`model.n_layers=abc` or `data.clean.nfc=maybe` would fail deep in a stage, or pass unseen: a value (each of a
-    sweep) must be of its default's kind — a flag, a number, a list — or null. Defaults that are null or text take
-    any value; interpolations (`${...}`) are left to OmegaConf."""
+    sweep) must be of its default's kind — a flag, a number, a list (or one string) — or null. Defaults that are
+    null or text take any value; interpolations (`${...}`) are left to OmegaConf."""
     from hydra.core.override_parser.types import ValueType
 
     if override.is_delete() or override.value_type in (ValueType.INTERVAL_SWEEP, ValueType.GLOB_CHOICE_SWEEP):
         return
     default = OmegaConf.select(defaults, override.key_or_group)
-    kinds = {bool: ("true or false", (bool,)), int: ("an integer", (int,)), float: ("a number", (int, float)),
-             list: ("a list, e.g. [1,2]", (list,))}
+    # an int default may stand for a number (rating_loss: 0): whether a value must be whole is the stage's check;
+    # a list may be given as one string (generate.stop='!')
+    kinds = {bool: ("true or false", (bool,)), int: ("a number", (int, float)), float: ("a number", (int, float)),
+             list: ("a list, e.g. [1,2]", (list, str))}
     name, accepted = next((v for k, v in kinds.items() if type(default) is k or (k is list and OmegaConf.is_list(default))),
                           (None, None))
     if name is None:

@@ -40,8 +40,9 @@ class GPTConfig:
 
     def __post_init__(self):
         for key in ("vocab_size", "n_layers", "n_heads", "d_model", "d_ffn", "block_size"):
-            if int(getattr(self, key)) < 1:
-                raise UserError(f"model.{key}={getattr(self, key)} must be a positive integer")
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UserError(f"model.{key}={value} must be a positive integer")
         if self.d_model % self.n_heads:
             raise UserError(
                 f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads} "

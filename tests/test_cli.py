@@ -72,11 +72,11 @@ def test_unknown_key_hints(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("model.n_layers=abc", r"model\.n_layers=abc must be an integer \(its default: 6\)"),
-    ("seed=1.5", r"seed=1\.5 must be an integer"),
+    ("model.n_layers=abc", r"model\.n_layers=abc must be a number \(its default: 6\)"),
+    ("seed=1.5", r"seed=1\.5 must be an integer ≥ 0"),
     ("data.val_ratio=abc", r"data\.val_ratio=abc must be a number \(its default: 0\.05\)"),
     ("data.clean.nfc=maybe", r"data\.clean\.nfc=maybe must be true or false \(its default: true\)"),
-    ("trainer.betas=abc", r"trainer\.betas=abc must be a list"),
+    ("trainer.betas=0.9", r"trainer\.betas=0\.9 must be a list"),
     ("trainer.lr=1e-3,abc", r"trainer\.lr=abc must be a number"),  # each value of a sweep
     ("trainer.lr='1e-3'", r"trainer\.lr='1e-3' must be a number"),  # quoted: text
     ("trainer.betas=[0.9", r"cannot read the override 'trainer\.betas=\[0\.9' \(no viable alternative"),
@@ -85,7 +85,7 @@ def test_unknown_key_hints(tmp_path):
 def test_a_value_of_another_kind_or_bad_syntax_is_one_line(tmp_path, override, message):
     proc = run_cli(tmp_path, "stage=prepare", override)
     assert_one_line_error(proc, message)
-    assert not (tmp_path / "outputs").exists() and not (tmp_path / "data").exists()
+    assert not list(tmp_path.rglob(".hydra")) and not (tmp_path / "data").exists()
 
 
 def test_removing_a_setting_a_stage_reads_is_one_line(tmp_path):
