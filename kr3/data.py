@@ -100,6 +100,9 @@ def _load_local(cfg, cache_dir):
         if ext in TEXT_FORMATS:
             _check_utf8(p)
         _hash_file(p, digest)
+    if not any(_has_rows(p) for p in files):
+        raise UserError(f"data.path={path} holds no reviews (no rows below a header, or an empty file) — give a "
+                        "file with reviews")
     try:
         ds = datasets.load_dataset(
             builder, data_files=[str(p) for p in files], split="train", cache_dir=cache_dir, **kwargs
@@ -178,6 +181,20 @@ def _from_dataset(ds, cfg, source, fingerprint, text_default=False) -> Corpus:
         )
     texts = ["" if t is None else str(t) for t in table[text_col].to_pylist()]
     return Corpus(texts, labels, source, fingerprint)
+
+
+def _has_rows(path: Path) -> bool:
+    """Whether a file holds a row of data (readers fail on none with messages that do not say so)."""
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.ParquetFile(path).metadata.num_rows > 0
+        except Exception:  # not parquet at all: the reader's error says what it is
+            return True
+    with open(path, "rb") as f:
+        lines = [line for line in f.read(1 << 20).splitlines() if line.strip()][:2]
+    return len(lines) > (1 if path.suffix.lower() in (".csv", ".tsv") else 0)
 
 
 def _check_utf8(path: Path):

@@ -174,3 +174,16 @@ def test_bad_trainer_numbers_are_one_line(tmp_path, override, message):
 
     with pytest.raises(UserError, match=re.escape(message)):
         check_trainer(compose([override], tmp_path).trainer)
+
+
+@pytest.mark.parametrize("name, content", [("empty.csv", "Rating,Review\n"), ("empty.txt", "\n  \n"), ("empty.parquet", None)])
+def test_a_file_without_reviews_is_one_line(tmp_path, name, content):
+    path = tmp_path / name
+    if content is None:
+        import pandas as pd
+
+        pd.DataFrame({"Rating": pd.Series([], dtype=int), "Review": pd.Series([], dtype=str)}).to_parquet(path)
+    else:
+        path.write_text(content)
+    with pytest.raises(UserError, match=re.escape(f"data.path={path} holds no reviews")):
+        data.load(compose(["data=local", f"data.path={path}"], tmp_path).data)
