@@ -143,7 +143,7 @@ def group_choices(override) -> list[str]:
 
 
 def composed(groups: dict[str, list[str]]) -> DictConfig | None:
-    """The config these group choices compose, as a dict; for a sweep over a group (`model=tiny,base`), every
+    """The config these group choices compose; for a sweep over a group (`model=tiny,base`), every
     option's merged into it (the first option's values win). None when it does not compose: Hydra will say why."""
     from hydra.errors import HydraException
 
