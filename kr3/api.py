@@ -133,6 +133,8 @@ class Model:
         """Loss (nats per token), perplexity and bits per character of reviews, each cleaned as in training and
         followed by the end-of-review token, as stage=evaluate scores a file; `tokens` is how many were scored
         (at most `max_tokens`; the bpc still divides by all the texts' characters)."""
+        if not isinstance(texts, str | Sequence):
+            raise UserError(f"score() takes a review or a list of reviews, not {type(texts).__name__}")
         texts = [texts] if isinstance(texts, str) else list(texts)
         reviews = [self.cleaned(t) for t in texts]
         if not any(reviews):

@@ -154,6 +154,8 @@ def locate(path: str | Path | None, log_dir: str | Path | None = None) -> Path:
     (the run under `log_dir` whose newest checkpoint was written last)."""
     if path is None:
         raise UserError("this stage needs a checkpoint — add checkpoint=PATH (a .pt file or run folder) or checkpoint=latest")
+    if not isinstance(path, str | Path):
+        raise UserError(f"a checkpoint is a path (a .pt file or a run folder) or \"latest\", not {type(path).__name__}")
     return resolve(find_latest_run(log_dir) if str(path) == "latest" else path, prefer_best=True)
 
 

@@ -206,7 +206,7 @@ class Completer:
 def cleaned(prompt: str, clean_cfg: Mapping) -> str:
     """The prompt as the model is given it: normalized like the training data (`data.clean` of its checkpoint)."""
     if not isinstance(prompt, str):
-        raise UserError(f"a prompt must be text (a str), not {type(prompt).__name__}")
+        raise UserError(f"a prompt or review must be text (a str), not {type(prompt).__name__}")
     try:
         prompt.encode("utf-8")
     except UnicodeEncodeError as e:

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import kr3
 from kr3 import checkpoint
 from kr3.config import compose
 from kr3.errors import UserError
@@ -82,6 +83,14 @@ def test_next_tokens_and_score(m):
     (lambda m: list(m.stream("x", max_new_tokens=0)), "generate.max_new_tokens=0 must be an integer ≥ 1"),
     (lambda m: m.next_tokens("x", k=0), "k=0 must be an integer ≥ 1"),
     (lambda m: m.score(["", " "]), "score() got no text"),
+    (lambda m: m.score(None), "score() takes a review or a list of reviews, not NoneType"),
+    (lambda m: m.score(["좋아요", 3]), "a prompt or review must be text (a str), not int"),
+    (lambda m: m.score("좋아요", max_tokens=0), "score.max_tokens=0 must be an integer ≥ 1, or null"),
+    (lambda m: m.complete(None), "a prompt or review must be text (a str), not NoneType"),
+    (lambda m: m.complete("\ud800"), "the prompt is not valid Unicode text"),
+    (lambda m: m.complete("x", seed=2**70), "generate.seed=1180591620717411303424 must be an integer ≥ 0 and ≤"),
+    (lambda m: m.complete("x", guidance=float("inf")), "generate.guidance=inf must be a number ≥ 1 and ≤ 100"),
+    (lambda m: kr3.load(5), "a checkpoint is a path (a .pt file or a run folder) or \"latest\", not int"),
 ])
 def test_bad_values_are_one_line(m, call, message):
     with pytest.raises(UserError, match=re.escape(message)):
