@@ -12,6 +12,7 @@ the CUDA peak-FLOPs table) and peak GPU memory.
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -86,6 +87,7 @@ def main():
     results = {}
     for name, extra in jobs.items():
         d = a.out / name.replace(" ", "-")
+        shutil.rmtree(d, ignore_errors=True)  # a second run of this script trains anew (kr3 refuses a used folder)
         wall = run([*common, *extra, f"hydra.run.dir={d}"], a.out / f"{d.name}.log")
         results[name] = {**speed(d), "wall_s": wall}
         print(name, results[name], flush=True)
@@ -102,6 +104,7 @@ def main():
     run(["stage=generate", f"checkpoint={d}", f"generate.prompt='{corpus_prompt(src)}'",
          f"hydra.run.dir={a.out}/generate"], a.out / "generate.log")
     print("generate:", (a.out / "generate.log").read_text().strip().splitlines()[-1][:200], flush=True)
+    shutil.rmtree(a.out / "ddp", ignore_errors=True)
     wall = run([*common, *small, "trainer.max_steps=30", f"hydra.run.dir={a.out}/ddp"], a.out / "ddp.log", torchrun=True)
     print(f"torchrun (NCCL, 1 process): {wall:.1f} s, {speed(a.out / 'ddp')}", flush=True)
 

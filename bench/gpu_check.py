@@ -24,6 +24,7 @@ there, before this script:
 import argparse
 import importlib
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -113,6 +114,7 @@ def trainer(name: str, out: Path, data: list[str], extra: list[str], steps: int,
             torchrun: bool = False) -> dict:
     """A real `run.py stage=train` job; its speed from metrics.jsonl (median after the first logged window)."""
     run_dir = out / name.replace(" ", "-")
+    shutil.rmtree(run_dir, ignore_errors=True)  # a second run of this script trains anew (kr3 refuses a used folder)
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"] if torchrun else []
     args = [*data, "stage=train", "logger=none", "trainer.precision=bf16", f"trainer.device={device}",
             f"trainer.max_steps={steps}", "trainer.log_interval=5", "trainer.eval_interval=0",

@@ -10,7 +10,7 @@ command line gets.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from types import SimpleNamespace
@@ -133,7 +133,7 @@ class Model:
         """Loss (nats per token), perplexity and bits per character of reviews, each cleaned as in training and
         followed by the end-of-review token, as stage=evaluate scores a file; `tokens` is how many were scored
         (at most `max_tokens`; the bpc still divides by all the texts' characters)."""
-        if not isinstance(texts, str | Sequence):
+        if not isinstance(texts, Iterable) or isinstance(texts, bytes | Mapping):  # a Series, an array: fine
             raise UserError(f"score() takes a review or a list of reviews, not {type(texts).__name__}")
         texts = [texts] if isinstance(texts, str) else list(texts)
         reviews = [self.cleaned(t) for t in texts]
@@ -148,7 +148,7 @@ class Model:
         """score() of a token stream (reviews each followed by the end-of-review token) holding `chars` characters:
         {tokens, loss, ppl, bpc}, the first `max_tokens` scored."""
         check_values("score", {"max_tokens": max_tokens}, {"max_tokens": ("int", 1, None, True)})
-        scored = tokens[: max_tokens] if max_tokens else tokens
+        scored = tokens[: int(max_tokens)] if max_tokens else tokens
         nats, n = token_loss(self.model, scored, self.tokenizer.eos_id, self.model.cfg.block_size, batch_size,
                              self.device, self.dtype, show_progress=show_progress)
         return {"tokens": n, **metrics(nats, n, len(tokens), chars)}

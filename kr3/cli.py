@@ -11,11 +11,13 @@ import time
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue
 
 from kr3.config import CONFIG_DIR, compose, quote_free_text, register_resolvers
-from kr3.errors import UserError, check_values
+from kr3.errors import Diverged, UserError, check_values
 
 register_resolvers()  # here, not in main(): submitit's job processes import this module, then run a job
 
@@ -40,6 +42,11 @@ def run_stage(cfg: DictConfig):
         discard_empty_run_folder()
         fail(f"{e.full_key} is read by stage={cfg.stage}, and ~{removed} removed it — give it a value (null where "
              "allowed) instead of removing it")
+    except Diverged as e:
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            fail(str(e))
+        print(f"error: {e}", file=sys.stderr)  # the sweep goes on; a search records NaN as a failed trial
+        return float("nan")
     except UserError as e:
         discard_empty_run_folder()
         fail(str(e))
@@ -50,8 +57,6 @@ def run_stage(cfg: DictConfig):
 
 def removed_by(key: str) -> str | None:
     """The `~key` override of this command that removed `key` (or a section holding it), if any."""
-    from hydra.core.hydra_config import HydraConfig
-
     for override in HydraConfig.get().overrides.task:
         removed = override[1:].split("=")[0]
         if override.startswith("~") and (key == removed or key.startswith(removed + ".")):
@@ -66,8 +71,6 @@ def objective(result):
 
 def discard_empty_run_folder():
     """A command that failed before doing any work leaves no run folder: one holding only Hydra's own files."""
-    from hydra.core.hydra_config import HydraConfig
-
     folder = Path(HydraConfig.get().runtime.output_dir)
     if folder.is_dir() and {p.name for p in folder.iterdir()} <= {".hydra", f"{HydraConfig.get().job.name}.log"}:
         shutil.rmtree(folder, ignore_errors=True)
@@ -87,8 +90,8 @@ def main():
         check_overrides(sys.argv[1:])
     except UserError as e:
         fail(str(e))
-    if "WORLD_SIZE" in os.environ:  # under torchrun, also of one process: join before Hydra picks the run folder
-        from kr3 import distributed  # not before: `--help` needs no torch
+    if {"WORLD_SIZE", "TORCHELASTIC_RUN_ID"} & os.environ.keys():  # perhaps under torchrun: join before Hydra
+        from kr3 import distributed  # picks the run folder (distributed.launched decides); `--help` needs no torch
 
         distributed.init()
         atexit.register(distributed.teardown)
@@ -115,7 +118,7 @@ def check_overrides(argv: list[str]):
         except OverrideParseException as e:
             reason = "; ".join(x for x in str(e).splitlines() if not x.startswith(("Error parsing", "See ")))
             raise UserError(f"cannot read the override {line!r} ({reason}) — write key=value; quote a value with "
-                            "spaces or brackets: key='[a b'") from None
+                            "spaces or brackets for Hydra and the shell: \"key='[a b'\"") from None
     groups = {o.key_or_group: group_choices(o) for o in overrides if (CONFIG_DIR / o.key_or_group).is_dir()}
     keys = [o for o in overrides if o.key_or_group not in groups]
     defaults = composed(groups) if keys else None

@@ -34,8 +34,9 @@ def is_distributed() -> bool:
 
 
 def launched() -> bool:
-    """Started by torchrun (or as a submitit job's task): a process group to join, also of one process."""
-    return "WORLD_SIZE" in os.environ
+    """Started by torchrun (its agent sets TORCHELASTIC_RUN_ID: a group to join, also of one process) or as one
+    of several tasks (submitit's, through adopt_submitit_tasks); a stray WORLD_SIZE=1 alone is no launch."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or world_size() > 1
 
 
 def adopt_submitit_tasks() -> None:

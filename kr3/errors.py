@@ -1,8 +1,13 @@
 import math
+import numbers
 
 
 class UserError(Exception):
     """A mistake the user can fix: shown as one line ("what is wrong — what to do"), no traceback."""
+
+
+class Diverged(UserError):
+    """Training's loss or weights became NaN or infinite: in a sweep, one failed trial, not the end of the sweep."""
 
 
 def first_line(e: BaseException) -> str:
@@ -22,8 +27,9 @@ def check_values(section: str, values, rules: dict) -> None:
             continue
         above = isinstance(low, tuple)
         low = low[1] if above else low
-        ok = (isinstance(value, int if kind == "int" else (int, float)) and not isinstance(value, bool)
-              and math.isfinite(value) and (value > low if above else value >= low) and (high is None or value <= high))
+        ok = (isinstance(value, numbers.Integral if kind == "int" else numbers.Real) and not isinstance(value, bool)
+              and (isinstance(value, numbers.Integral) or math.isfinite(value))  # an int of any size is finite
+              and (value > low if above else value >= low) and (high is None or value <= high))
         if not ok:
             bound = f"{'>' if above else '≥'} {low}" + (f" and ≤ {high}" if high is not None else "")
             shown = "null" if value is None else value

@@ -37,12 +37,13 @@ class Resumed:
 
 
 def find(resume: str | None, run_dir: Path) -> Path | None:
-    """trainer.resume: null (train anew), `auto` (this run folder's newest checkpoint, if any) or a path."""
+    """trainer.resume: null (train anew), `auto` (this run folder's newest checkpoint, else its best.pt — a run
+    killed between its first evaluation and its first step checkpoint — if any) or a path."""
     if not resume:
         return None
     if resume == "auto":
-        steps = checkpoint.list_steps(run_dir)
-        return steps[-1] if steps else None
+        steps, best = checkpoint.list_steps(run_dir), Path(run_dir) / checkpoint.CKPT_DIR / checkpoint.BEST
+        return steps[-1] if steps else best if best.exists() else None
     return checkpoint.resolve(resume)
 
 
@@ -53,7 +54,8 @@ def refuse_other_run(run_dir: Path) -> None:
             if p.exists()]
     if held:
         raise UserError(f"{run_dir} already holds a run's checkpoints ({', '.join(held)}) — continue it with "
-                        "trainer.resume=auto, or train anew in another folder (hydra.run.dir=...)")
+                        "trainer.resume=auto, or train anew in another folder (hydra.run.dir=..., in a sweep "
+                        "hydra.sweep.dir=...)")
 
 
 # what shapes the prepared data: taken from the checkpoint on resume unless the command gives one of them

@@ -4,6 +4,7 @@ a completion through the KV cache, stop strings, and the K most likely next toke
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping
 
@@ -16,6 +17,7 @@ from kr3.model import GPT, KVCache
 
 log = logging.getLogger(__name__)
 END_OF_REVIEW = "<end of review>"  # next_tokens' text for the end-of-review (EOS) token
+NAN_SCORES = "the model's next-token scores are NaN: its weights are — use a checkpoint from before the run diverged"
 MAX_GUIDANCE = 100.0  # far past any use (3 steers a small model fully); larger ones only overflow
 # decoding option: (kind, low, high, null_ok) for errors.check_values; `stop` (strings) is checked on its own.
 # Their defaults are the `generate:` block of conf/config.yaml.
@@ -87,11 +89,11 @@ def pick(logits, seen, temperature, top_k, top_p, repetition_penalty, generator)
         idx = torch.tensor(sorted(set(seen)), device=logits.device)
         vals = logits[idx]
         logits[idx] = torch.where(vals > 0, vals / repetition_penalty, vals * repetition_penalty)
-    if torch.isnan(logits).any():
-        raise UserError("the model's next-token scores are NaN: its weights are — use a checkpoint from before the "
-                        "run diverged")
     if temperature <= 0:
-        return int(logits.argmax())
+        index = int(logits.argmax())  # a NaN is the argmax of a tensor that holds one
+        if math.isnan(logits[index]):
+            raise UserError(NAN_SCORES)
+        return index
     # ≤ 0 and in fp64: a tiny temperature gives −inf or a finite number, never 0/0 or inf − inf
     logits = (logits.double() - logits.max()) / temperature
     if top_k:
@@ -102,7 +104,10 @@ def pick(logits, seen, temperature, top_k, top_p, repetition_penalty, generator)
         sorted_p, order = probs.sort(descending=True)
         sorted_p[sorted_p.cumsum(0) - sorted_p > top_p] = 0  # keep the smallest prefix reaching top_p
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    probs = probs.cpu()  # for the CPU generator; checked there, so no extra device sync
+    if probs.isnan().any():
+        raise UserError(NAN_SCORES)
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def rating_control(rating, condition: dict | None) -> int | None:

@@ -21,7 +21,7 @@ from kr3 import tokenizer as ktok
 from kr3.atomic import replacing
 from kr3.batches import Batches
 from kr3.checkpoint import Checkpoint
-from kr3.errors import UserError, check_values
+from kr3.errors import Diverged, UserError, check_values
 from kr3.prepared import PreparedData, rating_controls
 from kr3.profiling import StepProfiler
 from kr3.tracking import Tracker, progress, table
@@ -124,10 +124,6 @@ class Interrupts:
     def restore(self):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
-
-
-class Diverged(UserError):
-    """The loss or the weights became NaN or infinite."""
 
 
 class Trainer:
@@ -309,11 +305,14 @@ class Trainer:
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
         self._start_window()
 
+    def _weights_finite(self) -> bool:
+        return bool(torch.stack([p.isfinite().all() for p in self.model.parameters()]).all())
+
     def _check_finite(self, loss: float = 0.0) -> None:
-        """Stop a run whose loss or weights became NaN or infinite before it logs on or saves them: its last
-        checkpoint stays the newest, and nothing it could still train would mend them."""
-        weights = torch.stack([p.isfinite().all() for p in self.model.parameters()]).all()
-        if not (math.isfinite(loss) and bool(weights)):
+        """Stop a run whose loss or weights became NaN or infinite before it logs on, evaluates or saves them: its
+        last checkpoint stays the newest, and nothing it could still train would mend them."""
+        weights = self._weights_finite()
+        if not (math.isfinite(loss) and weights):
             raise Diverged(f"training diverged by step {self.step} (train loss {loss:.4g}, weights "
                            f"{'finite' if weights else 'not finite'}) — lower trainer.lr (or embedding_lr, muon_lr) or "
                            "set trainer.grad_clip; the checkpoints before it are kept")
@@ -349,7 +348,8 @@ class Trainer:
     def samples(self) -> list[tuple[str, str]]:
         rows = []
         self.model.eval()  # no dropout, and no draws from the training RNG (resume stays exact)
-        for prompt in self.t.sample_prompts or []:
+        prompts = self.t.sample_prompts or []
+        for prompt in [prompts] if isinstance(prompts, str) else prompts:  # one prompt given as a string
             ids = list(sampling.sample_tokens(self.model, self.tokenizer.encode(prompt), self.t.sample_tokens,
                                               self.tokenizer.eos_id, temperature=0.8, top_k=50,
                                               generator=torch.Generator().manual_seed(self.cfg.seed),
@@ -359,6 +359,7 @@ class Trainer:
         return rows
 
     def _evaluate_and_log(self, final: bool = False) -> dict:
+        self._check_finite()  # its samples would meet NaN scores first, and best.pt must not hold them
         share, val = self.evaluate(final)
         is_best = share["loss"] < self.best
         self.best = min(self.best, share["loss"])
@@ -392,7 +393,9 @@ class Trainer:
                 tmp.write_text(json.dumps(result, indent=2))
 
     def _save_on_interrupt(self) -> None:
-        if self.main and self.step > 0:
+        if self.main and self.step > 0 and not self._weights_finite():
+            log.warning(f"interrupted at step {self.step} with NaN or infinite weights (the run diverged): not saved")
+        elif self.main and self.step > 0:
             self._save_step()
             log.warning(f"interrupted: saved step {self.step}; continue with: {self.command} "
                         f"hydra.run.dir={self.run_dir} trainer.resume=auto")

@@ -74,6 +74,11 @@ def test_next_tokens_and_score(m):
     assert s["ppl"] == pytest.approx(math.exp(s["loss"])) and s["bpc"] == pytest.approx(
         s["loss"] * s["tokens"] / chars / math.log(2))
     assert m.score(texts, max_tokens=5)["tokens"] == 5
+    import numpy as np
+    import pandas as pd
+
+    assert m.score(pd.Series(texts)) == m.score(np.array(texts)) == s  # columns and arrays of reviews too
+    assert m.score(texts, max_tokens=np.int64(5))["tokens"] == 5
 
 
 @pytest.mark.parametrize("call, message", [

@@ -88,6 +88,14 @@ def test_a_value_of_another_kind_or_bad_syntax_is_one_line(tmp_path, override, m
     assert not list(tmp_path.rglob(".hydra")) and not (tmp_path / "data").exists()
 
 
+def test_a_seed_of_any_size_is_one_line_and_a_stray_world_size_is_no_launch(tmp_path):
+    proc = run_cli(tmp_path, "stage=report", f"seed={10**400}")
+    assert_one_line_error(proc, rf"seed={10**400} must be an integer ≥ 0 and ≤ 9223372036854775807")
+    # WORLD_SIZE=1 without torchrun (some clusters export it): not a process group to join
+    proc = run_cli(tmp_path, "stage=bogus", env={**os.environ, "WORLD_SIZE": "1"})
+    assert_one_line_error(proc, r"stage=bogus is not a stage")
+
+
 def test_removing_a_setting_a_stage_reads_is_one_line(tmp_path):
     assert_one_line_error(run_cli(tmp_path, "stage=train", "~trainer"),
                           r"trainer is read by stage=train, and ~trainer removed it — give it a value")

@@ -329,6 +329,26 @@ def test_a_diverged_run_stops_in_one_line_and_saves_no_nan(corpus, tmp_path):
         assert all(torch.isfinite(w).all() for w in checkpoint.load(path).model.values())
 
 
+def test_a_diverged_job_of_a_sweep_fails_alone(corpus, tmp_path):
+    """One trial's divergence is that trial's failure (NaN to a search), not the end of the sweep."""
+    proc = cli(["-m", *base(corpus, tmp_path), "stage=train", "trainer.max_steps=8", "trainer.eval_interval=0",
+                "trainer.log_interval=2", "trainer.grad_clip=0", "trainer.lr=1e6,1e-3", "trainer.embedding_lr=null"])
+    assert proc.returncode == 0, proc.stderr
+    jobs = sorted((tmp_path / "multirun").glob("*/*/[0-9]"))
+    states = [json.loads((j / "result.json").read_text())["state"] for j in jobs]
+    assert states == ["diverged", "finished"] and "error: training diverged by step" in proc.stderr
+
+
+def test_resume_auto_takes_best_pt_when_no_step_checkpoint_is_left(corpus, tmp_path):
+    """A run killed after its first evaluation but before its first step checkpoint holds only best.pt."""
+    _, run_dir = train_in_process(corpus, tmp_path, "trainer.max_steps=4", "trainer.eval_interval=2")
+    for path in checkpoint.list_steps(run_dir):
+        path.unlink()
+    best = checkpoint.load(run_dir / "checkpoints" / "best.pt").step
+    train_in_process(corpus, tmp_path, "trainer.max_steps=6", "trainer.eval_interval=2", "trainer.resume=auto")
+    assert best in (2, 4) and losses(run_dir)[6] and checkpoint.step_of(checkpoint.list_steps(run_dir)[-1]) == 6
+
+
 def test_resume_into_a_folder_with_later_checkpoints_is_refused(corpus, tmp_path):
     _, run_dir = train_in_process(corpus, tmp_path, "trainer.max_steps=6", "trainer.ckpt_interval=2",
                                   "trainer.eval_interval=0")
