@@ -145,7 +145,8 @@ def find_latest_run(log_dir: str | Path) -> Path:
     candidates = [p for pattern in ("outputs/*/*/checkpoints/*.pt", "outputs/*/checkpoints/*.pt",
                                     "multirun/*/*/*/checkpoints/*.pt") for p in log_dir.glob(pattern)]
     if not candidates:
-        raise UserError(f"checkpoint=latest found no checkpoints under {log_dir}/outputs — train first, or give a path")
+        raise UserError(f"checkpoint=latest found no checkpoints under {log_dir}/outputs or multirun — train first, or "
+                        "give a path")
     return max(candidates, key=lambda p: p.stat().st_mtime).parent.parent
 
 

@@ -1,5 +1,5 @@
-"""The kr3 command: `kr3 stage=prepare|train|generate|evaluate [overrides]` once installed, `python run.py ...` in a
-checkout (Hydra; the config tree is kr3.config.CONFIG_DIR)."""
+"""The kr3 command: `kr3 stage=<prepare|train|generate|evaluate|export|serve|report> [overrides]` once installed,
+`python run.py ...` in a checkout (Hydra; the config tree is kr3.config.CONFIG_DIR)."""
 
 import atexit
 import difflib
@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 import time
+from contextlib import suppress
 from pathlib import Path
 
 import hydra
@@ -74,6 +75,9 @@ def discard_empty_run_folder():
     folder = Path(HydraConfig.get().runtime.output_dir)
     if folder.is_dir() and {p.name for p in folder.iterdir()} <= {".hydra", f"{HydraConfig.get().job.name}.log"}:
         shutil.rmtree(folder, ignore_errors=True)
+        if folder.parent.parent.name == "outputs":
+            with suppress(OSError):  # outputs/<date>/ if now empty (another run may just have made its folder)
+                folder.parent.rmdir()
 
 
 def fail(message: str):

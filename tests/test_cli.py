@@ -99,7 +99,7 @@ def test_a_seed_of_any_size_is_one_line_and_a_stray_world_size_is_no_launch(tmp_
 def test_removing_a_setting_a_stage_reads_is_one_line(tmp_path):
     assert_one_line_error(run_cli(tmp_path, "stage=train", "~trainer"),
                           r"trainer is read by stage=train, and ~trainer removed it — give it a value")
-    assert not list(tmp_path.rglob(".hydra"))
+    assert not list((tmp_path / "outputs").rglob("*"))  # neither the run folder nor its date folder
 
 
 def test_hydra_syntax_still_passes_the_key_check(tmp_path):
