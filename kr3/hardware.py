@@ -119,8 +119,8 @@ def measure_matmul_flops(dtype: torch.dtype, n: int = 1024, seconds: float = 1.0
 
 def setup(device: str, precision: str, threads: int | None = None) -> tuple[torch.device, torch.dtype]:
     """A stage's device and precision from its config values; on a CPU, freed memory is kept for reuse, on a
-    CUDA GPU fp32 matmuls may use TF32 (tensor cores, 10-bit mantissa; Ampere and later, as nanoGPT): precision=fp32
-    there is several times faster, to about 1e-3 relative."""
+    CUDA GPU fp32 matmuls may use TF32 (tensor cores, 10-bit mantissa, so about 1e-3 relative; Ampere and later, as
+    nanoGPT)."""
     if threads:
         torch.set_num_threads(int(threads))
     dev = resolve_device(device)

@@ -4,7 +4,6 @@ a completion through the KV cache, stop strings, and the K most likely next toke
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Mapping
 
@@ -17,7 +16,6 @@ from kr3.model import GPT, KVCache
 
 log = logging.getLogger(__name__)
 END_OF_REVIEW = "<end of review>"  # next_tokens' text for the end-of-review (EOS) token
-NAN_SCORES = "the model's next-token scores are NaN: its weights are — use a checkpoint from before the run diverged"
 MAX_GUIDANCE = 100.0  # far past any use (3 steers a small model fully); larger ones only overflow
 # decoding option: (kind, low, high, null_ok) for errors.check_values; `stop` (strings) is checked on its own.
 # Their defaults are the `generate:` block of conf/config.yaml.
@@ -58,6 +56,9 @@ def sample_tokens(model: GPT, prompt_ids: list[int], max_new_tokens: int, eos_id
     text = list(prompt_ids)[-(cfg.block_size - 1 - len(heads[0])) :] or ([] if heads[0] else [eos_id])
     cache = KVCache(cfg, len(heads), device, dtype)
     logits = next_logits(model, [[*h, *text] for h in heads], guidance, cache)
+    if torch.isnan(logits).any():  # once per completion: NaN scores come from NaN weights, so from the first token
+        raise UserError("the model's next-token scores are NaN: its weights are — use a checkpoint from before the "
+                        "run diverged")
     for _ in range(max_new_tokens):
         if banned:
             logits[banned] = -float("inf")
@@ -90,10 +91,7 @@ def pick(logits, seen, temperature, top_k, top_p, repetition_penalty, generator)
         vals = logits[idx]
         logits[idx] = torch.where(vals > 0, vals / repetition_penalty, vals * repetition_penalty)
     if temperature <= 0:
-        index = int(logits.argmax())  # a NaN is the argmax of a tensor that holds one
-        if math.isnan(logits[index]):
-            raise UserError(NAN_SCORES)
-        return index
+        return int(logits.argmax())
     # ≤ 0 and in fp64: a tiny temperature gives −inf or a finite number, never 0/0 or inf − inf
     logits = (logits.double() - logits.max()) / temperature
     if top_k:
@@ -104,10 +102,7 @@ def pick(logits, seen, temperature, top_k, top_p, repetition_penalty, generator)
         sorted_p, order = probs.sort(descending=True)
         sorted_p[sorted_p.cumsum(0) - sorted_p > top_p] = 0  # keep the smallest prefix reaching top_p
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-    probs = probs.cpu()  # for the CPU generator; checked there, so no extra device sync
-    if probs.isnan().any():
-        raise UserError(NAN_SCORES)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
 def rating_control(rating, condition: dict | None) -> int | None:

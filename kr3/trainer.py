@@ -264,7 +264,7 @@ class Trainer:
             self._evaluate_and_log()
             self.window_start = time.perf_counter()
         if t.ckpt_interval and step % t.ckpt_interval == 0 and not last:
-            self._check_finite()
+            self._check_weights()
             self._save_step()
 
     def _fit_schedule_to_budget(self, bar) -> None:
@@ -290,7 +290,8 @@ class Trainer:
     def _log_window(self, bar) -> None:
         world = distributed.world_size()
         loss = self._window_mean(self.window_loss)
-        self._check_finite(loss)
+        if not math.isfinite(loss):
+            raise self._diverged(f"train loss {loss:.4g}")
         tps = self.tokens_per_step * self.window_steps / (time.perf_counter() - self.window_start)
         row = {"train/loss": loss, "train/lr": self.lr, "train/grad_norm": float(self.grad_norm),
                "train/tokens_per_s": tps, "train/epoch": self.step / self.batches.steps_per_epoch}
@@ -308,14 +309,15 @@ class Trainer:
     def _weights_finite(self) -> bool:
         return bool(torch.stack([p.isfinite().all() for p in self.model.parameters()]).all())
 
-    def _check_finite(self, loss: float = 0.0) -> None:
-        """Stop a run whose loss or weights became NaN or infinite before it logs on, evaluates or saves them: its
-        last checkpoint stays the newest, and nothing it could still train would mend them."""
-        weights = self._weights_finite()
-        if not (math.isfinite(loss) and weights):
-            raise Diverged(f"training diverged by step {self.step} (train loss {loss:.4g}, weights "
-                           f"{'finite' if weights else 'not finite'}) — lower trainer.lr (or embedding_lr, muon_lr) or "
-                           "set trainer.grad_clip; the checkpoints before it are kept")
+    def _check_weights(self) -> None:
+        """Before an evaluation or a checkpoint (a logged loss is checked as it is logged, with no pass over the
+        weights in the loop): a diverged run stops and its last checkpoint stays the newest."""
+        if not self._weights_finite():
+            raise self._diverged("weights not finite")
+
+    def _diverged(self, what: str) -> Diverged:
+        return Diverged(f"training diverged by step {self.step} ({what}) — lower trainer.lr (or embedding_lr, muon_lr) "
+                        "or set trainer.grad_clip; the checkpoints before it are kept")
 
     def _window_mean(self, total: torch.Tensor) -> float:
         """A loss summed over the window's steps: its mean per step and process."""
@@ -359,7 +361,7 @@ class Trainer:
         return rows
 
     def _evaluate_and_log(self, final: bool = False) -> dict:
-        self._check_finite()  # its samples would meet NaN scores first, and best.pt must not hold them
+        self._check_weights()  # its samples would meet NaN scores first, and best.pt must not hold them
         share, val = self.evaluate(final)
         is_best = share["loss"] < self.best
         self.best = min(self.best, share["loss"])
@@ -393,9 +395,11 @@ class Trainer:
                 tmp.write_text(json.dumps(result, indent=2))
 
     def _save_on_interrupt(self) -> None:
-        if self.main and self.step > 0 and not self._weights_finite():
+        if not (self.main and self.step > 0):
+            return
+        if not self._weights_finite():
             log.warning(f"interrupted at step {self.step} with NaN or infinite weights (the run diverged): not saved")
-        elif self.main and self.step > 0:
+        else:
             self._save_step()
             log.warning(f"interrupted: saved step {self.step}; continue with: {self.command} "
                         f"hydra.run.dir={self.run_dir} trainer.resume=auto")

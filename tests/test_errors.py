@@ -83,12 +83,15 @@ def test_evaluate_split_that_is_gone(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("content, message", [(None, "does not exist"), (b"\n  \n", "has no prompts"),
-                                              (b"\xff\xfe\x00a\n", "is not UTF-8 text — save it as UTF-8")])
+                                              (b"\xff\xfe\x00a\n", "is not UTF-8 text — save it as UTF-8"),
+                                              ("folder", "is a folder — give a text file with one prompt per line")])
 def test_prompts_file_errors(tmp_path, content, message):
     from kr3.stages import generate
 
     prompts = tmp_path / "prompts.txt"
-    if content is not None:
+    if content == "folder":
+        prompts.mkdir()
+    elif content is not None:
         prompts.write_bytes(content)
     cfg = compose(root=tmp_path, overrides=["stage=generate", f"generate.prompts_file={prompts}", f"paths.output_dir={tmp_path}"])
     with pytest.raises(UserError, match=message):

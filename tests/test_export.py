@@ -110,6 +110,17 @@ def test_an_export_replaces_an_earlier_one_and_no_other_folder(exported, tmp_pat
     assert [p.name for p in tmp_path.iterdir()] == ["mine"]  # neither the folder nor its temp
 
 
+def test_an_export_dir_that_is_or_lies_in_a_file_is_one_line(exported, tmp_path):
+    _, m = exported
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    with pytest.raises(UserError, match=f"export.dir={a_file} is a file — give a new or empty folder"):
+        export.save(m, a_file)
+    with pytest.raises(UserError, match=f"cannot write {a_file / 'hf'} .* — give a path in a folder you can write"):
+        export.save(m, a_file / "hf")
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"] and a_file.read_text() == "mine"
+
+
 def test_bias_false_is_exported_as_zero_biases_exactly():
     cfg = GPTConfig(vocab_size=300, n_layers=2, n_heads=2, d_model=32, d_ffn=64, block_size=16, bias=False)
     torch.manual_seed(0)

@@ -247,12 +247,16 @@ def test_a_bad_output_path_is_one_line_before_any_work(trained, tmp_path):
 
 def test_sampling_survives_a_tiny_temperature_and_refuses_nan_scores():
     from kr3.errors import UserError
+    from kr3.model import GPT, GPTConfig
     from kr3.sampling import pick
 
     logits = torch.tensor([0.5, 2.0, -1.0, 1.9])
     assert pick(logits.clone(), [], 1e-300, None, None, 1.0, torch.Generator().manual_seed(0)) == 1  # 1e-300: 0 in fp32
+    diverged = GPT(GPTConfig(vocab_size=16, n_layers=1, n_heads=1, d_model=8, d_ffn=16, block_size=8))
+    with torch.no_grad():
+        diverged.blocks[0].mlp.fc.weight.fill_(float("nan"))  # what a diverged run's checkpoint holds
     with pytest.raises(UserError, match="scores are NaN"):
-        pick(torch.tensor([0.5, float("nan")]), [], 1.0, None, None, 1.0, None)
+        next(sample_tokens(diverged, [1, 2], 4, eos_id=0))
 
 
 @pytest.mark.parametrize("edit, words", [

@@ -25,10 +25,10 @@ def run(cfg) -> dict:
     main = distributed.is_main()
     dev, dtype = hardware.setup(t.device, t.precision, t.threads)
     found = resume.load(cfg, run_dir)
-    if not found:
-        resume.refuse_other_run(run_dir)
     if found:
         cfg = resume.with_checkpoint_data(cfg, found[1], command_overrides())
+    else:
+        resume.refuse_other_run(run_dir)
     if t.rating_loss and cfg.data.get("condition") != "rating":
         raise UserError(f"trainer.rating_loss={t.rating_loss} trains the model as a rating classifier: it needs "
                         "data.condition=rating (e.g. experiment=cpu_15min_rating)")
