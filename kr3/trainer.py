@@ -151,8 +151,8 @@ class Trainer:
         self.tokenizer = data.tokenizer
         controls = rating_controls(data.meta.get("condition"))
         self.controls = list(controls.values())  # never sampled as text
-        if self.t.rating_loss:  # in rating order, as the rating loss scores them
-            self.rating_control_ids = torch.tensor([controls[r] for r in sorted(controls)], device=device)
+        if self.t.rating_loss:  # in rating order, as the rating loss scores them; on the host, where it finds them
+            self.rating_control_ids = torch.tensor([controls[r] for r in sorted(controls)])
             prior = classify.rating_prior(data.meta["splits"], controls)
             self.log_prior = torch.tensor(prior, dtype=torch.float32, device=device).log()
         # the model's work per trained token, in whole passes: the rating loss runs some rows again through the
@@ -228,7 +228,7 @@ class Trainer:
             g["lr"] = self.lr * g["lr_scale"]
         accum = self.t.grad_accum
         for micro in range(accum):
-            x, y = (a.to(self.device, non_blocking=True) for a in self.batches.get(self.step, micro))
+            x, y = self.batches.get(self.step, micro)
             # all-reduce the gradients on the last micro-step only (also when compiled: ddp is the inner module)
             sync = self.ddp is None or micro == accum - 1
             with (nullcontext() if sync else self.ddp.no_sync()), hardware.autocast(self.device, self.dtype):
@@ -247,11 +247,15 @@ class Trainer:
             self.first_step, self.first_step_done = self.step, time.perf_counter()
 
     def losses(self, x, y) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(next-token loss, rating loss); the rating loss only with trainer.rating_loss > 0 (else None)."""
+        """(next-token loss, rating loss) of a batch still on the host; the rating loss only with
+        trainer.rating_loss > 0 (else None), its reviews found on the host so that the device never waits."""
+        dev_x, dev_y = (a.to(self.device, non_blocking=True) for a in (x, y))
         if not self.t.rating_loss:
-            return self.forward(x, y), None
-        return classify.training_losses(self.forward, self.model.head.weight, x, y, self.rating_control_ids, self.log_prior,
-                                        self.data.meta["eos_id"], max(1, round(self.t.rating_loss_rows * len(x))))
+            return self.forward(dev_x, dev_y), None
+        rows = max(1, round(self.t.rating_loss_rows * len(x)))
+        scored = classify.scored_reviews(x[:rows], y[:rows], self.rating_control_ids, self.data.meta["eos_id"])
+        return classify.training_losses(self.forward, self.model.head.weight, dev_x, dev_y, scored.to(self.device),
+                                        self.log_prior)
 
     def _after_step(self, bar) -> None:
         """Metrics, periodic evaluation and checkpoints, each at its own interval."""

@@ -183,9 +183,11 @@ def test_a_rating_for_an_unconditioned_checkpoint_stops_before_any_output(traine
     assert set((run_dir / "generate").glob("*/.hydra")) == before  # no folder left for a command that did nothing
 
 
-def test_the_rating_loss_is_the_classifier_cross_entropy_of_each_review():
+@pytest.mark.parametrize("scored_rows", [4, 5])
+def test_the_rating_loss_is_the_classifier_cross_entropy_of_each_review(scored_rows):
     """training_losses scores the first whole review of a row under every rating exactly as the evaluation does
-    (log_likelihoods); what follows it in the row changes nothing, and a row whose review is cut is left out."""
+    (log_likelihoods); what follows it in the row changes nothing, and a row whose review is cut is left out
+    (scored or not: the last row)."""
     from kr3.model import GPT, GPTConfig
 
     torch.manual_seed(0)
@@ -199,8 +201,8 @@ def test_the_rating_loss_is_the_classifier_cross_entropy_of_each_review():
     seqs = torch.tensor(rows)
     x, y = seqs[:, :-1], seqs[:, 1:]
     prior = np.array([0.2, 0.5, 0.3])
-    lm, rating = classify.training_losses(model, model.head.weight, x, y, torch.tensor([3, 4, 5]),
-                                          torch.tensor(prior).log().float(), eos, rows=5)
+    scored = classify.scored_reviews(x[:scored_rows], y[:scored_rows], torch.tensor([3, 4, 5]), eos)
+    lm, rating = classify.training_losses(model, model.head.weight, x, y, scored, torch.tensor(prior).log().float())
     ll = classify.log_likelihoods(model, texts, controls, eos, 8, torch.device("cpu"), torch.float32)
     expected = torch.nn.functional.cross_entropy(torch.tensor(ll + np.log(prior)), torch.tensor(labels))
     assert rating.item() == pytest.approx(expected.item(), rel=1e-5)
@@ -220,6 +222,31 @@ def test_the_rating_loss_scores_each_rows_first_whole_rated_review():
     start, end, whole = classify.first_reviews(x, y, torch.tensor([3, 4, 5]), eos)
     assert whole.tolist() == [True, False, False]
     assert (start[0].item(), end[0].item()) == (3, 5)  # positions 3–5 predict 10, 11 and the review's EOS
+
+
+def test_the_rating_loss_asks_the_device_for_nothing(monkeypatch):
+    """Once the reviews are found on the host, training_losses reads no count or value back (each would be a
+    sync per step on a GPU); with no whole review in the scored rows the loss is zero, not an error."""
+    from kr3.model import GPT, GPTConfig
+
+    eos, controls = 2, torch.tensor([3, 4, 5])
+    model = GPT(GPTConfig(vocab_size=24, n_layers=1, n_heads=2, d_model=16, d_ffn=32, block_size=12, controls=(3, 4, 5)))
+    whole = [eos, 3, 10, 11, eos, 12, 13, 14, 15, 16, 17, 18, 19]
+    cut = [eos, 4, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
+    found = []
+    for batch in ([whole, cut, whole], [cut, cut, whole]):
+        seqs = torch.tensor(batch)
+        found.append((seqs[:, :-1], seqs[:, 1:], classify.scored_reviews(seqs[:2, :-1], seqs[:2, 1:], controls, eos)))
+
+    def read_back(*args, **kwargs):
+        raise AssertionError("a device read-back")
+
+    for name in ("nonzero", "item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, read_back)
+    (lm, rating), (lm_none, rating_none) = (classify.training_losses(model, model.head.weight, x, y, scored,
+                                                                     torch.zeros(3)) for x, y, scored in found)
+    monkeypatch.undo()
+    assert rating.item() > 0 and rating_none.item() == 0 and lm_none.item() > 0
 
 
 def test_training_with_the_rating_loss_logs_it_and_learns_the_ratings(tmp_path, train_tiny):

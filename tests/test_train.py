@@ -329,6 +329,24 @@ def test_a_diverged_run_stops_in_one_line_and_saves_no_nan(corpus, tmp_path):
         assert all(torch.isfinite(w).all() for w in checkpoint.load(path).model.values())
 
 
+def test_ctrl_c_after_the_weights_diverged_saves_nothing(corpus, tmp_path, monkeypatch, caplog):
+    """Ctrl-C usually saves the step reached; not weights that are already NaN (between two loss checks)."""
+    from kr3.trainer import Trainer
+
+    def diverge_then_ctrl_c(self, bar):
+        if self.step == 3:
+            with torch.no_grad():
+                self.model.head.weight.fill_(float("nan"))
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_after_step", diverge_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        train_in_process(corpus, tmp_path, "trainer.max_steps=10", "trainer.eval_interval=0")
+    run_dir = tmp_path / "run"
+    assert json.loads((run_dir / "result.json").read_text())["state"] == "interrupted"
+    assert not checkpoint.list_steps(run_dir) and "NaN or infinite weights (the run diverged): not saved" in caplog.text
+
+
 def test_a_diverged_job_of_a_sweep_fails_alone(corpus, tmp_path):
     """One trial's divergence is that trial's failure (NaN to a search), not the end of the sweep."""
     proc = cli(["-m", *base(corpus, tmp_path), "stage=train", "trainer.max_steps=8", "trainer.eval_interval=0",
