@@ -129,6 +129,8 @@ def test_load_drops_index_column_and_fingerprints_content(tmp_path, corpus_parqu
     cfg = data_cfg(tmp_path, "data=local", f"data.path={corpus_parquet}")
     a = data.load(cfg)
     assert len(a.texts) == 406
+    with pytest.raises(UserError, match=r"\(columns: Rating, Review\)"):  # the pandas index is no column of reviews
+        data.load(data_cfg(tmp_path, "data=local", f"data.path={corpus_parquet}", "data.text_column=nothing"))
     df = pd.read_parquet(corpus_parquet).iloc[:-1]
     df.to_parquet(corpus_parquet)
     assert data.load(cfg).fingerprint != a.fingerprint

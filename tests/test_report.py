@@ -59,6 +59,8 @@ def test_report_rows_come_from_each_jobs_files(sweep, capsys):
 
 
 def test_report_stage_writes_tables_and_pictures(sweep, tmp_path):
+    older = sweep.parent / "09-59-59"
+    fake_job(older / "0", ["trainer.lr=0.1"], [(10, 5.0)], [(1, 9.0, 800)], {"state": "finished", "step": 10})
     root = report_stage.run(compose(["stage=report"], tmp_path))  # the newest multirun by default
     assert root == sweep
     csv = pd.read_csv(sweep / "report.csv")

@@ -6,7 +6,7 @@ import logging
 import os
 import re
 import signal
-import statistics
+import socket
 import subprocess
 import sys
 import threading
@@ -303,9 +303,7 @@ def test_a_client_that_leaves_stops_its_generation(model, live_server, monkeypat
             if n > 20:
                 break
     assert endless.closed.wait(5), "the generation went on after the client left"
-    made = endless.made
-    time.sleep(0.2)
-    assert endless.made == made
+    assert endless.made < 21 + 100, endless.made  # stopped within a few tokens of the client's leaving, not at 5 s
     assert httpx.get(f"{base}/health").json()["active"] == 0
 
 
@@ -342,22 +340,39 @@ def test_concurrent_clients_share_the_model_and_get_their_own_completions(model,
         assert chunks[-1] == "[DONE]"
         return "".join(c["choices"][0]["text"] for c in chunks[:-1])
 
-    start = time.monotonic()
     with ThreadPoolExecutor(8) as pool:
-        texts = list(pool.map(one, range(16)))
-        ticks = [httpx.get(f"{base}/health", timeout=5).elapsed.total_seconds() for _ in range(5)]
+        futures = [pool.submit(one, seed) for seed in range(16)]
+        ticks = []  # /health while the completions are generated: answered by the event loop, not after the model
+        while not all(f.done() for f in futures):
+            ticks.append(httpx.get(f"{base}/health", timeout=5).elapsed.total_seconds())
+        texts = [f.result() for f in futures]
     assert texts == [model.complete(PROMPT, seed=s, temperature=1.0, max_new_tokens=24) for s in range(16)]
-    assert max(ticks) < 1.0, "the event loop waited for the model"
-    assert time.monotonic() - start < 60
+    assert len(ticks) >= 3 and max(ticks) < 1.0, ticks
 
 
-def test_kept_alive_connections_get_answers_without_delay(model, live_server):
-    """Nagle's algorithm off on the server's connections: with it on, every answer on a kept-alive connection waited
-    ~40 ms for the client's delayed ACK."""
-    base = live_server(serve.app(model))
-    with httpx.Client() as client:
-        times = [client.get(f"{base}/health").elapsed.total_seconds() for _ in range(11)]
-    assert statistics.median(times) < 0.03, times
+def test_the_servers_connections_have_nagle_off():
+    """Answers on a kept-alive connection go out at once: with Nagle's algorithm on, each waited ~40 ms for the
+    client's delayed ACK (bench/serve_load.py found it). asyncio, under uvicorn, turns it off on the connections
+    of a socket made as `serve.listen` makes it."""
+    import asyncio
+
+    async def accepted_nodelay() -> int:
+        sock = serve.listen("127.0.0.1", 0)
+        accepted = asyncio.get_running_loop().create_future()
+
+        async def on_connect(reader, writer):
+            accepted.set_result(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(on_connect, sock=sock)
+        _, client = await asyncio.open_connection(*sock.getsockname()[:2])
+        try:
+            return await asyncio.wait_for(accepted, 5)
+        finally:
+            client.close()
+            server.close()
+
+    assert asyncio.run(accepted_nodelay())
 
 
 def test_the_openai_client_works_unchanged(model, live_server):
@@ -403,7 +418,7 @@ def test_stage_serve_serves_until_interrupted(served_run, tmp_path):
         assert health.json()["status"] == "ok"
         denied = httpx.post(f"{match[1]}v1/completions", json={"max_tokens": 1}, timeout=10)
         assert denied.status_code == 401
-        ok = httpx.post(f"{match[1]}v1/completions", json={"max_tokens": 3}, timeout=30,
+        ok = httpx.post(f"{match[1]}v1/completions", json={"prompt": PROMPT, "max_tokens": 3, "seed": 0}, timeout=30,
                         headers={"Authorization": "Bearer sk-never-written"})
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] > 0
     finally:
