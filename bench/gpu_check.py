@@ -1,6 +1,7 @@
 """One command for a fresh GPU machine: the bare model step against `run.py stage=train`, with a profile.
 
     python bench/gpu_check.py                    # on the GPU machine, within ~8 minutes
+    python bench/gpu_check.py --shapes small      # after a fix: model=small alone (its data already prepared)
     uv run python bench/gpu_check.py --device cpu   # a dry run of the whole script here first (tiny shapes)
 
 It needs no Hub and no ../shared: a synthetic corpus (bench/gpu.py's Zipf words of Hangul syllables) is
@@ -150,12 +151,16 @@ def main():
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--steps", type=int, default=None, help="timed steps per job (default 40 on cuda, 4 on cpu)")
     ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "gpu-check")
+    ap.add_argument("--shapes", default="small,base", help="of small,base; torchrun and the profile run with small")
     a = ap.parse_args()
     check_imports()
     import torch
 
     steps = a.steps or (40 if a.device == "cuda" else 4)
-    shapes = SHAPES if a.device == "cuda" else DRY
+    wanted = a.shapes.split(",")
+    if not set(wanted) <= set(SHAPES):
+        sys.exit(f"--shapes {a.shapes}: choose from {','.join(SHAPES)}")
+    shapes = {k: v for k, v in (SHAPES if a.device == "cuda" else DRY).items() if k in wanted}
     a.out.mkdir(parents=True, exist_ok=True)
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name() if a.device == 'cuda' else 'CPU dry run'}",
           flush=True)
@@ -169,10 +174,11 @@ def main():
             jobs[shape, compiled] = trainer(f"{shape} {'compiled' if compiled else 'eager'}", a.out, data, extra,
                                             steps + 10, a.device)
             print(f"{shape} compiled={compiled}: {jobs[shape, compiled]['tokens_per_s']:,.0f} tokens/s", flush=True)
-    small = [*shapes["small"][0], f"trainer.batch_size={shapes['small'][1]}", f"model.block_size={shapes['small'][2]}"]
-    ddp = trainer("small eager torchrun", a.out, data, small, steps + 10, a.device, torchrun=True)
-    profiled = trainer("small eager profiled", a.out, data, [*small, "trainer.profile.start=5", "trainer.profile.steps=3"],
-                       10, a.device)
+    if "small" in shapes:
+        small = [*shapes["small"][0], f"trainer.batch_size={shapes['small'][1]}", f"model.block_size={shapes['small'][2]}"]
+        ddp = trainer("small eager torchrun", a.out, data, small, steps + 10, a.device, torchrun=True)
+        profiled = trainer("small eager profiled", a.out, data,
+                           [*small, "trainer.profile.start=5", "trainer.profile.steps=3"], 10, a.device)
     rows = []
     for (shape, compiled), run in jobs.items():
         model_args, batch, block = shapes[shape]
@@ -183,15 +189,16 @@ def main():
                  (f"{shape} {mode}: run.py stage=train", run, bare)]
         if (shape, compiled) == ("small", False):
             rows.append(("small eager: torchrun, 1 process", ddp, bare))
-    report(rows, profiled["dir"] / "profile" / "top_ops.txt")
+    report(rows, profiled["dir"] / "profile" / "top_ops.txt" if "small" in shapes else None)
 
 
-def report(rows, top_ops: Path) -> None:
+def report(rows, top_ops: Path | None) -> None:
     print("\n| job | tokens/s | vs bare (kr3 loss) | MFU | peak GPU memory (GiB) |\n|---|---|---|---|---|")
     for name, r, bare in rows:
         print(f"| {name} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / bare['tokens_per_s']:.2f} | "
               f"{r['mfu']:.1%} | {r['mem_gib']:.1f} |")
-    print(f"\nthe trainer's top ops ({top_ops}):\n{top_ops.read_text()}")
+    if top_ops:
+        print(f"\nthe trainer's top ops ({top_ops}):\n{top_ops.read_text()}")
 
 
 if __name__ == "__main__":
