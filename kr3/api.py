@@ -81,8 +81,12 @@ class Model:
         self._decoder_copy, self._decoder_of = None, None
 
     def __repr__(self) -> str:
-        return (f"kr3.Model({str(self.path)!r}, step {self.checkpoint.step}, {self.model.num_params() / 1e6:.2f}M "
-                f"parameters, {self.device}, {str(self.dtype).replace('torch.', '')})")
+        return f"kr3.Model({self.describe()})"
+
+    def describe(self) -> str:
+        """What is loaded, in one line: the file, its step, the model's size, where and in what it runs."""
+        return (f"checkpoint {self.path}: step {self.checkpoint.step}, {self.model.num_params() / 1e6:.2f}M parameters, "
+                f"{self.device}, {str(self.dtype).replace('torch.', '')}")
 
     def complete(self, prompt: str, **options: Unpack[Options]) -> str | list[str]:
         """The completion of `prompt` (the text after it), or a list of `num_samples` of them when that is above 1."""
@@ -103,8 +107,9 @@ class Model:
                 yield piece
 
     def stream_with_stats(self, prompt: str, sample: int = 0, **options: Unpack[Options]) -> Iterator[str | dict]:
-        """stream(), then one last item: the completion's stats {completion, tokens, seconds, first_token_s,
-        tokens_per_s} (a server's usage counts and finish reason need them)."""
+        """stream(), then one last item: the completion's stats {completion, prompt_tokens (as the model was given
+        them: cleaned, cut to fit), tokens, seconds, first_token_s, tokens_per_s} (a server's usage counts and
+        finish reason need them)."""
         yield from self._completer(options).stream(prompt, sample)
 
     def next_tokens(self, prompt: str, k: int = 5, rating: str | int | None = None,

@@ -1,7 +1,8 @@
-"""Write-then-rename: a reader finds the old file or the whole new one, never a half-written one."""
+"""Write-then-rename: a reader finds the old file or folder or the whole new one, never a half-written one."""
 
 import errno
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,6 +28,27 @@ def replacing(path: str | Path):
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def replacing_folder(out: str | Path):
+    """Yield a temporary folder beside `out` (`.<name>.tmp-<pid>`, made, empty): on success it takes the place of
+    `out` (an existing one is moved aside as `.<name>.old-<pid>` and removed), on failure it is removed."""
+    out = Path(out)
+    tmp, old = (out.parent / f".{out.name}.{kind}-{os.getpid()}" for kind in ("tmp", "old"))
+    with disk_full_as_user_error(out):
+        with unwritable_as_user_error(out):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        try:
+            yield tmp
+            if out.exists():
+                out.rename(old)
+            tmp.rename(out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
 
 
 @contextmanager

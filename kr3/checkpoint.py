@@ -33,10 +33,10 @@ class Checkpoint:
     model: dict  # state_dict, fp32
     step: int
     config: dict  # the run's whole config, resolved
-    data: dict  # dir, name, fingerprint, position, splits, eos_id, dtype of the prepared data
+    data: dict  # dir, name, fingerprint, position, splits, eos_id, dtype and condition of the prepared data
     tokenizer: dict  # dir, spec, and files: {name: bytes} of the saved tokenizer
     optimizer: dict | None = None  # the optimizer's state_dict()
-    scheduler: dict | None = None  # kind, total_steps, warmup_steps
+    scheduler: dict | None = None  # kind, total_steps, warmup_steps, and max_time when it chose total_steps
     rng: dict | None = None  # torch (and cuda) RNG states
     val: dict | None = None  # the evaluation at this step, if any (the final one for a finished run)
     best_val_loss: float = math.inf
@@ -92,24 +92,29 @@ def resolve(path: str | Path, prefer_best: bool = False) -> Path:
         return path
     if not path.exists():
         raise UserError(f"checkpoint {path} does not exist — give a .pt file or a run folder with checkpoints/")
-    steps = list_steps(path)
-    best = path / CKPT_DIR / BEST
+    found = newest(path, prefer_best)
+    if found is None:
+        raise UserError(f"no checkpoints in {path} — train first (stage=train), or give a .pt file")
+    return found
+
+
+def newest(run_dir: Path, prefer_best: bool = False) -> Path | None:
+    """A run folder's newest step checkpoint, else its best.pt (a run stopped between its first evaluation and its
+    first step checkpoint has only that); with `prefer_best`, best.pt first. None when it has neither."""
+    best = Path(run_dir) / CKPT_DIR / BEST
     if prefer_best and best.exists():
         return best
-    if steps:
-        return steps[-1]
-    if best.exists():
-        return best
-    raise UserError(f"no checkpoints in {path} — train first (stage=train), or give a .pt file")
+    steps = list_steps(run_dir)
+    return steps[-1] if steps else best if best.exists() else None
 
 
-def load(path: str | Path, map_location="cpu", resume: bool = False) -> Checkpoint:
+def load(path: str | Path, resume: bool = False) -> Checkpoint:
     """The checkpoint at `path`, with every field generate/evaluate read (and, with `resume`, what resuming reads)."""
     path = Path(path)
     try:
         with warnings.catch_warnings():  # torch warns before refusing a foreign pickle: the error below says it
             warnings.simplefilter("ignore")
-            state = torch.load(path, map_location=map_location, weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"checkpoint {path} does not exist — check the path") from None
     except Exception as e:  # truncated zip, garbage bytes, unpickling refused
@@ -165,12 +170,13 @@ def run_folder(path: Path) -> Path:
     return path.parent.parent if path.parent.name == CKPT_DIR else path.parent
 
 
-def load_model(path: str | Path, device, dtype=None, log_dir: str | Path | None = None):
-    """(model, tokenizer, Checkpoint) from what `locate` finds; the model is in eval mode on `device`."""
+def load_model(path: str | Path, device):
+    """(model, tokenizer, Checkpoint) of a checkpoint file or a run folder (its best, else newest checkpoint); the
+    model is in eval mode on `device`."""
     from kr3 import tokenizer as ktok
     from kr3.model import GPT, GPTConfig
 
-    path = locate(path, log_dir)
+    path = resolve(path, prefer_best=True)
     ckpt = load(path)
     try:
         model = GPT(GPTConfig(**ckpt.model_config))
@@ -179,5 +185,5 @@ def load_model(path: str | Path, device, dtype=None, log_dir: str | Path | None 
     except Exception as e:  # a file edited after training: fields of other types, shapes or keys
         raise UserError(f"checkpoint {path} holds a model or tokenizer kr3 cannot rebuild ({first_line(e)}) — it was "
                         "changed after training; use another checkpoint") from None
-    model.to(device=device, dtype=dtype).eval()
+    model.to(device).eval()
     return model, tokenizer, ckpt

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from kr3 import hardware
 from kr3.model import linear_cross_entropy
+from kr3.prepared import rating_controls
 from kr3.tracking import progress
 
 
@@ -78,6 +79,27 @@ def report(ll: np.ndarray, labels: np.ndarray, chars: np.ndarray, prior: np.ndar
     return {"rated_bpc": float(-own.sum() / chars.sum() / math.log(2)),  # every rated review, controls not scored
             "per_rating": per_rating, "classifier": {"binary (0/1)": accuracy(ll, labels, prior, [0, 1]),
                                                      "three ratings": accuracy(ll, labels, prior, [0, 1, 2])}}
+
+
+def rating_scores(m, tokens: np.ndarray, batch_size: int) -> dict:
+    """What stage=evaluate adds for `m` (a kr3.Model) trained with data.condition=rating: bits per character of
+    each rating's reviews and the model's accuracy as a generative classifier, on the rated reviews of `tokens`
+    (a prepared split); nothing otherwise."""
+    condition = m.checkpoint.data.get("condition")
+    if not condition:
+        return {}
+    controls = rating_controls(condition)
+    reviews = reviews_of(tokens, m.tokenizer.eos_id, controls)
+    if not reviews:
+        return {}
+    # each review is scored in one window after [EOS, control]: a longer one is cut, and only what is scored counts
+    texts = [t[: m.model.cfg.block_size - 1] for _, t in reviews]
+    # short sequences: 4x the batch keeps about the tokens per forward pass of the windows scored above
+    ll = log_likelihoods(m.model, texts, controls, m.tokenizer.eos_id, 4 * batch_size, m.device, m.dtype)
+    prior = rating_prior(m.checkpoint.data["splits"], controls)
+    chars = np.array([len(m.tokenizer.decode(t)) for t in texts])
+    names = {int(r): name for r, name in condition["names"].items()}
+    return report(ll, np.array([r for r, _ in reviews]), chars, prior, names)
 
 
 def rating_prior(splits: dict, controls: dict[int, int]) -> np.ndarray:

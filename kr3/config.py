@@ -30,7 +30,7 @@ def register_resolvers():
 
 
 def run_dir(stage: str, checkpoint, log_dir: str) -> str:
-    """The run folder: evaluate and generate write beside the checkpoint they read, into
+    """The run folder: evaluate, generate and export write beside the checkpoint they read, into
     `<its run>/<stage>/<date>_<time>`, where its results are found; the rest into outputs/<date>/<time>."""
     if stage in ("evaluate", "generate", "export") and checkpoint is not None:
         from kr3 import checkpoint as ckpt

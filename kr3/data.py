@@ -10,6 +10,7 @@ import logging
 import math
 import re
 import unicodedata
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -230,13 +231,19 @@ def clean_text(text: str, nfc=True, strip_control=True, collapse_whitespace=True
     return text
 
 
+def clean_options(c: Mapping) -> tuple[bool, bool, bool]:
+    """clean_text's switches (nfc, strip_control, collapse_whitespace) from a `data.clean` config; on where one is
+    missing (a checkpoint's saved config may predate it)."""
+    return tuple(bool(c.get(k, True)) for k in ("nfc", "strip_control", "collapse_whitespace"))
+
+
 def clean(corpus: Corpus, cfg, progress=None) -> Corpus:
     """Normalize every review and drop the ones the config rejects; `counts` says how many each step removed."""
     c = cfg.clean
     texts, labels = corpus.texts, corpus.labels
     counts = {"loaded": len(texts)}
     it = progress(texts) if progress else texts
-    opts = (bool(c.nfc), bool(c.strip_control), bool(c.collapse_whitespace))  # DictConfig lookups are slow
+    opts = clean_options(c)  # once: DictConfig lookups are slow
     texts = [clean_text(t, *opts) for t in it]
     keep = np.ones(len(texts), dtype=bool)
 

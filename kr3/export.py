@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kr3.api import Model
-from kr3.atomic import disk_full_as_user_error, unwritable_as_user_error
+from kr3.atomic import replacing_folder
 from kr3.errors import UserError
 from kr3.model import GPT, GPTConfig
 from kr3.sampling import stop_strings
@@ -50,7 +48,8 @@ def save(m: Model, out: Path, license: str | None = None) -> Path:
     replaces a previous export there. `license` (a Hub licence id) overrides the card's: KR3's when trained on it."""
     require_hf()
     config = gpt2_config(m.model.cfg, m.tokenizer.eos_id)
-    with replacing_folder(Path(out)) as tmp:
+    check_export_dir(Path(out))
+    with replacing_folder(out) as tmp:
         write_model(m.model, config, tmp)
         write_generation_config(m.defaults, m.tokenizer.eos_id, tmp)
         write_tokenizer(m.checkpoint.tokenizer["files"], m.tokenizer, m.model.cfg.block_size, tmp)
@@ -205,29 +204,13 @@ def _unigram_vocab(pieces: list[tuple[str, float, int]]) -> list[tuple[str, floa
     return [(p, floor if kind in hidden else score) for p, score, kind in pieces]
 
 
-@contextmanager
-def replacing_folder(out: Path) -> Iterator[Path]:
-    """A temp folder beside `out` that takes its place when the block ends well and is removed when it fails, so
-    `out` is never half-written. An existing `out` is replaced only when it is empty or an earlier export."""
+def check_export_dir(out: Path) -> None:
+    """An existing export.dir is replaced only when it is empty or an earlier export."""
     if out.is_file():
         raise UserError(f"export.dir={out} is a file — give a new or empty folder")
     if out.is_dir() and any(out.iterdir()) and not (out / "model.safetensors").is_file():
         raise UserError(f"export.dir={out} holds other files — give a new or empty folder (an earlier export there "
                         "is replaced)")
-    tmp, old = (out.parent / f".{out.name}.{kind}-{os.getpid()}" for kind in ("tmp", "old"))
-    with disk_full_as_user_error(out):
-        with unwritable_as_user_error(out):
-            out.parent.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-        try:
-            yield tmp
-            if out.exists():
-                out.rename(old)
-            tmp.rename(out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def trained_on_kr3(data_cfg: Mapping) -> bool:

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from kr3 import data as kdata
 from kr3 import tokenizer as ktok
-from kr3.atomic import disk_full_as_user_error
+from kr3.atomic import disk_full_as_user_error, replacing_folder
 from kr3.errors import UserError
 from kr3.tracking import progress, table
 
@@ -103,6 +103,25 @@ class PreparedData:
     @cached_property
     def tokenizer(self) -> ktok.Tokenizer:
         return ktok.load(self.tokenizer_dir)
+
+
+def trained_split(ckpt_data: dict, name: str) -> tuple[np.memmap, Path, int]:
+    """(tokens, file, characters) of split `name` of the prepared folder a checkpoint was trained on (its `data`
+    field); refused when it is gone or was prepared again since."""
+    split = ckpt_data["splits"].get(name)
+    path = Path(ckpt_data["dir"]) / split["file"] if split else None
+    if path is None or not path.exists():
+        raise UserError(
+            f"split {name!r} of {ckpt_data['dir']} is not there — re-run stage=prepare with the training "
+            "config, or evaluate a file with data=local data.path=..."
+        )
+    data = PreparedData(path.parent)
+    if data.meta["fingerprint"] != ckpt_data["fingerprint"]:
+        raise UserError(
+            f"{path.parent} was prepared again (other data or tokenizer) since this checkpoint was trained on it "
+            "— evaluate a file with data=local data.path=..., or prepare the data it was trained on again"
+        )
+    return data.tokens(name), path, split["chars"]
 
 
 class Timings(dict):
@@ -192,9 +211,8 @@ def build(cfg, out: Path, stamp: str) -> dict:
         with timings("tokenizer"):
             tok = ktok.build(cfg.tokenizer, splits["train"].texts, cfg.seed, cache_dir=cfg.data.cache_dir,
                              controls=tuple(RATING_CONTROLS.values()) if conditioned(cfg.data, corpus) else ())
-        with _temp_dir(out) as tmp:
+        with replacing_folder(out) as tmp:
             meta = _write(cfg, tok, corpus, splits, (out.name, stamp), tmp, timings)
-            _replace_dir(tmp, out)
     log.info("\n" + summary(meta, out, timings))
     return meta
 
@@ -231,19 +249,6 @@ def _write(cfg, tok: ktok.Tokenizer, corpus, splits: dict, name_stamp: tuple[str
     }
     (tmp / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
     return meta
-
-
-@contextmanager
-def _temp_dir(out: Path):
-    """`.<name>.tmp-<pid>` beside `out`, removed however the block ends (a full disk: one line, after removing it)."""
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    with disk_full_as_user_error(out):
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
-            yield tmp
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def conditioned(dcfg, corpus) -> bool:
@@ -310,15 +315,6 @@ def _warn_if_lossy(fidelity: float):
         log.warning(f"only {fidelity:.1%} of val reviews come back exactly from decode(encode(review)): the tokenizer "
                     "most likely normalizes text (e.g. NFKC turns ㅋ into ᄏ), so decoding does not give the review "
                     "back — tokenizer=sentencepiece trains one on this corpus with identity normalization")
-
-
-def _replace_dir(tmp: Path, out: Path):
-    """Swap the finished folder into place: readers only ever see a complete folder (or none)."""
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def summary(meta: dict, out: Path, timings: dict) -> str:

@@ -15,20 +15,20 @@ import yaml
 
 from kr3.atomic import replacing
 from kr3.errors import UserError
-from kr3.tracking import read_metrics
+from kr3.tracking import METRICS, RESULT, pyplot, read_metrics, save_figure, series
 
-RESULT = "result.json"  # written by the trainer when a run ends: finished or interrupted
 RUNNING_WITHIN_S = 300  # a job without result.json that logged this recently is still running
 COLUMNS = ["job", "state", "val_bpc", "val_loss", "best_val_bpc", "best_step", "steps", "tokens_per_s", "wall_s"]
 
 
 def find_jobs(folder: Path) -> list[Path]:
-    """Run folders at or below `folder`: those holding `.hydra/overrides.yaml` and a metrics.jsonl or result."""
+    """Training run folders at or below `folder`: those holding `.hydra/overrides.yaml` and a metrics.jsonl,
+    result.json or run.log (a job that failed before its first log still counts)."""
     candidates = [folder, *sorted(p.parent.parent for p in folder.rglob(".hydra/overrides.yaml"))]
     seen, jobs = set(), []
     for job in candidates:
         if job not in seen and (job / ".hydra" / "overrides.yaml").exists() and (
-                (job / "metrics.jsonl").exists() or (job / RESULT).exists() or (job / "run.log").exists()):
+                (job / METRICS).exists() or (job / RESULT).exists() or (job / "run.log").exists()):
             seen.add(job)
             jobs.append(job)
     return [j for j in jobs if _is_train(j)]
@@ -47,7 +47,7 @@ def overrides(job: Path) -> dict[str, str]:
 
 
 def job_row(job: Path, root: Path) -> dict:
-    rows = read_metrics(job / "metrics.jsonl") if (job / "metrics.jsonl").exists() else []
+    rows = read_metrics(job / METRICS) if (job / METRICS).exists() else []
     train = [r for r in rows if "train/loss" in r]
     val = [r for r in rows if "val/bpc" in r]
     result = json.loads((job / RESULT).read_text()) if (job / RESULT).exists() else {}
@@ -66,7 +66,7 @@ def job_row(job: Path, root: Path) -> dict:
 
 
 def _unfinished_state(job: Path) -> str:
-    logs = [p for p in (job / "metrics.jsonl", job / "run.log") if p.exists()]
+    logs = [p for p in (job / METRICS, job / "run.log") if p.exists()]
     recent = any(time.time() - p.stat().st_mtime < RUNNING_WITHIN_S for p in logs)
     return "running" if recent else "failed"
 
@@ -113,13 +113,11 @@ def _short(value) -> str:
 
 
 def plot_curves(df: pd.DataFrame, swept: list[str], jobs: dict[str, Path], out: Path) -> Path:
-    plt = _pyplot()
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), dpi=110, sharex=True)
+    fig, (top, bottom) = pyplot().subplots(2, 1, figsize=(8, 7), dpi=110, sharex=True)
     for _, row in df.iterrows():
-        path = jobs[row["job"]] / "metrics.jsonl"
+        path = jobs[row["job"]] / METRICS
         rows = read_metrics(path) if path.exists() else []
-        val = [(r["step"], r["val/bpc"]) for r in rows if "val/bpc" in r]
-        train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+        val, train = series(rows, "val/bpc"), series(rows, "train/loss")
         label = _label(row, swept)
         if val:
             top.plot(*zip(*val), "o-", lw=1.2, ms=3, label=label)
@@ -131,33 +129,17 @@ def plot_curves(df: pd.DataFrame, swept: list[str], jobs: dict[str, Path], out: 
     for ax in (top, bottom):
         ax.grid(alpha=0.3)
     bottom.legend(fontsize=7, loc="upper right")
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def plot_against(values: pd.Series, bpc: pd.Series, param: str, out: Path) -> Path:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    fig, ax = pyplot().subplots(figsize=(6, 4), dpi=110)
     ax.plot(values, bpc, "o")
     if values.min() > 0 and values.max() / values.min() >= 10:
         ax.set_xscale("log")
     ax.set_xlabel(param)
     ax.set_ylabel("final val bits per character")
     ax.grid(alpha=0.3)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, out: Path) -> Path:
-    fig.tight_layout()
-    with replacing(out) as tmp:
-        fig.savefig(tmp, format="png")
-    _pyplot().close(fig)
-    return out

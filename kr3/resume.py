@@ -35,6 +35,13 @@ class Resumed:
                             "raise trainer.max_steps (or trainer.epochs)")
         return finished and self.step >= total_steps
 
+    def nothing_to_train(self, t) -> str:
+        """What a finished run says when resumed without more steps (`t`: the trainer config)."""
+        more = ("drop trainer.max_time (a resumed run keeps the steps it chose) and raise trainer.max_steps"
+                if t.max_time else "raise trainer.max_steps (or trainer.epochs)")
+        return (f"{self.path} finished at step {self.step} (val loss {self.ckpt.val['loss']:.4f}, bpc "
+                f"{self.ckpt.val['bpc']:.4f}): nothing to train — {more} to go on")
+
 
 def find(resume: str | None, run_dir: Path) -> Path | None:
     """trainer.resume: null (train anew), `auto` (this run folder's newest checkpoint, else its best.pt — a run
@@ -42,8 +49,7 @@ def find(resume: str | None, run_dir: Path) -> Path | None:
     if not resume:
         return None
     if resume == "auto":
-        steps, best = checkpoint.list_steps(run_dir), Path(run_dir) / checkpoint.CKPT_DIR / checkpoint.BEST
-        return steps[-1] if steps else best if best.exists() else None
+        return checkpoint.newest(run_dir)
     return checkpoint.resolve(resume)
 
 
@@ -98,7 +104,7 @@ def check(cfg, path: Path, ckpt: Checkpoint, run_dir: Path, meta: dict) -> Resum
                if k in cfg.model and cfg.model[k] != v]
     if ignored and distributed.is_main():
         log.warning(f"resuming keeps the checkpoint's model; ignored: {', '.join(ignored)}")
-    return Resumed(path, ckpt, in_place=path.resolve().parent.parent == Path(run_dir).resolve())
+    return Resumed(path, ckpt, in_place=checkpoint.run_folder(path.resolve()) == Path(run_dir).resolve())
 
 
 def restore(resumed: Resumed, model, opt, run_dir: Path) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 import torch
 from omegaconf import OmegaConf
 
-from kr3.data import clean_text
+from kr3.data import clean_options, clean_text
 from kr3.errors import UserError, check_values
 from kr3.model import GPT, KVCache
 
@@ -33,11 +33,11 @@ def decoding(settings: Mapping) -> dict:
     return {k: OmegaConf.to_container(settings[k]) if OmegaConf.is_config(settings[k]) else settings[k] for k in DECODING}
 
 
-def check_decoding(options: Mapping, section: str = "generate") -> None:
-    """One-line errors for decoding values out of range, named `<section>.<option>=...` as in the config."""
-    check_values(section, options, DECODING_RULES)
+def check_decoding(options: Mapping) -> None:
+    """One-line errors for decoding values out of range, named `generate.<option>=...` as in the config."""
+    check_values("generate", options, DECODING_RULES)
     if not all(isinstance(s, str) and s for s in stop_strings(options["stop"])):
-        raise UserError(f"{section}.stop={options['stop']} must be non-empty strings, e.g. {section}.stop='[\"!\",\"다\"]'")
+        raise UserError(f"generate.stop={options['stop']} must be non-empty strings, e.g. generate.stop='[\"!\",\"다\"]'")
 
 
 @torch.no_grad()
@@ -173,7 +173,7 @@ class Completer:
         if len(text) > len(shown):
             yield text[len(shown) :]
         seconds = time.perf_counter() - start
-        yield {"completion": text, "tokens": len(new), "seconds": round(seconds, 4),
+        yield {"completion": text, "prompt_tokens": len(ids), "tokens": len(new), "seconds": round(seconds, 4),
                "first_token_s": round(first or seconds, 4), "tokens_per_s": round(len(new) / seconds, 2) if new else 0.0}
 
     def complete(self, prompt: str, sample: int = 0) -> dict:
@@ -211,8 +211,7 @@ def cleaned(prompt: str, clean_cfg: Mapping) -> str:
         prompt.encode("utf-8")
     except UnicodeEncodeError as e:
         raise UserError(f"the prompt is not valid Unicode text ({e.reason} at character {e.start})") from None
-    return clean_text(prompt, bool(clean_cfg.get("nfc", True)), bool(clean_cfg.get("strip_control", True)),
-                      bool(clean_cfg.get("collapse_whitespace", True)))
+    return clean_text(prompt, *clean_options(clean_cfg))
 
 
 def stop_strings(stop) -> list:

@@ -13,14 +13,15 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import secrets
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Annotated
 
@@ -28,10 +29,12 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from omegaconf import OmegaConf
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
 
 from kr3.api import Model, decoding_options
+from kr3.config import CONFIG_DIR
 from kr3.errors import UserError
 from kr3.sampling import END_OF_REVIEW, MAX_GUIDANCE, rating_control
 
@@ -45,14 +48,43 @@ UNSUPPORTED = {"echo": (None, False), "logprobs": (None,), "best_of": (None, 1),
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may ask for (the `serve:` block of conf/config.yaml), so that no client takes the server down."""
+    """What one request may ask for, so that no client takes the server down: the `serve:` block's keys of these
+    names (conf/config.yaml says what each bounds)."""
 
-    max_body_bytes: int = 65536  # a larger request body gets 413
-    max_tokens: int = 512  # new tokens per completion
-    max_n: int = 8  # completions per prompt
-    max_prompts: int = 16  # prompts per request
-    max_next_tokens: int = 50  # k of /v1/next_tokens
-    max_active: int = 64  # requests generating or waiting at once; one more gets 429
+    max_body_bytes: int
+    max_tokens: int
+    max_n: int
+    max_prompts: int
+    max_next_tokens: int
+    max_active: int
+
+    @classmethod
+    def of(cls, serve_cfg: Mapping, **changes: int) -> Limits:
+        """From a `serve:` config block, with `changes`."""
+        return cls(**{**{f.name: int(serve_cfg[f.name]) for f in fields(cls)}, **changes})
+
+    @classmethod
+    def defaults(cls, **changes: int) -> Limits:
+        """conf/config.yaml's, with `changes`."""
+        return cls.of(OmegaConf.load(CONFIG_DIR / "config.yaml").serve, **changes)
+
+
+def api_key(s) -> str | None:
+    """serve.api_key, else the KR3_API_KEY environment variable — read here, not interpolated into the config, where
+    a stage that saves its resolved config (a checkpoint, W&B) would write it down."""
+    key = os.environ.get("KR3_API_KEY") if s.api_key is None else str(s.api_key)
+    if key is not None and not key.strip():
+        raise UserError("the API key is empty (serve.api_key or KR3_API_KEY) — give a key, or unset it to serve without one")
+    return key
+
+
+def redact(folder: Path, key: str) -> None:
+    """A key given as serve.api_key=… is in Hydra's copy of the command (overrides.yaml, config.yaml): blank it
+    there, so the run folder never holds it. KR3_API_KEY is not copied at all."""
+    for path in folder.glob("*.yaml"):
+        text = path.read_text(encoding="utf-8")
+        if key in text:
+            path.write_text(text.replace(key, "<redacted>"), encoding="utf-8")
 
 
 class ApiError(HTTPException):
@@ -257,10 +289,10 @@ def check_completion(req: CompletionRequest, m: Model, limits: Limits, name: str
             raise ApiError(400, f"{param}: {value} is above this server's limit of {bound} (serve.{key})", param)
     if not prompts:
         raise ApiError(400, "prompt: the list is empty — give a string or a list of strings", "prompt")
-    return Completion(prompts, n, decoding(req, m, limits), name, f"cmpl-{uuid.uuid4().hex}", int(time.time()))
+    return Completion(prompts, n, request_options(req, m, limits), name, f"cmpl-{uuid.uuid4().hex}", int(time.time()))
 
 
-def decoding(req: CompletionRequest, m: Model, limits: Limits) -> dict:
+def request_options(req: CompletionRequest, m: Model, limits: Limits) -> dict:
     """The request's sampling parameters as kr3 decoding options over the server's defaults, checked."""
     given = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k,
              "repetition_penalty": req.repetition_penalty, "stop": req.stop, "rating": check_rating(m, req.rating),
@@ -271,14 +303,20 @@ def decoding(req: CompletionRequest, m: Model, limits: Limits) -> dict:
     return decoding_options(options, m.defaults)  # a UserError left: 400 (user_error)
 
 
-def prompt_tokens(m: Model, prompts: list[str]) -> int:
-    """The prompts' tokens as the model is given them: cleaned, and at most a context less one."""
-    room = m.model.cfg.block_size - 1
-    return sum(min(len(m.tokenizer.encode(m.cleaned(p))), room) for p in prompts)
+class Usage:
+    """A response's token counts from its completions' stats: each prompt's tokens once (not once per sample),
+    as the model was given them."""
 
+    def __init__(self):
+        self.prompt = self.completion = 0
 
-def usage(prompt: int, completion: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    def add(self, stats: dict, sample: int) -> None:
+        self.prompt += stats["prompt_tokens"] if sample == 0 else 0
+        self.completion += stats["tokens"]
+
+    def body(self) -> dict:
+        return {"prompt_tokens": self.prompt, "completion_tokens": self.completion,
+                "total_tokens": self.prompt + self.completion}
 
 
 class Server:
@@ -291,18 +329,18 @@ class Server:
     async def complete(self, request: Request, job: Completion) -> dict:
         """A whole completion response; stops when the client leaves (its error response is never read)."""
         self.thread.admit()
-        choices, tokens = [], 0
+        choices, usage = [], Usage()
         try:
             for index, prompt, sample in job.choices():
-                generation = self.generation(job, prompt, sample)
+                generation = completion_items(self.m, prompt, sample, job.options)
                 *_, stats = [item async for item in self.thread.iterate(generation, request.is_disconnected)]
                 choices.append(choice(index, stats["completion"], finish_reason(stats, job.options)))
-                tokens += stats["tokens"]
+                usage.add(stats, sample)
         except Disconnected:
             raise ApiError(400, "the client closed the connection") from None
         finally:
             self.thread.release()
-        return job.chunk(choices, usage(prompt_tokens(self.m, job.prompts), tokens))
+        return job.chunk(choices, usage.body())
 
     def stream(self, job: Completion, include_usage: bool) -> EventStream:
         self.thread.admit()
@@ -311,14 +349,14 @@ class Server:
     async def events(self, job: Completion, include_usage: bool) -> AsyncIterator[str]:
         """The completion as server-sent events: its pieces of text as they come, each choice's finish_reason in a
         last event of its own, the usage (when asked for) and `data: [DONE]`."""
-        tokens = 0
+        usage = Usage()
         try:
             for index, prompt, sample in job.choices():
-                async for item in self.thread.iterate(self.generation(job, prompt, sample)):
+                async for item in self.thread.iterate(completion_items(self.m, prompt, sample, job.options)):
                     if isinstance(item, str):
                         yield sse(job.chunk([choice(index, item, None)]))
                     else:
-                        tokens += item["tokens"]
+                        usage.add(item, sample)
                         yield sse(job.chunk([choice(index, "", finish_reason(item, job.options))]))
         except Disconnected:
             return
@@ -327,11 +365,8 @@ class Server:
             yield sse(failure(e).body())
             return
         if include_usage:
-            yield sse(job.chunk([], usage(prompt_tokens(self.m, job.prompts), tokens)))
+            yield sse(job.chunk([], usage.body()))
         yield sse("[DONE]")
-
-    def generation(self, job: Completion, prompt: str, sample: int) -> Iterator:
-        return completion_items(self.m, prompt, sample, job.options)
 
     async def next_tokens(self, req: NextTokensRequest) -> dict:
         if req.k > self.limits.max_next_tokens:
@@ -359,7 +394,7 @@ class Server:
 def app(m: Model, limits: Limits | None = None, api_key: str | None = None, name: str = "kr3") -> FastAPI:
     """The ASGI app serving `m`: `/v1/*` (behind `Authorization: Bearer <api_key>` when a key is given), `/health`,
     and the page at `/`."""
-    server = Server(m, limits or Limits(), name)
+    server = Server(m, limits or Limits.defaults(), name)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -522,9 +557,9 @@ def url(sock: socket.socket) -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
 
 
-def run(asgi: FastAPI, sock: socket.socket, log_level: str = "info") -> None:
+def run(asgi: FastAPI, sock: socket.socket) -> None:
     """Serve `asgi` on the bound socket until Ctrl-C or SIGTERM (uvicorn; streams still open get 5 s to end)."""
     import uvicorn
 
-    config = uvicorn.Config(asgi, log_level=log_level, timeout_graceful_shutdown=5, server_header=False)
+    config = uvicorn.Config(asgi, log_level="info", timeout_graceful_shutdown=5, server_header=False)
     uvicorn.Server(config).run(sockets=[sock])

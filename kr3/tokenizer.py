@@ -254,9 +254,8 @@ def _download(repo_id: str, cache_dir: str | None) -> Path:
             snapshot_download(repo_id, allow_patterns=list(PretrainedTokenizer.FILES), cache_dir=cache_dir)
         )
     except Exception as e:  # offline, unknown repo, gated repo: all user-fixable
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise UserError(
-            f"could not download tokenizer {repo_id} from the Hugging Face Hub ({first}) — "
+            f"could not download tokenizer {repo_id} from the Hugging Face Hub ({first_line(e)}) — "
             "download it where the Hub is reachable and set tokenizer.name_or_path=/path/to/folder"
         ) from None
 

@@ -16,6 +16,8 @@ from kr3.atomic import replacing
 from kr3.errors import lookup
 
 log = logging.getLogger(__name__)
+METRICS = "metrics.jsonl"  # a run's logged rows, one JSON object per line
+RESULT = "result.json"  # how a run ended (finished, interrupted or diverged), written by the trainer; read by report
 
 
 def progress(iterable=None, desc: str = "", total: int | None = None, unit: str = "it", enabled: bool = True, **kw):
@@ -116,7 +118,7 @@ class Tracker:
         """`history_until`: resuming in this folder from that step, so rows logged after it (by a run killed
         later than its last checkpoint) are dropped: one history, as the resumed run will log it again."""
         self.enabled, self.run_dir = enabled, Path(run_dir)
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.metrics_path = self.run_dir / METRICS
         self.sink = None
         self.run_id = resume_id
         if enabled:
@@ -157,16 +159,34 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def plot_losses(metrics_path: Path, out: Path) -> None:
+def series(rows: list[dict], key: str) -> list[tuple[int, float]]:
+    """(step, value) of each metrics row that has `key`."""
+    return [(r["step"], r[key]) for r in rows if key in r]
+
+
+def pyplot():
+    """matplotlib's pyplot, drawing to files (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, out: Path) -> Path:
+    """`fig` as a PNG at `out`, written whole (a temp file renamed), then closed."""
+    fig.tight_layout()
+    with replacing(out) as tmp:
+        fig.savefig(tmp, format="png")
+    pyplot().close(fig)
+    return out
+
+
+def plot_losses(metrics_path: Path, out: Path) -> None:
     rows = read_metrics(metrics_path)
-    train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
-    val = [(r["step"], r["val/loss"]) for r in rows if "val/loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    train, val = series(rows, "train/loss"), series(rows, "val/loss")
+    fig, ax = pyplot().subplots(figsize=(7, 4), dpi=110)
     if train:
         ax.plot(*zip(*train), label="train", lw=1)
     if val:
@@ -175,7 +195,4 @@ def plot_losses(metrics_path: Path, out: Path) -> None:
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    with replacing(out) as tmp:
-        fig.savefig(tmp)
-    plt.close(fig)
+    save_figure(fig, out)

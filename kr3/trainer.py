@@ -11,6 +11,7 @@ import signal
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from omegaconf import OmegaConf
@@ -24,9 +25,15 @@ from kr3.checkpoint import Checkpoint
 from kr3.errors import Diverged, UserError, check_values
 from kr3.prepared import PreparedData, rating_controls
 from kr3.profiling import StepProfiler
-from kr3.tracking import Tracker, progress, table
+from kr3.tracking import RESULT, Tracker, progress, table
 
 log = logging.getLogger(__name__)
+
+
+def check_rating_loss(t, data_cfg) -> None:
+    if t.rating_loss and data_cfg.get("condition") != "rating":
+        raise UserError(f"trainer.rating_loss={t.rating_loss} trains the model as a rating classifier: it needs "
+                        "data.condition=rating (e.g. experiment=cpu_15min_rating)")
 
 
 def check_trainer(t) -> None:
@@ -92,6 +99,28 @@ def eval_sizes(t, n_val: int, block_size: int) -> tuple[int, int]:
     return share, final
 
 
+def work_passes(model, ratings: int, t) -> float:
+    """The model's work per trained token, in whole passes: the rating loss runs some rows again through the
+    blocks, once per other rating; the head at their scored reviews is left out (a lower bound: MFU reads low,
+    max_time's evaluation estimate is generous)."""
+    if not t.rating_loss:
+        return 1.0
+    blocks = 1 - 6 * model.head.weight.numel() / model.flops_per_token()
+    return 1 + (ratings - 1) * t.rating_loss_rows * blocks
+
+
+def sample_prompts(prompts, clean_cfg) -> list[str]:
+    """trainer.sample_prompts as a list (one may be given as a string), checked before training rather than at the
+    first evaluation."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts or [])
+    for p in prompts:
+        try:
+            sampling.cleaned(p, clean_cfg)
+        except UserError as e:
+            raise UserError(f"trainer.sample_prompts: {e}") from None
+    return prompts
+
+
 class Interrupts:
     """Ctrl-C and SIGTERM (how torchrun and schedulers stop a job) raise KeyboardInterrupt, so the trainer
     saves where it is; never inside `update()`, since a checkpoint of a half-applied optimizer step would
@@ -128,7 +157,7 @@ class Interrupts:
 
 class Trainer:
     def __init__(self, cfg, model, opt, data: PreparedData, batches: Batches, total: int, device, dtype,
-                 resumed: resume.Resumed | None, run_dir: Path, command: str = "python run.py stage=train"):
+                 resumed: resume.Resumed | None, run_dir: Path, command: str):
         """`command`: how this run was started, for the line that says how to continue it."""
         self.cfg, self.t = cfg, cfg.trainer
         self.model, self.opt, self.data, self.batches = model, opt, data, batches
@@ -149,17 +178,12 @@ class Trainer:
             if distributed.is_distributed() else None
         self.forward = torch.compile(self.ddp or model) if self.t.compile else self.ddp or model
         self.tokenizer = data.tokenizer
+        self.sample_prompts = sample_prompts(self.t.sample_prompts, cfg.data.clean)
         controls = rating_controls(data.meta.get("condition"))
         self.controls = list(controls.values())  # never sampled as text
-        if self.t.rating_loss:  # in rating order, as the rating loss scores them; on the host, where it finds them
-            self.rating_control_ids = torch.tensor([controls[r] for r in sorted(controls)])
-            prior = classify.rating_prior(data.meta["splits"], controls)
-            self.log_prior = torch.tensor(prior, dtype=torch.float32, device=device).log()
-        # the model's work per trained token, in whole passes: the rating loss runs some rows again through the
-        # blocks, once per other rating; the head at their scored reviews is left out (a lower bound: MFU reads
-        # low, max_time's evaluation estimate is generous)
-        blocks = 1 - 6 * model.head.weight.numel() / model.flops_per_token()
-        self.passes = 1 + (len(controls) - 1) * self.t.rating_loss_rows * blocks if self.t.rating_loss else 1
+        if self.t.rating_loss:
+            self._set_up_rating_loss(controls)
+        self.passes = work_passes(model, len(controls), self.t)
         self.tokens_per_step = batches.per_step * model.cfg.block_size
         self.peak = hardware.peak_flops(device, dtype, self.t.peak_flops)
         self.tokens_per_s = None  # of the latest logged window
@@ -169,6 +193,13 @@ class Trainer:
         self.profiler = StepProfiler(self.t.profile, self.run_dir / "profile", enabled=self.main)
         if resumed:
             resume.set_rng_state(resumed.ckpt.rng)  # last: measuring the peak above draws random numbers
+
+    def _set_up_rating_loss(self, controls: dict[int, int]) -> None:
+        """The control ids in rating order, as the rating loss scores them (on the host, where it finds the reviews),
+        and log P(r) on the device."""
+        self.rating_control_ids = torch.tensor([controls[r] for r in sorted(controls)])
+        prior = classify.rating_prior(self.data.meta["splits"], controls)
+        self.log_prior = torch.tensor(prior, dtype=torch.float32, device=self.device).log()
 
     def describe(self) -> str:
         m, meta = self.model, self.data.meta
@@ -351,16 +382,18 @@ class Trainer:
         rest_nats, rest_n = self._score(self.share_n, self.final_n, final)
         return share, scoring.metrics(nats + rest_nats, n + rest_n, split["tokens"], split["chars"])
 
+    def sample_completer(self) -> sampling.Completer:
+        """trainer.sample_prompts are completed as stage=generate completes them (the `generate:` block's decoding,
+        no rating), from seed `seed` and its own generator: no draws from the training RNG (resume stays exact)."""
+        g = {**sampling.decoding(self.cfg.generate), "rating": None, "seed": self.cfg.seed,
+             "max_new_tokens": self.t.sample_tokens}
+        return sampling.Completer(self.model, self.tokenizer, SimpleNamespace(**g), self.cfg.data.clean,
+                                  banned=self.controls)
+
     def samples(self) -> list[tuple[str, str]]:
-        rows = []
-        self.model.eval()  # no dropout, and no draws from the training RNG (resume stays exact)
-        prompts = self.t.sample_prompts or []
-        for prompt in [prompts] if isinstance(prompts, str) else prompts:  # one prompt given as a string
-            ids = list(sampling.sample_tokens(self.model, self.tokenizer.encode(prompt), self.t.sample_tokens,
-                                              self.tokenizer.eos_id, temperature=0.8, top_k=50,
-                                              generator=torch.Generator().manual_seed(self.cfg.seed),
-                                              banned=self.controls))
-            rows.append((prompt, self.tokenizer.decode(ids)))
+        self.model.eval()  # no dropout
+        completer = self.sample_completer()
+        rows = [(prompt, completer.complete(prompt)["completion"]) for prompt in self.sample_prompts]
         self.model.train()
         return rows
 
@@ -378,7 +411,7 @@ class Trainer:
         return val
 
     def _log_samples(self) -> None:
-        if not self.t.sample_prompts:
+        if not self.sample_prompts:
             return
         rows = self.samples()
         self.tracker.log_samples(rows, self.step)
@@ -395,7 +428,7 @@ class Trainer:
         if self.main:
             result = {"state": state, "step": self.step, "val": val, "tokens_per_s": self.tokens_per_s,
                       "wall_s": round(time.perf_counter() - self.started, 1)}
-            with replacing(self.run_dir / "result.json") as tmp:
+            with replacing(self.run_dir / RESULT) as tmp:
                 tmp.write_text(json.dumps(result, indent=2))
 
     def _save_on_interrupt(self) -> None:

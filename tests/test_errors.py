@@ -58,7 +58,7 @@ def test_train_split_too_small_for_one_step(tmp_path, make_reviews, write_parque
 
 def test_latest_without_runs(tmp_path):
     with pytest.raises(UserError, match="checkpoint=latest found no checkpoints"):
-        checkpoint.load_model("latest", "cpu", log_dir=tmp_path)
+        checkpoint.locate("latest", tmp_path)
 
 
 def _fake_checkpoint(tmp_path):

@@ -123,8 +123,8 @@ def test_terminal_output_escapes_control_characters_and_names_next_tokens(tmp_pa
     import io
     import types
 
+    from kr3.repl import answer
     from kr3.sampling import END_OF_REVIEW
-    from kr3.stages.generate import answer
 
     model = types.SimpleNamespace(
         cleaned=lambda p: p,  # strip_control=false

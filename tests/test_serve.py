@@ -65,6 +65,15 @@ def test_a_completion_has_openai_s_shape(client, model):
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
 
+def test_usage_counts_each_prompt_once_as_the_model_is_given_it(client, model):
+    """n samples of a prompt share it; a prompt longer than the context counts what the model kept of it."""
+    long = "맛있는 짜장면 " * 400
+    reply = complete(client, prompt=[PROMPT, long], n=2, max_tokens=3, seed=1)
+    kept = model.model.cfg.block_size - 1  # the context less the token after it (no rating: no control token)
+    assert reply["usage"]["prompt_tokens"] == len(model.tokenizer.encode(model.cleaned(PROMPT))) + kept
+    assert len(reply["choices"]) == 4 and 0 < reply["usage"]["completion_tokens"] <= 4 * 3
+
+
 def test_the_stream_sends_the_same_completion_in_pieces(client):
     whole = complete(client, max_tokens=20, seed=5)
     chunks = stream(client, max_tokens=20, seed=5, stream_options={"include_usage": True})
@@ -171,7 +180,7 @@ def test_a_bug_is_a_500_in_one_line_without_a_traceback(model, monkeypatch):
     def broken(*args):
         raise RuntimeError("a bug\nTraceback (most recent call last): secret details")
 
-    monkeypatch.setattr(serve, "prompt_tokens", broken)
+    monkeypatch.setattr(serve.Usage, "body", broken)
     response = TestClient(serve.app(model), raise_server_exceptions=False).post("/v1/completions", json={"max_tokens": 2})
     assert response.status_code == 500
     error = response.json()["error"]
@@ -190,7 +199,7 @@ def test_a_stream_that_fails_says_so_in_the_stream(model, monkeypatch):
 
 
 def test_request_bodies_are_bounded(model):
-    client = TestClient(serve.app(model, serve.Limits(max_body_bytes=1000)))
+    client = TestClient(serve.app(model, serve.Limits.defaults(max_body_bytes=1000)))
     big = {"prompt": "맛" * 2000}
     response = client.post("/v1/completions", json=big)
     assert response.status_code == 413 and "serve.max_body_bytes" in response.json()["error"]["message"]
@@ -318,7 +327,7 @@ def test_a_client_that_leaves_a_whole_completion_stops_it_too(model, live_server
 
 def test_requests_beyond_max_active_get_429(model, live_server, monkeypatch):
     monkeypatch.setattr(serve, "completion_items", Endless())
-    base = live_server(serve.app(model, serve.Limits(max_active=1)))
+    base = live_server(serve.app(model, serve.Limits.defaults(max_active=1)))
     with httpx.stream("POST", f"{base}/v1/completions", json={"prompt": PROMPT, "stream": True}, timeout=10) as held:
         lines = held.iter_lines()  # kept: an iterator dropped would close the connection
         next(lines)
@@ -433,16 +442,15 @@ def test_the_key_comes_from_serve_api_key_else_kr3_api_key(monkeypatch):
     from omegaconf import OmegaConf
 
     from kr3.errors import UserError
-    from kr3.stages import serve as stage
 
     monkeypatch.delenv("KR3_API_KEY", raising=False)
-    assert stage.api_key(OmegaConf.create({"api_key": None})) is None
+    assert serve.api_key(OmegaConf.create({"api_key": None})) is None
     monkeypatch.setenv("KR3_API_KEY", "sk-from-env")
-    assert stage.api_key(OmegaConf.create({"api_key": None})) == "sk-from-env"
-    assert stage.api_key(OmegaConf.create({"api_key": "sk-given"})) == "sk-given"
+    assert serve.api_key(OmegaConf.create({"api_key": None})) == "sk-from-env"
+    assert serve.api_key(OmegaConf.create({"api_key": "sk-given"})) == "sk-given"
     monkeypatch.setenv("KR3_API_KEY", " ")
     with pytest.raises(UserError, match="empty"):
-        stage.api_key(OmegaConf.create({"api_key": None}))
+        serve.api_key(OmegaConf.create({"api_key": None}))
 
 
 def test_a_port_in_use_is_one_line(served_run, tmp_path):

@@ -455,10 +455,23 @@ def test_resume_into_a_folder_with_later_checkpoints_is_refused(corpus, tmp_path
     ("trainer.eval_tokens=-5", "trainer.eval_tokens=-5 must be an integer ≥ 1, or null"),
     ("trainer.rating_loss=-1", "trainer.rating_loss=-1 must be a number ≥ 0"),
     ("trainer.rating_loss_rows=0", "trainer.rating_loss_rows=0 must be a number > 0 and ≤ 1"),
+    ("trainer.sample_prompts=[1]", "trainer.sample_prompts: a prompt or review must be text (a str), not int"),
 ])
 def test_bad_trainer_values_are_user_errors(corpus, tmp_path, override, message):
     with pytest.raises(UserError, match=re.escape(message)):
         train_in_process(corpus, tmp_path, override)
+
+
+def test_the_logged_samples_are_what_generate_completes(corpus, tmp_path, caplog):
+    """The trainer's samples decode as the `generate:` block says, from `seed`: the finished run's checkpoint,
+    loaded, completes each prompt the same way."""
+    import kr3
+
+    caplog.set_level("INFO", logger="kr3")
+    _, run_dir = train_in_process(corpus, tmp_path, "trainer.max_steps=4", "trainer.eval_interval=0", "seed=7",
+                                  "trainer.sample_prompts=['이 집  짜장면은']", "trainer.sample_tokens=8")
+    expected = kr3.load(run_dir, device="cpu", precision="fp32").complete("이 집 짜장면은", seed=7, max_new_tokens=8)
+    assert f"  이 집  짜장면은 → {expected}\n" in caplog.text
 
 
 @pytest.mark.parametrize("optimizer, split", [("adamw", ["trainer.batch_size=4"]),

@@ -10,9 +10,8 @@ import torch
 
 from kr3 import checkpoint, distributed, hardware, optim, prepared, resume
 from kr3.batches import Batches
-from kr3.errors import UserError
 from kr3.model import GPT, GPTConfig
-from kr3.trainer import Trainer, check_trainer, total_steps
+from kr3.trainer import Trainer, check_rating_loss, check_trainer, total_steps
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +28,7 @@ def run(cfg) -> dict:
         cfg = resume.with_checkpoint_data(cfg, found[1], command_overrides())
     else:
         resume.refuse_other_run(run_dir)
-    if t.rating_loss and cfg.data.get("condition") != "rating":
-        raise UserError(f"trainer.rating_loss={t.rating_loss} trains the model as a rating classifier: it needs "
-                        "data.condition=rating (e.g. experiment=cpu_15min_rating)")
+    check_rating_loss(t, cfg.data)
     with distributed.main_first():  # rank 0 prepares (or reuses) the data, the others wait
         data = prepared.PreparedData(prepared.ensure(cfg) if main else prepared.prepared_dir(cfg))
     resumed = resume.check(cfg, *found, run_dir, data.meta) if found else None
@@ -49,10 +46,7 @@ def run(cfg) -> dict:
         resume.restore(resumed, model, opt, run_dir)
         if resumed.is_finished(total):
             if main:
-                more = ("drop trainer.max_time (a resumed run keeps the steps it chose) and raise trainer.max_steps"
-                        if t.max_time else "raise trainer.max_steps (or trainer.epochs)")
-                log.info(f"{resumed.path} finished at step {resumed.step} (val loss {resumed.ckpt.val['loss']:.4f}, "
-                         f"bpc {resumed.ckpt.val['bpc']:.4f}): nothing to train — {more} to go on")
+                log.info(resumed.nothing_to_train(t))
             return resumed.ckpt.val
         if main:
             resume.warn_changes(resumed, total, batches.per_step)

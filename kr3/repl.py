@@ -1,0 +1,147 @@
+"""The terminal side of stage=generate: a prompt completed with its text streamed as decoded, and the REPL —
+prompts and `:` commands (`:help`, `:rating NAME`, `:<setting> VALUE`) until `exit`, with line editing and
+history on a terminal, line by line from a pipe."""
+
+from __future__ import annotations
+
+import re
+
+from prompt_toolkit import PromptSession
+from prompt_toolkit.input import create_input
+from prompt_toolkit.output import create_output
+
+from kr3 import api
+from kr3.errors import UserError, check_values
+from kr3.sampling import DECODING_RULES, END_OF_REVIEW, decoding, rating_control
+
+EXIT_WORDS = {"exit", "quit"}
+# generate.<key>: (kind, low, high, null_ok) for check_values; in the REPL `:<key> VALUE` changes each
+SETTINGS = {**DECODING_RULES, "show_next": ("int", 0, None, True)}
+COMMAND = re.compile(r":([A-Za-z_]+)\s*(.*)")  # `:` and a letter: a prompt like ":)" stays a prompt
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def visible(text: str) -> str:
+    """Text safe to write to a terminal: control characters shown escaped (ESC as \\x1b), so a prompt or a
+    sampled byte cannot recolor the terminal or move its cursor."""
+    return CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def answer(m: api.Model, g, prompt: str, out) -> None:
+    """Complete `prompt` on the terminal with settings `g`: it is echoed as the model is given it (cleaned),
+    completions streamed."""
+    if g.show_next:
+        out.write(next_token_table(m.next_tokens(prompt, int(g.show_next), rating=g.rating)))
+    options = decoding(g)
+    for sample in range(int(g.num_samples)):
+        out.write(visible(m.cleaned(prompt)))
+        for piece in m.stream(prompt, sample, **options):
+            out.write(visible(piece))
+            out.flush()
+        out.write("\n")
+        out.flush()
+
+
+def next_token_table(choices: list[tuple[str, float]]) -> str:
+    """show_next's lines: a header, then each token's probability and text, quoted so its spaces show."""
+    rows = [f"  {p:6.1%}  {text if text == END_OF_REVIEW else quoted(text)}" for text, p in choices]
+    return "\n".join(["most likely next tokens (text in quotes, so its spaces show):", *rows]) + "\n"
+
+
+def quoted(text: str) -> str:
+    return '"' + visible(text) + '"'
+
+
+def repl(m: api.Model, g, stdin, out) -> None:
+    """Read prompts and `:` commands until `exit`/`quit`, end of input (Ctrl-D) or Ctrl-C. On a terminal with
+    line editing and history; on a pipe line by line."""
+    try:
+        for line in typed_lines(stdin, out):
+            text = line.strip()
+            if not text:
+                continue
+            try:
+                text.encode("utf-8")  # undecodable input bytes arrive as surrogates
+            except UnicodeEncodeError:
+                out.write("(that line is not UTF-8 text: set your terminal to UTF-8)\n")
+                continue
+            if text.lower() in EXIT_WORDS:
+                break
+            if COMMAND.fullmatch(text):
+                out.write(command(g, text, m) + "\n")
+            else:
+                answer(m, g, text, out)
+    except KeyboardInterrupt:
+        out.write("\n")
+
+
+def typed_lines(stdin, out):
+    """Lines as typed: on a terminal through prompt_toolkit (arrow keys, history, Hangul and other wide characters
+    edited whole); from a pipe or file as read."""
+    if not (stdin.isatty() and out.isatty()):
+        if hasattr(stdin, "reconfigure"):
+            stdin.reconfigure(errors="surrogateescape")  # a line that is not UTF-8 gets a message, not a traceback
+        yield from iter(stdin.readline, "")
+        return
+    out.write("Type the start of a review; `:help` lists the commands and settings; `exit` or Ctrl-D quits.\n")
+    session = PromptSession(input=create_input(stdin), output=create_output(out))  # history in memory only
+    while True:
+        try:
+            yield session.prompt("> ")
+        except EOFError:
+            return
+
+
+def command(g, text: str, m: api.Model | None = None) -> str:
+    """Run a `:command` line — `:help`, `:rating NAME`, or `:<setting> VALUE` checked like generate.<setting> —
+    and say what it did."""
+    name, arg = COMMAND.fullmatch(text).groups()
+    name = name.lower()
+    if name == "help":
+        return help_text(g)
+    if name == "rating" and m is not None:
+        return rating_command(g, arg, m)
+    if name not in SETTINGS:
+        return f"unknown command :{name} — use one of: :help, {', '.join(':' + k for k in SETTINGS)}, exit"
+    if not arg:
+        return f"{name}={value_text(getattr(g, name))} (`:{name} VALUE` changes it)"
+    value = parse_value(arg)
+    try:
+        check_values("generate", {name: value}, {name: SETTINGS[name]})
+    except UserError as e:
+        return f"{visible(str(e))}; {name} stays {value_text(getattr(g, name))}"
+    setattr(g, name, value)
+    return f"{name}={value_text(value)}"
+
+
+def rating_command(g, arg: str, m: api.Model) -> str:
+    """`:rating negative` (or 0/1/2, or null): the rating of the reviews completed from now on."""
+    value = parse_value(arg) if arg else g.rating
+    try:
+        rating_control(value, m.checkpoint.data.get("condition"))
+    except UserError as e:
+        return f"{visible(str(e))}; rating stays {value_text(g.rating)}"
+    g.rating = value
+    return f"rating={value_text(value)}"
+
+
+def help_text(g) -> str:
+    commands = ", ".join(f":{k} VALUE" for k in (*SETTINGS, "rating"))
+    settings = " ".join(f"{k}={value_text(getattr(g, k))}" for k in (*SETTINGS, "rating"))
+    return f"commands: :help, {commands}; exit, quit or Ctrl-D ends\nsettings: {settings}"
+
+
+def parse_value(arg: str):
+    """`:<setting>`'s value: null, an integer or a number; other text is left for check_values to refuse."""
+    if arg.lower() in ("null", "none"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(arg)
+        except ValueError:
+            continue
+    return arg
+
+
+def value_text(value) -> str:
+    return "null" if value is None else str(value)
