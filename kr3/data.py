@@ -237,6 +237,17 @@ def clean_options(c: Mapping) -> tuple[bool, bool, bool]:
     return tuple(bool(c.get(k, True)) for k in ("nfc", "strip_control", "collapse_whitespace"))
 
 
+def repeats(texts: list[str], keep: np.ndarray) -> np.ndarray:
+    """Which of the kept texts repeat an earlier kept one."""
+    seen, dup = set(), np.zeros(len(texts), dtype=bool)
+    for i in np.flatnonzero(keep):
+        if texts[i] in seen:
+            dup[i] = True
+        else:
+            seen.add(texts[i])
+    return dup
+
+
 def clean(corpus: Corpus, cfg, progress=None) -> Corpus:
     """Normalize every review and drop the ones the config rejects; `counts` says how many each step removed."""
     c = cfg.clean
@@ -261,13 +272,7 @@ def clean(corpus: Corpus, cfg, progress=None) -> Corpus:
     if c.max_chars:
         drop("too_long", lengths > c.max_chars)
     if c.dedupe:
-        seen, dup = set(), np.zeros(len(texts), dtype=bool)
-        for i in np.flatnonzero(keep):
-            if texts[i] in seen:
-                dup[i] = True
-            else:
-                seen.add(texts[i])
-        drop("duplicates", dup)
+        drop("duplicates", repeats(texts, keep))
     idx = np.flatnonzero(keep)
     counts["kept"] = len(idx)
     if not len(idx):

@@ -94,14 +94,7 @@ class SentencePieceTokenizer(Tokenizer):
         reserved whole (user-defined symbols), such as the rating control tokens."""
         import sentencepiece as spm
 
-        min_vocab = 256 + 3 + 1  # byte pieces + unk/bos/eos + at least one merge
-        if cfg.byte_fallback and cfg.vocab_size < min_vocab:
-            raise UserError(
-                f"tokenizer.vocab_size={cfg.vocab_size} is too small for byte fallback (needs at least {min_vocab}) "
-                "— raise it, e.g. tokenizer.vocab_size=8000"
-            )
-        if cfg.vocab_size > 65535 * 4:
-            raise UserError(f"tokenizer.vocab_size={cfg.vocab_size} is unreasonably large — use at most 262140")
+        _check_vocab_size(cfg)
         if len(texts) > cfg.input_sentence_size:
             # sample here: SentencePiece's own sampling differs from process to process whatever its seed
             pick = np.random.default_rng(seed).choice(len(texts), cfg.input_sentence_size, replace=False)
@@ -133,6 +126,17 @@ class SentencePieceTokenizer(Tokenizer):
         except (RuntimeError, ValueError) as e:  # how sentencepiece reports bad settings
             raise _spm_user_error(e, cfg.vocab_size) from None
         return cls(model.getvalue())
+
+
+def _check_vocab_size(cfg) -> None:
+    min_vocab = 256 + 3 + 1  # byte pieces + unk/bos/eos + at least one merge
+    if cfg.byte_fallback and cfg.vocab_size < min_vocab:
+        raise UserError(
+            f"tokenizer.vocab_size={cfg.vocab_size} is too small for byte fallback (needs at least {min_vocab}) "
+            "— raise it, e.g. tokenizer.vocab_size=8000"
+        )
+    if cfg.vocab_size > 65535 * 4:
+        raise UserError(f"tokenizer.vocab_size={cfg.vocab_size} is unreasonably large — use at most 262140")
 
 
 def _spm_user_error(e: Exception, vocab_size: int) -> UserError:
