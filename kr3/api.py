@@ -94,8 +94,8 @@ class Model:
         return texts if len(texts) > 1 else texts[0]
 
     def completions(self, prompt: str, **options: Unpack[Options]) -> list[dict]:
-        """`num_samples` completions with their timing: prompt, sample, completion, tokens, seconds, first_token_s,
-        tokens_per_s (stage=generate's JSONL rows)."""
+        """`num_samples` completions with their timing: prompt, sample, completion, prompt_tokens, tokens, seconds,
+        first_token_s, tokens_per_s (stage=generate's JSONL rows)."""
         completer = self._completer(options)
         return [completer.complete(prompt, sample) for sample in range(int(completer.g.num_samples))]
 

@@ -36,7 +36,7 @@ class GPTConfig:
         """From the `model` config group; the vocabulary comes from the prepared data, and so do the rating
         control tokens when the data is rating-conditioned and `model.rating_embedding` is on."""
         shape = {f.name: model_cfg[f.name] for f in fields(cls) if f.name in model_cfg}
-        return cls(vocab_size=vocab_size, controls=tuple(controls) if model_cfg.rating_embedding else (), **shape)
+        return cls(vocab_size=vocab_size, controls=tuple(controls) if model_cfg.get("rating_embedding") else (), **shape)
 
     def __post_init__(self):
         for key in ("vocab_size", "n_layers", "n_heads", "d_model", "d_ffn", "block_size"):

@@ -30,6 +30,13 @@ from kr3.tracking import RESULT, Tracker, progress, table
 log = logging.getLogger(__name__)
 
 
+def check_samples(cfg) -> None:
+    """trainer.sample_prompts and the `generate:` settings they are decoded with, before any work: a bad one would
+    otherwise stop the run at its first evaluation."""
+    if sample_prompts(cfg.trainer.sample_prompts, cfg.data.clean):
+        sampling.check_decoding(cfg.generate)
+
+
 def check_rating_loss(t, data_cfg) -> None:
     if t.rating_loss and data_cfg.get("condition") != "rating":
         raise UserError(f"trainer.rating_loss={t.rating_loss} trains the model as a rating classifier: it needs "
@@ -110,8 +117,11 @@ def work_passes(model, ratings: int, t) -> float:
 
 
 def sample_prompts(prompts, clean_cfg) -> list[str]:
-    """trainer.sample_prompts as a list (one may be given as a string), checked before training rather than at the
-    first evaluation."""
+    """trainer.sample_prompts as a list (one may be given as a string), each checked."""
+    if prompts is not None and not isinstance(prompts, str) and not OmegaConf.is_list(prompts) \
+            and not isinstance(prompts, list | tuple):
+        raise UserError(f"trainer.sample_prompts={prompts} must be a list of prompts, e.g. "
+                        "trainer.sample_prompts=\"['분위기가 좋고']\", or null")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts or [])
     for p in prompts:
         try:

@@ -155,6 +155,22 @@ def test_generate_rating_on_the_command_line_and_in_the_repl(conditioned):
     assert "rating=great is not a rating" in repl.stdout and "rating stays positive" in repl.stdout
 
 
+def test_a_rated_prompt_is_cut_to_leave_room_for_its_rating(conditioned):
+    """[EOS, control, prompt…] fills the context: a long prompt keeps block_size − 3 tokens, as the server's usage
+    says."""
+    from fastapi.testclient import TestClient
+
+    import kr3
+    from kr3 import serve
+
+    m = kr3.load(conditioned[0], device="cpu", precision="fp32")
+    long = "맛있는 짜장면 " * 200
+    assert m.completions(long, rating="negative", max_new_tokens=1)[0]["prompt_tokens"] == m.model.cfg.block_size - 3
+    reply = TestClient(serve.app(m)).post("/v1/completions", json={"prompt": long, "rating": "negative",
+                                                                   "max_tokens": 1, "seed": 0})
+    assert reply.status_code == 200 and reply.json()["usage"]["prompt_tokens"] == m.model.cfg.block_size - 3
+
+
 def test_control_tokens_are_never_text(conditioned):
     """After EOS the model expects a control token; without a rating none may be sampled or offered as text."""
     import kr3

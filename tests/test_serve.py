@@ -312,7 +312,7 @@ def test_a_client_that_leaves_stops_its_generation(model, live_server, monkeypat
             if n > 20:
                 break
     assert endless.closed.wait(5), "the generation went on after the client left"
-    assert endless.made < 21 + 100, endless.made  # stopped within a few tokens of the client's leaving, not at 5 s
+    assert endless.made < 21 + 100, endless.made  # stopped soon after the client left (0.5 s of pieces), not at 5 s
     assert httpx.get(f"{base}/health").json()["active"] == 0
 
 
@@ -354,6 +354,7 @@ def test_concurrent_clients_share_the_model_and_get_their_own_completions(model,
         ticks = []  # /health while the completions are generated: answered by the event loop, not after the model
         while not all(f.done() for f in futures):
             ticks.append(httpx.get(f"{base}/health", timeout=5).elapsed.total_seconds())
+            time.sleep(0.01)
         texts = [f.result() for f in futures]
     assert texts == [model.complete(PROMPT, seed=s, temperature=1.0, max_new_tokens=24) for s in range(16)]
     assert len(ticks) >= 3 and max(ticks) < 1.0, ticks

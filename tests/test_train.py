@@ -456,10 +456,12 @@ def test_resume_into_a_folder_with_later_checkpoints_is_refused(corpus, tmp_path
     ("trainer.rating_loss=-1", "trainer.rating_loss=-1 must be a number ≥ 0"),
     ("trainer.rating_loss_rows=0", "trainer.rating_loss_rows=0 must be a number > 0 and ≤ 1"),
     ("trainer.sample_prompts=[1]", "trainer.sample_prompts: a prompt or review must be text (a str), not int"),
+    ("trainer.sample_prompts=5", "trainer.sample_prompts=5 must be a list of prompts"),
+    ("generate.top_k=-1 trainer.sample_prompts=['맛']", "generate.top_k=-1 must be an integer ≥ 0, or null"),
 ])
 def test_bad_trainer_values_are_user_errors(corpus, tmp_path, override, message):
     with pytest.raises(UserError, match=re.escape(message)):
-        train_in_process(corpus, tmp_path, override)
+        train_in_process(corpus, tmp_path, *override.split(" "))
 
 
 def test_the_logged_samples_are_what_generate_completes(corpus, tmp_path, caplog):

@@ -11,7 +11,7 @@ import torch
 from kr3 import checkpoint, distributed, hardware, optim, prepared, resume
 from kr3.batches import Batches
 from kr3.model import GPT, GPTConfig
-from kr3.trainer import Trainer, check_rating_loss, check_trainer, total_steps
+from kr3.trainer import Trainer, check_rating_loss, check_samples, check_trainer, total_steps
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +20,7 @@ def run(cfg) -> dict:
     distributed.init()
     t = cfg.trainer
     check_trainer(t)
+    check_samples(cfg)
     run_dir = Path(cfg.paths.output_dir)
     main = distributed.is_main()
     dev, dtype = hardware.setup(t.device, t.precision, t.threads)
