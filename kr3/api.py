@@ -18,11 +18,10 @@ from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from kr3 import checkpoint as kckpt
 from kr3 import hardware
-from kr3.config import CONFIG_DIR, ROOT
+from kr3.config import ROOT, default_block
 from kr3.errors import UserError, check_values
 from kr3.prepared import rating_controls
 from kr3.sampling import DECODING, Completer, check_decoding, cleaned, rating_control
@@ -54,8 +53,7 @@ class Options(TypedDict, total=False):
 @cache
 def decoding_defaults() -> dict:
     """The `generate:` block of conf/config.yaml, its decoding options only: the one place they are written."""
-    block = OmegaConf.load(CONFIG_DIR / "config.yaml").generate  # not compose(): it cannot run inside a Hydra app
-    return {k: v for k, v in OmegaConf.to_container(block, resolve=True).items() if k in DECODING}
+    return {k: v for k, v in default_block("generate").items() if k in DECODING}
 
 
 def decoding_options(options: Mapping, base: Mapping) -> dict:

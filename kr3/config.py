@@ -4,6 +4,7 @@ import os
 import re
 import time
 from datetime import datetime
+from functools import cache
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -14,6 +15,15 @@ _IN_CHECKOUT = (_CHECKOUT / "conf" / "config.yaml").is_file()
 # installed kr3 (`pip install .`), the folder the command runs in; the wheel carries conf/ as kr3/conf
 ROOT = _CHECKOUT if _IN_CHECKOUT else Path.cwd()
 CONFIG_DIR = _CHECKOUT / "conf" if _IN_CHECKOUT else Path(__file__).resolve().parent / "conf"
+
+
+@cache
+def default_block(name: str) -> dict:
+    """A top-level block of conf/config.yaml as written, for the Python API and the server's defaults (not
+    compose(): it cannot run inside a Hydra app)."""
+    return OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "config.yaml")[name], resolve=True)
+
+
 _STARTED = time.time()
 
 

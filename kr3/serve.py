@@ -29,12 +29,11 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from omegaconf import OmegaConf
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
 
 from kr3.api import Model, decoding_options
-from kr3.config import CONFIG_DIR
+from kr3.config import default_block
 from kr3.errors import UserError
 from kr3.sampling import END_OF_REVIEW, MAX_GUIDANCE, rating_control
 
@@ -66,7 +65,7 @@ class Limits:
     @classmethod
     def defaults(cls, **changes: int) -> Limits:
         """conf/config.yaml's, with `changes`."""
-        return cls.of(OmegaConf.load(CONFIG_DIR / "config.yaml").serve, **changes)
+        return cls.of(default_block("serve"), **changes)
 
 
 def api_key(s) -> str | None:

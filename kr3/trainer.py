@@ -33,7 +33,13 @@ log = logging.getLogger(__name__)
 def check_samples(cfg) -> None:
     """trainer.sample_prompts and the `generate:` settings they are decoded with, before any work: a bad one would
     otherwise stop the run at its first evaluation."""
-    if sample_prompts(cfg.trainer.sample_prompts, cfg.data.clean):
+    prompts = sample_prompts(cfg.trainer.sample_prompts)
+    for p in prompts:
+        try:
+            sampling.cleaned(p, cfg.data.clean)
+        except UserError as e:
+            raise UserError(f"trainer.sample_prompts: {e}") from None
+    if prompts:
         sampling.check_decoding(cfg.generate)
 
 
@@ -116,19 +122,13 @@ def work_passes(model, ratings: int, t) -> float:
     return 1 + (ratings - 1) * t.rating_loss_rows * blocks
 
 
-def sample_prompts(prompts, clean_cfg) -> list[str]:
-    """trainer.sample_prompts as a list (one may be given as a string), each checked."""
+def sample_prompts(prompts) -> list:
+    """trainer.sample_prompts as a list (one may be given as a string)."""
     if prompts is not None and not isinstance(prompts, str) and not OmegaConf.is_list(prompts) \
             and not isinstance(prompts, list | tuple):
         raise UserError(f"trainer.sample_prompts={prompts} must be a list of prompts, e.g. "
                         "trainer.sample_prompts=\"['분위기가 좋고']\", or null")
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts or [])
-    for p in prompts:
-        try:
-            sampling.cleaned(p, clean_cfg)
-        except UserError as e:
-            raise UserError(f"trainer.sample_prompts: {e}") from None
-    return prompts
+    return [prompts] if isinstance(prompts, str) else list(prompts or [])
 
 
 class Interrupts:
@@ -188,7 +188,7 @@ class Trainer:
             if distributed.is_distributed() else None
         self.forward = torch.compile(self.ddp or model) if self.t.compile else self.ddp or model
         self.tokenizer = data.tokenizer
-        self.sample_prompts = sample_prompts(self.t.sample_prompts, cfg.data.clean)
+        self.sample_prompts = sample_prompts(self.t.sample_prompts)  # checked by check_samples
         controls = rating_controls(data.meta.get("condition"))
         self.controls = list(controls.values())  # never sampled as text
         if self.t.rating_loss:
