@@ -75,8 +75,10 @@ def discard_empty_run_folder():
     folder = Path(HydraConfig.get().runtime.output_dir)
     if folder.is_dir() and {p.name for p in folder.iterdir()} <= {".hydra", f"{HydraConfig.get().job.name}.log"}:
         shutil.rmtree(folder, ignore_errors=True)
-        if folder.parent.parent.name == "outputs":
-            with suppress(OSError):  # outputs/<date>/ if now empty (another run may just have made its folder)
+        # outputs/<date>/ or <run>/<stage>/ (evaluate, generate, export) if now empty; another run may just
+        # have made its folder there
+        if folder.parent.parent.name == "outputs" or folder.parent.name in STAGES:
+            with suppress(OSError):
                 folder.parent.rmdir()
 
 
@@ -173,7 +175,7 @@ def check_kind(override, defaults: DictConfig) -> None:
         return
     default = OmegaConf.select(defaults, override.key_or_group)
     # an int default may stand for a number (rating_loss: 0): whether a value must be whole is the stage's check;
-    # a list may be given as one string (generate.stop='!')
+    # a list may be given as one string ("generate.stop='!'" in a shell)
     kinds = {bool: ("true or false", (bool,)), int: ("a number", (int, float)), float: ("a number", (int, float)),
              list: ("a list, e.g. [1,2]", (list, str))}
     name, accepted = next((v for k, v in kinds.items() if type(default) is k or (k is list and OmegaConf.is_list(default))),

@@ -31,7 +31,7 @@ def answer(m: api.Model, g, prompt: str, out) -> None:
     """Complete `prompt` on the terminal with settings `g`: it is echoed as the model is given it (cleaned),
     completions streamed."""
     if g.show_next:
-        out.write(next_token_table(m.next_tokens(prompt, int(g.show_next), rating=g.rating)))
+        out.write(next_token_table(m.next_tokens(prompt, int(g.show_next), rating=g.rating, guidance=g.guidance)))
     options = decoding(g)
     for sample in range(int(g.num_samples)):
         out.write(visible(m.cleaned(prompt)))

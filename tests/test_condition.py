@@ -155,6 +155,27 @@ def test_generate_rating_on_the_command_line_and_in_the_repl(conditioned):
     assert "rating=great is not a rating" in repl.stdout and "rating stays positive" in repl.stdout
 
 
+def test_the_repls_guidance_reaches_show_next(conditioned):
+    import io
+
+    import kr3
+    from kr3 import repl
+
+    run_dir, root = conditioned
+    m = kr3.load(run_dir, device="cpu", precision="fp32")
+    g = compose(["stage=generate", "generate.show_next=8", "generate.max_new_tokens=1"], root).generate
+    tables = {}
+    for guidance in (3, 1):
+        repl.command(g, f":guidance {guidance}", m)
+        repl.command(g, ":rating negative", m)
+        out = io.StringIO()
+        repl.answer(m, g, "이 집 짜장면", out)
+        tables[guidance] = out.getvalue()
+        assert tables[guidance].startswith(repl.next_token_table(m.next_tokens("이 집 짜장면", 8, rating="negative",
+                                                                                guidance=guidance)))
+    assert tables[1] != tables[3]
+
+
 def test_a_rated_prompt_is_cut_to_leave_room_for_its_rating(conditioned):
     """[EOS, control, prompt…] fills the context: a long prompt keeps block_size − 3 tokens, as the server's usage
     says."""
@@ -191,12 +212,15 @@ def test_a_rating_for_an_unconditioned_checkpoint_stops_before_any_output(traine
     from kr3.config import ROOT
 
     run_dir, root = trained
-    before = set((run_dir / "generate").glob("*/.hydra"))  # other tests generate from the shared checkpoint
+    def generate_folders():  # other tests generate from the shared checkpoint
+        return set(run_dir.glob("generate")) | set((run_dir / "generate").glob("*"))
+
+    before = generate_folders()
     proc = subprocess.run([sys.executable, str(ROOT / "run.py"), f"paths.root_dir={root}", "stage=generate",
                            f"checkpoint={run_dir}", "generate.rating=negative", "generate.prompt=이 집 짜장면"],
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
     assert proc.returncode == 2 and "trained without ratings" in proc.stderr and "이 집" not in proc.stdout
-    assert set((run_dir / "generate").glob("*/.hydra")) == before  # no folder left for a command that did nothing
+    assert generate_folders() == before  # no folder left for a command that did nothing, nor an empty generate/
 
 
 @pytest.mark.parametrize("scored_rows", [4, 5])

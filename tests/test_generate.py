@@ -128,7 +128,7 @@ def test_terminal_output_escapes_control_characters_and_names_next_tokens(tmp_pa
 
     model = types.SimpleNamespace(
         cleaned=lambda p: p,  # strip_control=false
-        next_tokens=lambda p, k, rating=None: [(" 좋은", 0.5), (END_OF_REVIEW, 0.25), ("\x1b", 0.125)],
+        next_tokens=lambda p, k, rating=None, guidance=None: [(" 좋은", 0.5), (END_OF_REVIEW, 0.25), ("\x1b", 0.125)],
         stream=lambda p, s, **options: iter(["\x1b[31m맛", "\x07\n"]))
     out = io.StringIO()
     answer(model, gen_cfg(tmp_path, "generate.show_next=3"), "\x1b[2J집", out)
