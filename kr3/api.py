@@ -24,7 +24,7 @@ from kr3 import hardware
 from kr3.config import ROOT, default_block
 from kr3.errors import UserError, check_values
 from kr3.prepared import rating_controls
-from kr3.sampling import DECODING, Completer, check_decoding, cleaned, rating_control
+from kr3.sampling import DECODING, Completer, check_decoding, cleaned, decoding, rating_control
 from kr3.scoring import metrics, token_loss
 
 if TYPE_CHECKING:
@@ -53,7 +53,7 @@ class Options(TypedDict, total=False):
 @cache
 def decoding_defaults() -> dict:
     """The `generate:` block of conf/config.yaml, its decoding options only: the one place they are written."""
-    return {k: v for k, v in default_block("generate").items() if k in DECODING}
+    return decoding(default_block("generate"))
 
 
 def decoding_options(options: Mapping, base: Mapping) -> dict:

@@ -65,6 +65,10 @@ def step_path(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / CKPT_DIR / f"step-{step:07d}.pt"
 
 
+def best_path(run_dir: Path) -> Path:
+    return Path(run_dir) / CKPT_DIR / BEST
+
+
 def step_of(path: Path) -> int:
     return int(_STEP.search(Path(path).name)[1])
 
@@ -101,7 +105,7 @@ def resolve(path: str | Path, prefer_best: bool = False) -> Path:
 def newest(run_dir: Path, prefer_best: bool = False) -> Path | None:
     """A run folder's newest step checkpoint, else its best.pt (a run stopped between its first evaluation and its
     first step checkpoint has only that); with `prefer_best`, best.pt first. None when it has neither."""
-    best = Path(run_dir) / CKPT_DIR / BEST
+    best = best_path(run_dir)
     if prefer_best and best.exists():
         return best
     steps = list_steps(run_dir)

@@ -94,7 +94,7 @@ def rating_scores(m, tokens: np.ndarray, batch_size: int) -> dict:
         return {}
     # each review is scored in one window after [EOS, control]: a longer one is cut, and only what is scored counts
     texts = [t[: m.model.cfg.block_size - 1] for _, t in reviews]
-    # short sequences: 4x the batch keeps about the tokens per forward pass of the windows scored above
+    # reviews are short (about 19 tokens against windows of block_size): 4x evaluate.batch_size rows per pass
     ll = log_likelihoods(m.model, texts, controls, m.tokenizer.eos_id, 4 * batch_size, m.device, m.dtype)
     prior = rating_prior(m.checkpoint.data["splits"], controls)
     chars = np.array([len(m.tokenizer.decode(t)) for t in texts])

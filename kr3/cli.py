@@ -17,7 +17,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue
 
-from kr3.config import CONFIG_DIR, compose, quote_free_text, register_resolvers
+from kr3.config import CONFIG_DIR, compose, override_key, quote_free_text, register_resolvers, within
 from kr3.errors import Diverged, UserError, check_values
 
 register_resolvers()  # here, not in main(): submitit's job processes import this module, then run a job
@@ -59,8 +59,8 @@ def run_stage(cfg: DictConfig):
 def removed_by(key: str) -> str | None:
     """The `~key` override of this command that removed `key` (or a section holding it), if any."""
     for override in HydraConfig.get().overrides.task:
-        removed = override[1:].split("=")[0]
-        if override.startswith("~") and (key == removed or key.startswith(removed + ".")):
+        removed = override_key(override)
+        if override.startswith("~") and within(key, removed):
             return removed
     return None
 

@@ -53,6 +53,24 @@ def run_dir(stage: str, checkpoint, log_dir: str) -> str:
     return f"{log_dir}/outputs/{run_time('%Y-%m-%d')}/{run_time('%H-%M-%S')}"
 
 
+def as_list(value) -> list:
+    """A setting given as one value or a list of them (generate.stop, trainer.sample_prompts), as a list: one string
+    is one item, not its characters; null is none."""
+    if value is None:
+        return []
+    return list(value) if OmegaConf.is_list(value) or isinstance(value, list | tuple) else [value]
+
+
+def override_key(override: str) -> str:
+    """The key an override sets: `trainer.lr` of `trainer.lr=1`, `+trainer.x=1` or `~trainer.lr`."""
+    return override.lstrip("+~").split("=", 1)[0]
+
+
+def within(key: str, section: str) -> bool:
+    """Whether `key` is `section` or a key inside it."""
+    return key == section or key.startswith(section + ".")
+
+
 def quote_free_text(argv: list[str]) -> list[str]:
     """`generate.prompt=이 집 짜장면은` as typed: Hydra's override grammar takes no Korean unquoted, so a prompt
     not already quoted is quoted here (quotes, the backslashes before them, and `${` escaped)."""

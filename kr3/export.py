@@ -17,9 +17,9 @@ import torch
 
 from kr3.api import Model
 from kr3.atomic import replacing_folder
+from kr3.config import as_list
 from kr3.errors import UserError
 from kr3.model import GPT, GPTConfig
-from kr3.sampling import stop_strings
 
 if TYPE_CHECKING:
     from kr3.tokenizer import Tokenizer
@@ -113,7 +113,7 @@ def write_generation_config(decoding: Mapping, eos_id: int, out: Path) -> None:
     if settings["do_sample"]:
         settings |= {"temperature": decoding["temperature"], "top_k": decoding["top_k"] or 0,
                      "top_p": decoding["top_p"] or 1.0}
-    if stops := stop_strings(decoding["stop"]):
+    if stops := as_list(decoding["stop"]):
         settings["stop_strings"] = stops
     GenerationConfig(**settings).save_pretrained(out)
 

@@ -75,9 +75,9 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
         return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
-    if name in ("fp32", "float32"):
+    if name == "fp32":
         return torch.float32
-    if name in ("bf16", "bfloat16"):
+    if name == "bf16":
         return torch.bfloat16
     raise UserError(f"precision={name} is not known — use auto, fp32 or bf16")
 

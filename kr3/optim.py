@@ -65,10 +65,9 @@ def build(model, t, device: torch.device) -> torch.optim.Optimizer:
     if t.optimizer not in ("adamw", "muon"):
         raise UserError(f"trainer.optimizer={t.optimizer!r}: choose adamw or muon")
     rates = {"embedding_lr": t.embedding_lr, **({"muon_lr": t.muon_lr} if t.optimizer == "muon" else {})}
-    for key, rate in rates.items():
-        if rate is not None and not (t.lr > 0 and rate >= 0):
-            raise UserError(f"trainer.{key}={rate} with trainer.lr={t.lr}: it is applied as a multiple of lr, so lr "
-                            f"must be > 0 and {key} >= 0")
+    for key, rate in rates.items():  # each ≥ 0 already (trainer.check_trainer)
+        if rate is not None and t.lr == 0:
+            raise UserError(f"trainer.{key}={rate} is applied as a multiple of trainer.lr: set trainer.lr > 0")
     emb_scale = 1.0 if t.embedding_lr is None else t.embedding_lr / t.lr
     if t.optimizer == "adamw":
         return torch.optim.AdamW(model.param_groups(t.weight_decay, emb_scale), lr=t.lr, betas=tuple(t.betas),

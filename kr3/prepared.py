@@ -104,6 +104,11 @@ class PreparedData:
     def tokenizer(self) -> ktok.Tokenizer:
         return ktok.load(self.tokenizer_dir)
 
+    @property
+    def controls(self) -> dict[int, int]:
+        """{rating: control token id} of rating-conditioned data; {} for other data."""
+        return rating_controls(self.meta.get("condition"))
+
 
 def trained_split(ckpt_data: dict, name: str) -> tuple[np.memmap, Path, int]:
     """(tokens, file, characters) of split `name` of the prepared folder a checkpoint was trained on (its `data`
@@ -208,22 +213,24 @@ def build(cfg, out: Path, stamp: str) -> dict:
         with timings("split"):
             splits = kdata.split(corpus, cfg.data.val_ratio, cfg.data.test_ratio, cfg.seed)
         log.info(f"tokenizer: {cfg.tokenizer.kind}" + (" (training)" if cfg.tokenizer.kind == "sentencepiece" else ""))
+        rated = conditioned(cfg.data, corpus)
         with timings("tokenizer"):
             tok = ktok.build(cfg.tokenizer, splits["train"].texts, cfg.seed, cache_dir=cfg.data.cache_dir,
-                             controls=tuple(RATING_CONTROLS.values()) if conditioned(cfg.data, corpus) else ())
+                             controls=tuple(RATING_CONTROLS.values()) if rated else ())
         with replacing_folder(out) as tmp:
-            meta = _write(cfg, tok, corpus, splits, (out.name, stamp), tmp, timings)
+            meta = _write(cfg, tok, corpus, splits, (out.name, stamp), tmp, timings,
+                          control_ids(tok) if rated else None)
     log.info("\n" + summary(meta, out, timings))
     return meta
 
 
 def _write(cfg, tok: ktok.Tokenizer, corpus, splits: dict, name_stamp: tuple[str, str], tmp: Path,
-           timings: Timings) -> dict:
+           timings: Timings, controls: dict[int, int] | None) -> dict:
+    """`controls`: rating → control token id, with data.condition=rating."""
     if tok.vocab_size > np.iinfo(np.uint32).max:
         raise UserError(f"vocabulary of {tok.vocab_size} tokens does not fit uint32 token files")
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
     with timings("encode"):
-        controls = control_ids(tok) if conditioned(cfg.data, corpus) else None
         stats = {name: _encode_split(tok, c, tmp / f"{name}.bin", dtype, controls) for name, c in splits.items()}
     with timings("round_trip"):
         fidelity = _round_trip(tok, splits["val"].texts)
@@ -240,8 +247,8 @@ def _write(cfg, tok: ktok.Tokenizer, corpus, splits: dict, name_stamp: tuple[str
         "splits": stats,
         "tokenizer": {**tok.spec(), "dir": TOKENIZER_DIR, "config": OmegaConf.to_container(cfg.tokenizer, resolve=True)},
         "round_trip": fidelity,
-        "condition": {"kind": "rating", "controls": {str(r): i for r, i in control_ids(tok).items()},
-                      "names": {str(r): n for r, n in RATING_NAMES.items()}} if "ratings" in stats["train"] else None,
+        "condition": {"kind": "rating", "controls": {str(r): i for r, i in controls.items()},
+                      "names": {str(r): n for r, n in RATING_NAMES.items()}} if controls else None,
         "cleaning": corpus.counts,
         "source": {"name": corpus.source, "stamp": stamp, "fingerprint": corpus.fingerprint},
         "config": {"data": OmegaConf.to_container(cfg.data, resolve=True), "seed": cfg.seed},

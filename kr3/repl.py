@@ -92,14 +92,14 @@ def typed_lines(stdin, out):
             return
 
 
-def command(g, text: str, m: api.Model | None = None) -> str:
+def command(g, text: str, m: api.Model) -> str:
     """Run a `:command` line — `:help`, `:rating NAME`, or `:<setting> VALUE` checked like generate.<setting> —
     and say what it did."""
     name, arg = COMMAND.fullmatch(text).groups()
     name = name.lower()
     if name == "help":
         return help_text(g)
-    if name == "rating" and m is not None:
+    if name == "rating":
         return rating_command(g, arg, m)
     if name not in SETTINGS:
         return f"unknown command :{name} — use one of: :help, {', '.join(':' + k for k in SETTINGS)}, exit"

@@ -14,6 +14,7 @@ import pandas as pd
 import yaml
 
 from kr3.atomic import replacing
+from kr3.config import override_key, within
 from kr3.errors import UserError
 from kr3.tracking import METRICS, RESULT, pyplot, read_metrics, save_figure, series
 
@@ -42,8 +43,13 @@ def _is_train(job: Path) -> bool:
 def overrides(job: Path) -> dict[str, str]:
     """The job's command-line overrides as {key: value}, Hydra's own and the stage left out."""
     items = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
-    pairs = (item.lstrip("+~").split("=", 1) for item in items if "=" in item)
-    return {k: v for k, v in pairs if not k.startswith("hydra.") and k != "stage"}
+    pairs = ((override_key(item), item.split("=", 1)[1]) for item in items if "=" in item)
+    return {k: v for k, v in pairs if not within(k, "hydra") and k != "stage"}
+
+
+def job_label(job: Path, root: Path) -> str:
+    """The job column: its folder under `root` (`root`'s own name when the report is of one run)."""
+    return str(job.relative_to(root)) if job != root else job.name
 
 
 def job_row(job: Path, root: Path) -> dict:
@@ -55,7 +61,7 @@ def job_row(job: Path, root: Path) -> dict:
     best = min(periodic, key=lambda r: r["val/bpc"], default=None)
     final = result.get("val") or {}
     return {
-        "job": str(job.relative_to(root)) if job != root else job.name,
+        "job": job_label(job, root),
         "state": result.get("state") or _unfinished_state(job),
         "val_bpc": final.get("bpc", math.nan), "val_loss": final.get("loss", math.nan),
         "best_val_bpc": best["val/bpc"] if best else math.nan, "best_step": best["step"] if best else None,
@@ -91,7 +97,7 @@ def write(df: pd.DataFrame, swept: list[str], jobs: list[Path], root: Path) -> l
         tmp.write_text(f"# Runs under {root}\n\n{df.round(4).to_markdown(index=False, disable_numparse=True)}\n")
     with replacing(written[1]) as tmp:
         df.to_csv(tmp, index=False)
-    labels = {str(j.relative_to(root)) if j != root else j.name: j for j in jobs}
+    labels = {job_label(j, root): j for j in jobs}
     written.append(plot_curves(df, swept, labels, root / "curves.png"))
     for param in swept:
         values = pd.to_numeric(df[param], errors="coerce")

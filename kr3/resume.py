@@ -12,6 +12,7 @@ from omegaconf import OmegaConf, open_dict
 
 from kr3 import checkpoint, distributed
 from kr3.checkpoint import Checkpoint
+from kr3.config import override_key, within
 from kr3.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def find(resume: str | None, run_dir: Path) -> Path | None:
 def refuse_other_run(run_dir: Path) -> None:
     """A run trained anew in a folder that holds another run's checkpoints would replace its best.pt and mix its
     own with them (a later resume=auto would pick the other run's newest)."""
-    held = [p.name for p in (*checkpoint.list_steps(run_dir), Path(run_dir) / checkpoint.CKPT_DIR / checkpoint.BEST)
+    held = [p.name for p in (*checkpoint.list_steps(run_dir), checkpoint.best_path(run_dir))
             if p.exists()]
     if held:
         raise UserError(f"{run_dir} already holds a run's checkpoints ({', '.join(held)}) — continue it with "
@@ -73,8 +74,7 @@ def with_checkpoint_data(cfg, ckpt: Checkpoint, given: list[str] | None):
     data settings repeated. If the command gives any of them (`given`: its overrides; None: not known, as for a
     config built in Python), `cfg` is kept as it is: the fingerprint check then accepts it or refuses it."""
     def sets(override: str) -> bool:
-        key = override.lstrip("+~").split("=")[0]
-        return any(key == k or key.startswith(k + ".") for k in DATA_KEYS)
+        return any(within(override_key(override), k) for k in DATA_KEYS)
 
     if given is None or any(map(sets, given)):
         return cfg
@@ -90,6 +90,16 @@ def load(cfg, run_dir: Path) -> tuple[Path, Checkpoint] | None:
     """The checkpoint `trainer.resume` names, read with everything resuming needs."""
     path = find(cfg.trainer.resume, run_dir)
     return (path, checkpoint.load(path, resume=True)) if path else None
+
+
+def start(cfg, run_dir: Path, given: list[str] | None) -> tuple:
+    """(the run's config, the checkpoint `trainer.resume` names as (path, Checkpoint) or None): resuming takes the
+    checkpoint's data settings unless the command `given` sets some; a new run refuses a folder holding another's."""
+    found = load(cfg, run_dir)
+    if found:
+        return with_checkpoint_data(cfg, found[1], given), found
+    refuse_other_run(run_dir)
+    return cfg, None
 
 
 def check(cfg, path: Path, ckpt: Checkpoint, run_dir: Path, meta: dict) -> Resumed:

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 import torch
 from omegaconf import OmegaConf
 
+from kr3.config import as_list
 from kr3.data import clean_options, clean_text
 from kr3.errors import UserError, check_values
 from kr3.model import GPT, KVCache
@@ -36,7 +37,7 @@ def decoding(settings: Mapping) -> dict:
 def check_decoding(options: Mapping) -> None:
     """One-line errors for decoding values out of range, named `generate.<option>=...` as in the config."""
     check_values("generate", options, DECODING_RULES)
-    if not all(isinstance(s, str) and s for s in stop_strings(options["stop"])):
+    if not all(isinstance(s, str) and s for s in as_list(options["stop"])):
         raise UserError(f"generate.stop={options['stop']} must be non-empty strings, e.g. generate.stop='[\"!\",\"다\"]'")
 
 
@@ -128,17 +129,14 @@ class Completer:
 
     def __init__(self, model, tokenizer, g, clean_cfg, control: int | None = None, banned: list[int] | None = None):
         self.model, self.tok, self.g = model, tokenizer, g
-        self.stops = stop_strings(g.stop)
+        self.stops = as_list(g.stop)
         self.clean_cfg = clean_cfg
         self.banned = banned or []  # ids never sampled nor offered as a next token (the control tokens)
         others = [c for c in self.banned if c != control] if g.guidance != 1 else []
         self.heads = [[]] if control is None else [[tokenizer.eos_id, c] for c in (control, *others)]
 
-    def cleaned(self, prompt: str) -> str:
-        return cleaned(prompt, self.clean_cfg)
-
     def encode_prompt(self, prompt: str) -> list[int]:
-        ids = self.tok.encode(self.cleaned(prompt))
+        ids = self.tok.encode(cleaned(prompt, self.clean_cfg))
         room = self.model.cfg.block_size - 1 - len(self.heads[0])
         if len(ids) > room:
             log.warning(f"the prompt has {len(ids)} tokens; keeping its last {room} (model.block_size)")
@@ -214,8 +212,3 @@ def cleaned(prompt: str, clean_cfg: Mapping) -> str:
     return clean_text(prompt, *clean_options(clean_cfg))
 
 
-def stop_strings(stop) -> list:
-    """The `stop` option as a list: one string is one stop string (not its characters); null is none."""
-    if stop is None:
-        return []
-    return list(stop) if OmegaConf.is_list(stop) or isinstance(stop, list | tuple) else [stop]

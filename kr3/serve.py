@@ -33,7 +33,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 from starlette.exceptions import HTTPException
 
 from kr3.api import Model, decoding_options
-from kr3.config import default_block
+from kr3.config import as_list, default_block
 from kr3.errors import UserError
 from kr3.sampling import END_OF_REVIEW, MAX_GUIDANCE, rating_control
 
@@ -147,10 +147,8 @@ class CompletionRequest(BaseModel):
     @field_validator("stop", mode="before")
     @classmethod
     def few_short_stops(cls, value):
-        stops = [value] if isinstance(value, str) else value
-        if stops is None:
-            return value
-        if not isinstance(stops, list) or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops):
+        stops = as_list(value)
+        if not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops):
             raise ValueError(f"must be a string or a list of strings of 1 to {MAX_STOP_CHARS} characters")
         if len(stops) > MAX_STOPS:
             raise ValueError(f"has {len(stops)} strings; at most {MAX_STOPS} are allowed")
@@ -259,12 +257,6 @@ def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def completion_items(m: Model, prompt: str, sample: int, options: dict) -> Iterator:
-    """A completion's pieces of text, then its stats {completion, tokens, …} (usage and finish_reason need the token
-    count). A generator, so even setting up (a bf16 copy of the model) runs on the model thread."""
-    yield from m.stream_with_stats(prompt, sample, **options)
-
-
 def check_rating(m: Model, rating: str | int | None) -> str | int | None:
     """`rating` as given, once kr3's own check (sampling.rating_control) accepts it for this checkpoint."""
     try:
@@ -331,7 +323,7 @@ class Server:
         choices, usage = [], Usage()
         try:
             for index, prompt, sample in job.choices():
-                generation = completion_items(self.m, prompt, sample, job.options)
+                generation = self.m.stream_with_stats(prompt, sample, **job.options)  # a generator: runs on the model thread
                 *_, stats = [item async for item in self.thread.iterate(generation, request.is_disconnected)]
                 choices.append(choice(index, stats["completion"], finish_reason(stats, job.options)))
                 usage.add(stats, sample)
@@ -351,7 +343,7 @@ class Server:
         usage = Usage()
         try:
             for index, prompt, sample in job.choices():
-                async for item in self.thread.iterate(completion_items(self.m, prompt, sample, job.options)):
+                async for item in self.thread.iterate(self.m.stream_with_stats(prompt, sample, **job.options)):
                     if isinstance(item, str):
                         yield sse(job.chunk([choice(index, item, None)]))
                     else:

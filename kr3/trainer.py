@@ -22,8 +22,9 @@ from kr3 import tokenizer as ktok
 from kr3.atomic import replacing
 from kr3.batches import Batches
 from kr3.checkpoint import Checkpoint
+from kr3.config import as_list
 from kr3.errors import Diverged, UserError, check_values
-from kr3.prepared import PreparedData, rating_controls
+from kr3.prepared import PreparedData
 from kr3.profiling import StepProfiler
 from kr3.tracking import RESULT, Tracker, progress, table
 
@@ -78,7 +79,7 @@ def lr_at(step: int, total: int, t) -> float:
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * done)))
 
 
-CALIBRATION_STEPS = 20  # timed steps before trainer.max_time fixes max_steps (at most warmup_steps)
+CALIBRATION_STEPS = 20  # steps before trainer.max_time fixes max_steps: at most warmup_steps, at least 2 (the first is not timed)
 
 
 def parse_duration(value) -> float | None:
@@ -128,7 +129,7 @@ def sample_prompts(prompts) -> list:
             and not isinstance(prompts, list | tuple):
         raise UserError(f"trainer.sample_prompts={prompts} must be a list of prompts, e.g. "
                         "trainer.sample_prompts=\"['분위기가 좋고']\", or null")
-    return [prompts] if isinstance(prompts, str) else list(prompts or [])
+    return as_list(prompts)
 
 
 class Interrupts:
@@ -189,7 +190,7 @@ class Trainer:
         self.forward = torch.compile(self.ddp or model) if self.t.compile else self.ddp or model
         self.tokenizer = data.tokenizer
         self.sample_prompts = sample_prompts(self.t.sample_prompts)  # checked by check_samples
-        controls = rating_controls(data.meta.get("condition"))
+        controls = data.controls
         self.controls = list(controls.values())  # never sampled as text
         if self.t.rating_loss:
             self._set_up_rating_loss(controls)
@@ -417,7 +418,7 @@ class Trainer:
             log.info(f"step {self.step}: val loss {val['loss']:.4f}, ppl {val['ppl']:.2f}, bpc {val['bpc']:.4f}")
             self._log_samples()
         if is_best and self.main:
-            checkpoint.save(self.checkpoint(val), self.run_dir / checkpoint.CKPT_DIR / checkpoint.BEST)
+            checkpoint.save(self.checkpoint(val), checkpoint.best_path(self.run_dir))
         return val
 
     def _log_samples(self) -> None:

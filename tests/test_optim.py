@@ -77,7 +77,7 @@ def test_muon_step_lowers_the_loss():
 
 @pytest.mark.parametrize("kw, message", [
     ({"optimizer": "sgd"}, "trainer.optimizer='sgd': choose adamw or muon"),
-    ({"optimizer": "muon", "muon_lr": -1}, "trainer.muon_lr=-1 with trainer.lr=0.01"),
+    ({"optimizer": "muon", "lr": 0}, "trainer.muon_lr=0.05 is applied as a multiple of trainer.lr: set trainer.lr > 0"),
 ])
 def test_bad_optimizer_settings_are_user_errors(kw, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(")):

@@ -188,11 +188,11 @@ def test_a_bug_is_a_500_in_one_line_without_a_traceback(model, monkeypatch):
 
 
 def test_a_stream_that_fails_says_so_in_the_stream(model, monkeypatch):
-    def failing(*args):
+    def failing(*args, **options):
         yield "맛"
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(serve, "completion_items", failing)
+    monkeypatch.setattr(model, "stream_with_stats", failing)
     chunks = stream(TestClient(serve.app(model)))
     assert chunks[0]["choices"][0]["text"] == "맛"
     assert chunks[-1]["error"]["type"] == "server_error" and "RuntimeError" in chunks[-1]["error"]["message"]
@@ -293,7 +293,7 @@ class Endless:
     def __init__(self):
         self.made, self.closed = 0, threading.Event()
 
-    def __call__(self, *args):
+    def __call__(self, *args, **options):
         try:
             while True:
                 time.sleep(0.005)
@@ -305,7 +305,7 @@ class Endless:
 
 def test_a_client_that_leaves_stops_its_generation(model, live_server, monkeypatch):
     endless = Endless()
-    monkeypatch.setattr(serve, "completion_items", endless)
+    monkeypatch.setattr(model, "stream_with_stats", endless)
     base = live_server(serve.app(model))
     with httpx.stream("POST", f"{base}/v1/completions", json={"prompt": PROMPT, "stream": True}, timeout=10) as response:
         for n, _ in enumerate(response.iter_lines()):
@@ -318,7 +318,7 @@ def test_a_client_that_leaves_stops_its_generation(model, live_server, monkeypat
 
 def test_a_client_that_leaves_a_whole_completion_stops_it_too(model, live_server, monkeypatch):
     endless = Endless()
-    monkeypatch.setattr(serve, "completion_items", endless)
+    monkeypatch.setattr(model, "stream_with_stats", endless)
     base = live_server(serve.app(model))
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{base}/v1/completions", json={"prompt": PROMPT}, timeout=0.5)
@@ -326,7 +326,7 @@ def test_a_client_that_leaves_a_whole_completion_stops_it_too(model, live_server
 
 
 def test_requests_beyond_max_active_get_429(model, live_server, monkeypatch):
-    monkeypatch.setattr(serve, "completion_items", Endless())
+    monkeypatch.setattr(model, "stream_with_stats", Endless())
     base = live_server(serve.app(model, serve.Limits.defaults(max_active=1)))
     with httpx.stream("POST", f"{base}/v1/completions", json={"prompt": PROMPT, "stream": True}, timeout=10) as held:
         lines = held.iter_lines()  # kept: an iterator dropped would close the connection

@@ -693,7 +693,7 @@ def test_bad_model_override_is_one_line(corpus, tmp_path):
 def test_bad_embedding_lr_is_one_line(corpus, tmp_path):
     proc = cli([*base(corpus, tmp_path), "stage=train", "trainer.lr=0", "trainer.embedding_lr=0.3"])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "error: trainer.embedding_lr=0.3 with trainer.lr=0" in proc.stderr
+    assert "error: trainer.embedding_lr=0.3 is applied as a multiple of trainer.lr: set trainer.lr > 0" in proc.stderr
 
 
 def test_ranks_wait_for_rank_zero_beyond_the_collective_timeout(tmp_path):

@@ -24,17 +24,13 @@ def run(cfg) -> dict:
     run_dir = Path(cfg.paths.output_dir)
     main = distributed.is_main()
     dev, dtype = hardware.setup(t.device, t.precision, t.threads)
-    found = resume.load(cfg, run_dir)
-    if found:
-        cfg = resume.with_checkpoint_data(cfg, found[1], command_overrides())
-    else:
-        resume.refuse_other_run(run_dir)
+    cfg, found = resume.start(cfg, run_dir, command_overrides())
     check_rating_loss(t, cfg.data)
     with distributed.main_first():  # rank 0 prepares (or reuses) the data, the others wait
         data = prepared.PreparedData(prepared.ensure(cfg) if main else prepared.prepared_dir(cfg))
     resumed = resume.check(cfg, *found, run_dir, data.meta) if found else None
-    vocab, controls = data.meta["vocab_size"], tuple(prepared.rating_controls(data.meta.get("condition")).values())
-    mcfg = GPTConfig(**resumed.ckpt.model_config) if resumed else GPTConfig.from_cfg(cfg.model, vocab, controls)
+    mcfg = GPTConfig(**resumed.ckpt.model_config) if resumed else \
+        GPTConfig.from_cfg(cfg.model, data.meta["vocab_size"], tuple(data.controls.values()))
 
     torch.manual_seed(cfg.seed)
     model = GPT(mcfg).to(dev)
