@@ -107,7 +107,8 @@ class Model:
     def stream_with_stats(self, prompt: str, sample: int = 0, **options: Unpack[Options]) -> Iterator[str | dict]:
         """stream(), then one last item: the completion's stats {completion, prompt_tokens (as the model was given
         them: cleaned, cut to fit), tokens, seconds, first_token_s, tokens_per_s} (a server's usage counts and
-        finish reason need them)."""
+        finish reason need them). A generator: nothing runs before its first item is asked for, so the server's
+        model thread does all of it."""
         yield from self._completer(options).stream(prompt, sample)
 
     def next_tokens(self, prompt: str, k: int = 5, rating: str | int | None = None,

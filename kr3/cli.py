@@ -17,7 +17,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue
 
-from kr3.config import CONFIG_DIR, compose, override_key, quote_free_text, register_resolvers, within
+from kr3.config import BESIDE_CHECKPOINT, CONFIG_DIR, compose, override_key, quote_free_text, register_resolvers, within
 from kr3.errors import Diverged, UserError, check_values
 
 register_resolvers()  # here, not in main(): submitit's job processes import this module, then run a job
@@ -75,9 +75,10 @@ def discard_empty_run_folder():
     folder = Path(HydraConfig.get().runtime.output_dir)
     if folder.is_dir() and {p.name for p in folder.iterdir()} <= {".hydra", f"{HydraConfig.get().job.name}.log"}:
         shutil.rmtree(folder, ignore_errors=True)
-        # outputs/<date>/ or <run>/<stage>/ (evaluate, generate, export) if now empty; another run may just
-        # have made its folder there
-        if folder.parent.parent.name == "outputs" or folder.parent.name in STAGES:
+        # the folder kr3 chose, not hydra.run.dir's: outputs/<date>/ or <run>/<stage>/ if now empty (another run
+        # may just have made its folder there)
+        chosen = "hydra.run.dir" not in map(override_key, HydraConfig.get().overrides.hydra)
+        if chosen and (folder.parent.parent.name == "outputs" or folder.parent.name in BESIDE_CHECKPOINT):
             with suppress(OSError):
                 folder.parent.rmdir()
 

@@ -39,10 +39,13 @@ def register_resolvers():
     OmegaConf.register_new_resolver("kr3_run_dir", run_dir, replace=True)
 
 
+BESIDE_CHECKPOINT = ("evaluate", "generate", "export")  # stages whose run folder is in the checkpoint's run
+
+
 def run_dir(stage: str, checkpoint, log_dir: str) -> str:
     """The run folder: evaluate, generate and export write beside the checkpoint they read, into
     `<its run>/<stage>/<date>_<time>`, where its results are found; the rest into outputs/<date>/<time>."""
-    if stage in ("evaluate", "generate", "export") and checkpoint is not None:
+    if stage in BESIDE_CHECKPOINT and checkpoint is not None:
         from kr3 import checkpoint as ckpt
         from kr3.errors import UserError
 

@@ -78,9 +78,10 @@ def device() -> torch.device:
 @contextmanager
 def main_first():
     """Rank 0 runs the body first while the other ranks wait, then they run it. Its one-off work (preparing
-    the data: a Hub download, a tokenizer) may outlast the process group's timeout (10 minutes for NCCL, 30 for gloo), so they
-    wait on a gloo group of their own, made before it starts, with a long one; if rank 0 fails, they stop
-    at once (a Hydra multirun would otherwise go on to its next job while they still wait)."""
+    the data: a Hub download, a tokenizer) may outlast the process group's timeout (30 minutes: torch's default
+    for gloo and for kr3's cpu:gloo,cuda:nccl group), so they wait on a gloo group of their own, made before it
+    starts, with a long one; if rank 0 fails, they stop at once (a Hydra multirun would otherwise go on to its
+    next job while they still wait)."""
     if not is_distributed():
         yield
         return

@@ -204,23 +204,21 @@ def test_control_tokens_are_never_text(conditioned):
         assert not any(control in t for t in texts + offered), (texts, offered)
 
 
-def test_a_rating_for_an_unconditioned_checkpoint_stops_before_any_output(trained):
+def test_a_rating_for_an_unconditioned_checkpoint_stops_before_any_output(trained, tmp_path):
     import os
+    import shutil
     import subprocess
     import sys
 
     from kr3.config import ROOT
 
-    run_dir, root = trained
-    def generate_folders():  # other tests generate from the shared checkpoint
-        return set(run_dir.glob("generate")) | set((run_dir / "generate").glob("*"))
-
-    before = generate_folders()
-    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), f"paths.root_dir={root}", "stage=generate",
+    # a copy of the run that no other test generates from
+    run_dir = shutil.copytree(trained[0] / "checkpoints", tmp_path / "run" / "checkpoints").parent
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), f"paths.root_dir={trained[1]}", "stage=generate",
                            f"checkpoint={run_dir}", "generate.rating=negative", "generate.prompt=이 집 짜장면"],
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
     assert proc.returncode == 2 and "trained without ratings" in proc.stderr and "이 집" not in proc.stdout
-    assert generate_folders() == before  # no folder left for a command that did nothing, nor an empty generate/
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints"]  # no folder left, not even generate/
 
 
 @pytest.mark.parametrize("scored_rows", [4, 5])

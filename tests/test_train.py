@@ -452,6 +452,8 @@ def test_resume_into_a_folder_with_later_checkpoints_is_refused(corpus, tmp_path
     ("trainer.log_interval=0", "trainer.log_interval=0 must be an integer ≥ 1"),
     ("trainer.keep_last=null", "trainer.keep_last=null must be an integer ≥ 0"),
     ("trainer.lr=-1", "trainer.lr=-1 must be a number ≥ 0"),
+    ("trainer.muon_lr=-1", "trainer.muon_lr=-1 must be a number ≥ 0"),
+    ("trainer.embedding_lr=-1", "trainer.embedding_lr=-1 must be a number ≥ 0, or null"),
     ("trainer.eval_tokens=-5", "trainer.eval_tokens=-5 must be an integer ≥ 1, or null"),
     ("trainer.rating_loss=-1", "trainer.rating_loss=-1 must be a number ≥ 0"),
     ("trainer.rating_loss_rows=0", "trainer.rating_loss_rows=0 must be a number > 0 and ≤ 1"),

@@ -10,6 +10,7 @@ import torch
 
 from kr3 import checkpoint, distributed, hardware, optim, prepared, resume
 from kr3.batches import Batches
+from kr3.config import override_key
 from kr3.model import GPT, GPTConfig
 from kr3.trainer import Trainer, check_rating_loss, check_samples, check_trainer, total_steps
 
@@ -55,7 +56,7 @@ def run(cfg) -> dict:
 def command_line() -> str:
     """`python run.py` with this command's overrides, less those that continuing it sets."""
     kept = [o for o in command_overrides() or ["stage=train"]
-            if not o.startswith(("hydra.run.dir=", "trainer.resume="))]
+            if override_key(o) not in ("hydra.run.dir", "trainer.resume")]
     return shlex.join(["python", "run.py", *kept])
 
 
