@@ -231,7 +231,7 @@ class Trainer:
             log.info("\n" + self.describe())
         self.started = time.perf_counter()
         if self.main:
-            (self.run_dir / "result.json").unlink(missing_ok=True)  # running again: no longer how it ended
+            (self.run_dir / RESULT).unlink(missing_ok=True)  # running again: no longer how it ended
         self.model.train()
         bar = progress(total=self.total, initial=self.step, desc="train", unit="step", enabled=self.main)
         self._start_window()

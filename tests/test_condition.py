@@ -174,6 +174,8 @@ def test_the_repls_guidance_reaches_show_next(conditioned):
         assert tables[guidance].startswith(repl.next_token_table(m.next_tokens("이 집 짜장면", 8, rating="negative",
                                                                                 guidance=guidance)))
     assert tables[1] != tables[3]
+    assert m.next_tokens("이 집 짜장면", 8, rating="negative", guidance=1) != \
+        m.next_tokens("이 집 짜장면", 8, rating="negative", guidance=3)  # so the tables above tell them apart
 
 
 def test_a_rated_prompt_is_cut_to_leave_room_for_its_rating(conditioned):
