@@ -55,6 +55,11 @@ def test_vocab_too_small_for_byte_fallback(tmp_path, texts):
         ktok.build(sp_cfg(tmp_path, "tokenizer.vocab_size=200"), texts, seed=0)
 
 
+def test_vocab_beyond_the_token_files(tmp_path, texts):
+    with pytest.raises(UserError, match=r"tokenizer.vocab_size=300000 is unreasonably large — use at most 262140"):
+        ktok.build(sp_cfg(tmp_path, "tokenizer.vocab_size=300000"), texts, seed=0)
+
+
 def test_vocab_larger_than_corpus_supports(tmp_path, texts):
     with pytest.raises(UserError, match=r"larger than this corpus supports \(at most \d+\)"):
         ktok.build(sp_cfg(tmp_path, "tokenizer.vocab_size=8000"), texts, seed=0)
