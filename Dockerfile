@@ -14,6 +14,7 @@ RUN --mount=type=cache,target=/home/kr3/.cache/uv,uid=1000,gid=1000 \
     uv sync --frozen --no-dev --no-install-project
 COPY --chown=kr3:kr3 conf ./conf
 COPY --chown=kr3:kr3 kr3 ./kr3
+COPY --chown=kr3:kr3 hydra_plugins ./hydra_plugins
 COPY --chown=kr3:kr3 run.py ./
 RUN --mount=type=cache,target=/home/kr3/.cache/uv,uid=1000,gid=1000 \
     uv sync --frozen --no-dev

@@ -3,7 +3,7 @@
 import errno
 import os
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from kr3.errors import UserError
@@ -28,6 +28,24 @@ def replacing(path: str | Path):
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def append_whole(path: str | Path, data: bytes) -> None:
+    """Append `data` to `path` whole or not at all: a write that fails part-way (a full disk) is cut back off, so a
+    reader never meets a torn line."""
+    with disk_full_as_user_error(path):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            end = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                done = 0
+                while done < len(data):
+                    done += os.write(fd, data[done:])
+            except OSError:
+                os.ftruncate(fd, end)
+                raise
+        finally:
+            os.close(fd)
 
 
 @contextmanager
@@ -66,12 +84,31 @@ def unwritable_as_user_error(path: str | Path):
 
 @contextmanager
 def disk_full_as_user_error(path: str | Path):
-    """A full disk or quota (ENOSPC, EDQUOT) while writing `path` as one line. The writer removes what it wrote
-    inside this block, before the error reaches it: that is what lets the message say nothing was left."""
+    """A full disk or quota while writing `path` as one line. The writer removes what it wrote inside this block,
+    before the error reaches it: that is what lets the message say nothing was left."""
     try:
         yield
-    except OSError as e:
-        if e.errno not in DISK_FULL:
+    except Exception as e:
+        if not is_disk_full(e):
             raise
         raise UserError(f"no space left on the device of {Path(path).absolute()} — free space "
                         "(nothing half-written was left) and run it again") from e
+
+
+def is_disk_full(e: BaseException | None) -> bool:
+    """A full disk or quota anywhere in an exception's chain: by errno, or by its words where a library drops the
+    errno (safetensors' SafetensorError, datasets' DatasetGenerationError around pyarrow's)."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in DISK_FULL:
+            return True
+        if any(words in str(e) for words in ("No space left on device", "Disk quota exceeded", "StorageFull")):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def remove_new(folder: Path, before: set[Path]) -> None:
+    """Remove what appeared under `folder` since `before` (its paths then): files, then the folders left empty."""
+    for path in sorted(set(folder.rglob("*")) - before, key=lambda p: len(p.parts), reverse=True):
+        with suppress(OSError):
+            path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink()

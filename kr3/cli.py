@@ -2,8 +2,8 @@
 `python run.py ...` in a checkout (Hydra; the config tree is kr3.config.CONFIG_DIR)."""
 
 import atexit
-import difflib
 import importlib
+import logging
 import os
 import shutil
 import sys
@@ -13,47 +13,82 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue
 
-from kr3.config import BESIDE_CHECKPOINT, CONFIG_DIR, compose, override_key, quote_free_text, register_resolvers, within
+from kr3.atomic import replacing
+from kr3.config import (
+    BESIDE_CHECKPOINT,
+    CONFIG_DIR,
+    check_key,
+    compose,
+    config_keys,
+    override_key,
+    quote_free_text,
+    register_resolvers,
+    within,
+)
 from kr3.errors import Diverged, UserError, check_values
+from kr3.tracking import write_result
 
 register_resolvers()  # here, not in main(): submitit's job processes import this module, then run a job
 
 # stage -> module whose run(cfg) does it; imported lazily so `stage=prepare` never imports torch
+JOB_FILES = ".hydra"  # a run folder's copy of its config, Hydra's config and its overrides (save_job_files)
 STAGES = {name: f"kr3.stages.{name}" for name in ("prepare", "train", "generate", "evaluate", "export", "serve", "report")}
+
+
+class JobFailed(CompactHydraException):
+    """A job of a sweep stopped by a user error (already printed, and in its result.json): Hydra's sweepers see a
+    failed job, kr3's go on to the next (hydra_plugins/kr3_sweepers)."""
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
 def run_stage(cfg: DictConfig):
     try:
+        save_job_files(cfg)
         if cfg.stage not in STAGES:
             raise UserError(f"stage={cfg.stage} is not a stage — use one of: {', '.join(STAGES)}")
         check_values("", cfg, {"seed": ("int", 0, 2**63 - 1, False)})
         return objective(importlib.import_module(STAGES[cfg.stage]).run(cfg))
     except MissingMandatoryValue as e:
-        discard_empty_run_folder()
-        fail(f"{e.full_key} is required — add {e.full_key}=... to the command")
+        stop(f"{e.full_key} is required — add {e.full_key}=... to the command")
     except (ConfigAttributeError, ConfigKeyError) as e:
         removed = removed_by(e.full_key)
         if removed is None:
             raise
-        discard_empty_run_folder()
-        fail(f"{e.full_key} is read by stage={cfg.stage}, and ~{removed} removed it — give it a value (null where "
+        stop(f"{e.full_key} is read by stage={cfg.stage}, and ~{removed} removed it — give it a value (null where "
              "allowed) instead of removing it")
-    except Diverged as e:
-        if HydraConfig.get().mode != RunMode.MULTIRUN:
-            fail(str(e))
-        print(f"error: {e}", file=sys.stderr)  # the sweep goes on; a search records NaN as a failed trial
-        return float("nan")
     except UserError as e:
-        discard_empty_run_folder()
-        fail(str(e))
+        stop(str(e), recorded=isinstance(e, Diverged))  # the trainer wrote a diverged run's result.json
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def save_job_files(cfg: DictConfig) -> None:
+    """The run folder's .hydra/ (config.yaml, hydra.yaml, overrides.yaml) as Hydra writes them, but each written whole
+    (a full disk gave a traceback and an empty file): conf/hydra/default.yaml turns Hydra's own writing off."""
+    hydra_cfg = HydraConfig.instance().cfg
+    folder = Path(hydra_cfg.hydra.runtime.output_dir) / JOB_FILES
+    for name, content in {"config.yaml": cfg, "hydra.yaml": hydra_cfg, "overrides.yaml": hydra_cfg.hydra.overrides.task}.items():
+        with replacing(folder / name) as tmp:
+            tmp.write_text(OmegaConf.to_yaml(content), encoding="utf-8")
+
+
+def stop(message: str, recorded: bool = False):
+    """A user error ends this job: one line, exit status 2, and no run folder left if it did no work. In a sweep it is
+    the job's failure, not the sweep's: its result.json says why (unless the stage `recorded` it) and the sweep goes on."""
+    if HydraConfig.get().mode != RunMode.MULTIRUN:
+        discard_empty_run_folder()
+        fail(message)
+    print(f"error: {message}", file=sys.stderr)
+    if not recorded:
+        with suppress(UserError):  # a full disk: the sweep's summary still names the job
+            write_result(Path(HydraConfig.get().runtime.output_dir), {"state": "failed", "error": message})
+    raise JobFailed(message)
 
 
 def removed_by(key: str) -> str | None:
@@ -73,7 +108,7 @@ def objective(result):
 def discard_empty_run_folder():
     """A command that failed before doing any work leaves no run folder: one holding only Hydra's own files."""
     folder = Path(HydraConfig.get().runtime.output_dir)
-    if folder.is_dir() and {p.name for p in folder.iterdir()} <= {".hydra", f"{HydraConfig.get().job.name}.log"}:
+    if folder.is_dir() and {p.name for p in folder.iterdir()} <= {JOB_FILES, f"{HydraConfig.get().job.name}.log"}:
         shutil.rmtree(folder, ignore_errors=True)
         # the folder kr3 chose, not hydra.run.dir's: outputs/<date>/ or <run>/<stage>/ if now empty (another run
         # may just have made its folder there)
@@ -92,6 +127,7 @@ def main():
     """The `kr3` console script and run.py."""
     # one start time for the processes this command starts (submitit's jobs), so they share the sweep folder
     os.environ.setdefault("KR3_RUN_TIME", repr(time.time()))
+    logging.raiseExceptions = False  # a run.log on a full disk: the console still shows each line, without tracebacks
     sys.argv = quote_free_text(sys.argv)
     try:
         check_overrides(sys.argv[1:])
@@ -121,11 +157,13 @@ def check_overrides(argv: list[str]):
     parser, overrides = OverridesParser.create(), []
     for line in args.overrides:
         try:
-            overrides += [o for o in parser.parse_overrides([line]) if not o.is_hydra_override()]
+            parsed = parser.parse_overrides([line])
         except OverrideParseException as e:
             reason = "; ".join(x for x in str(e).splitlines() if not x.startswith(("Error parsing", "See ")))
             raise UserError(f"cannot read the override {line!r} ({reason}) — write key=value; quote a value with "
                             "spaces or brackets for Hydra and the shell: \"key='[a b'\"") from None
+        check_search_space(line)
+        overrides += [o for o in parsed if not o.is_hydra_override()]
     groups = {o.key_or_group: group_choices(o) for o in overrides if (CONFIG_DIR / o.key_or_group).is_dir()}
     keys = [o for o in overrides if o.key_or_group not in groups]
     defaults = composed(groups) if keys else None
@@ -134,6 +172,16 @@ def check_overrides(argv: list[str]):
         for o in keys:
             check_key(o.key_or_group, o.is_add(), known)
             check_kind(o, defaults)
+
+
+def check_search_space(line: str) -> None:
+    """`hydra.sweeper.params.trainer.lr=...` cannot work (Hydra sweeps none of its own keys, and params' keys hold
+    dots): on the command line a key's sweep is its search space."""
+    key, _, value = line.partition("=")
+    if key.startswith("hydra.sweeper.params."):
+        own = key.removeprefix("hydra.sweeper.params.")
+        raise UserError(f"{key} cannot be set on the command line — give the search space as the key's own sweep: "
+                        f"'{own}={value}' (hydra.sweeper.params is for a search-space YAML file)")
 
 
 def group_choices(override) -> list[str]:
@@ -191,25 +239,3 @@ def check_kind(override, defaults: DictConfig) -> None:
             shown = value if override.is_sweep_override() else override.input_line.split("=", 1)[1]  # as typed
             raise UserError(f"{override.key_or_group}={shown} must be {name} (its default: "
                             f"{str(default).lower() if isinstance(default, bool) else default})")
-
-
-def config_keys(tree: dict, prefix: str = "") -> set[str]:
-    """Every dotted key of a config as a dict, sections included (`trainer`, `trainer.lr`)."""
-    keys = set()
-    for name, value in tree.items():
-        keys.add(f"{prefix}{name}")
-        if isinstance(value, dict):
-            keys |= config_keys(value, f"{prefix}{name}.")
-    return keys
-
-
-def check_key(key: str, added: bool, known: set[str]):
-    if added and key in known:  # Hydra: "Could not append to config. An item is already at ..."
-        raise UserError(f"{key} is already in the config — set it without the +: {key}=...")
-    if key in known:
-        return
-    leaf = key.rsplit(".", 1)[-1]
-    same_depth = [k for k in known if k.count(".") == key.count(".")]  # `trainer.lrr`: not the section `trainer`
-    near = [k for k in sorted(known) if k.rsplit(".", 1)[-1] == leaf] + difflib.get_close_matches(key, same_depth, n=3)
-    hint = f"did you mean {' or '.join(list(dict.fromkeys(near))[:3])}?" if near else "--cfg job prints every key"
-    raise UserError(f"{key} is not a kr3 setting — {hint}")

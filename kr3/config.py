@@ -1,5 +1,6 @@
 """Hydra/OmegaConf glue shared by the command (kr3.cli) and the tests."""
 
+import difflib
 import os
 import re
 import time
@@ -8,6 +9,8 @@ from functools import cache
 from pathlib import Path
 
 from omegaconf import OmegaConf
+
+from kr3.errors import UserError
 
 _CHECKOUT = Path(__file__).resolve().parent.parent
 _IN_CHECKOUT = (_CHECKOUT / "conf" / "config.yaml").is_file()
@@ -47,7 +50,6 @@ def run_dir(stage: str, checkpoint, log_dir: str) -> str:
     `<its run>/<stage>/<date>_<time>`, where its results are found; the rest into outputs/<date>/<time>."""
     if stage in BESIDE_CHECKPOINT and checkpoint is not None:
         from kr3 import checkpoint as ckpt
-        from kr3.errors import UserError
 
         try:
             return str(ckpt.run_folder(ckpt.locate(checkpoint, log_dir).resolve()) / stage / run_time("%Y-%m-%d_%H-%M-%S"))
@@ -98,3 +100,25 @@ def compose(overrides=(), root: str | Path | None = None):
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return hydra_compose(config_name="config",
                              overrides=[*([f"paths.root_dir={root}"] if root is not None else []), *overrides])
+
+
+def config_keys(tree: dict, prefix: str = "") -> set[str]:
+    """Every dotted key of a config as a dict, sections included (`trainer`, `trainer.lr`)."""
+    keys = set()
+    for name, value in tree.items():
+        keys.add(f"{prefix}{name}")
+        if isinstance(value, dict):
+            keys |= config_keys(value, f"{prefix}{name}.")
+    return keys
+
+
+def check_key(key: str, added: bool, known: set[str]):
+    if added and key in known:  # Hydra: "Could not append to config. An item is already at ..."
+        raise UserError(f"{key} is already in the config — set it without the +: {key}=...")
+    if key in known:
+        return
+    leaf = key.rsplit(".", 1)[-1]
+    same_depth = [k for k in known if k.count(".") == key.count(".")]  # `trainer.lrr`: not the section `trainer`
+    near = [k for k in sorted(known) if k.rsplit(".", 1)[-1] == leaf] + difflib.get_close_matches(key, same_depth, n=3)
+    hint = f"did you mean {' or '.join(list(dict.fromkeys(near))[:3])}?" if near else "--cfg job prints every key"
+    raise UserError(f"{key} is not a kr3 setting — {hint}")

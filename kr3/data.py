@@ -11,11 +11,13 @@ import math
 import re
 import unicodedata
 from collections.abc import Mapping
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from kr3.atomic import is_disk_full, remove_new
 from kr3.errors import UserError, first_line, lookup
 
 log = logging.getLogger(__name__)
@@ -53,7 +55,8 @@ def _load_hub(cfg, cache_dir):
     import datasets
 
     try:
-        ds = datasets.load_dataset(cfg.hub_id, revision=cfg.revision, split=cfg.split, cache_dir=cache_dir)
+        with caching(cache_dir):
+            ds = datasets.load_dataset(cfg.hub_id, revision=cfg.revision, split=cfg.split, cache_dir=cache_dir)
     except (ConnectionError, OSError, ValueError) as e:  # HF raises these for offline/missing repos
         if Path(cfg.hub_id).exists():
             raise UserError(f"could not load the dataset folder {cfg.hub_id}: {first_line(e)}") from e
@@ -63,6 +66,27 @@ def _load_hub(cfg, cache_dir):
         ) from e
     fp = getattr(ds, "_fingerprint", "") or ""
     return _from_dataset(ds, cfg, source=f"hub:{cfg.hub_id}", fingerprint=f"{cfg.hub_id}@{cfg.revision}:{fp}")
+
+
+@contextmanager
+def caching(cache_dir: str | None):
+    """A full disk while `datasets` fills its cache is one line, and what it had added to the cache is removed (else
+    its error blames the source file)."""
+    import datasets
+
+    cache = Path(cache_dir or datasets.config.HF_DATASETS_CACHE).expanduser()
+    existed, before = cache.exists(), set(cache.rglob("*"))
+    try:
+        yield
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        remove_new(cache, before)
+        if not existed:
+            with suppress(OSError):
+                cache.rmdir()
+        raise UserError(f"no space left on the device of {cache} (the datasets cache, data.cache_dir) — free space "
+                        "(what this load had cached was removed) and run it again") from e
 
 
 def source_files(path: Path) -> list[Path]:
@@ -105,9 +129,12 @@ def _load_local(cfg, cache_dir):
         raise UserError(f"data.path={path} holds no reviews (no rows below a header, or an empty file) — give a "
                         "file with reviews")
     try:
-        ds = datasets.load_dataset(
-            builder, data_files=[str(p) for p in files], split="train", cache_dir=cache_dir, **kwargs
-        )
+        with caching(cache_dir):
+            ds = datasets.load_dataset(
+                builder, data_files=[str(p) for p in files], split="train", cache_dir=cache_dir, **kwargs
+            )
+    except UserError:
+        raise
     except Exception as e:  # parse errors from pyarrow/pandas: the file is malformed
         raise UserError(f"could not read {path} as {builder}: {first_line(e)} — check the file's format") from e
     return _from_dataset(ds, cfg, source=str(path), fingerprint=digest.hexdigest(), text_default=builder == "text")

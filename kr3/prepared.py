@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import time
@@ -24,7 +23,7 @@ from kr3 import data as kdata
 from kr3 import tokenizer as ktok
 from kr3.atomic import disk_full_as_user_error, replacing_folder
 from kr3.errors import UserError
-from kr3.tracking import progress, table
+from kr3.tracking import pid_alive, progress, table
 
 log = logging.getLogger(__name__)
 
@@ -184,19 +183,9 @@ def _remove_stale(out: Path):
     left = re.compile(rf"\.{re.escape(out.name)}\.(?:tmp|old)-(\d+)")
     for path in out.parent.iterdir():
         match = left.fullmatch(path.name)
-        if match and not _alive(int(match[1])):
+        if match and not pid_alive(int(match[1])):
             log.info(f"removing {path}, left by a prepare that was killed")
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
 
 
 def build(cfg, out: Path, stamp: str) -> dict:
@@ -296,7 +285,7 @@ def _encode_split(tok: ktok.Tokenizer, corpus, path: Path, dtype, controls: dict
             heads = [[controls[r]] if r in controls else [] for r in labels[start : start + len(ids)]] \
                 if controls else [[]] * len(ids)
             flat = np.fromiter((t for h, doc in zip(heads, ids) for t in (*h, *doc, tok.eos_id)), dtype=dtype)
-            flat.tofile(f)
+            f.write(flat.tobytes())  # not tofile: on a full disk its OSError has no errno
             n_tokens += len(flat)
             bar.update(len(ids))
         bar.close()

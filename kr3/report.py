@@ -16,10 +16,11 @@ import yaml
 from kr3.atomic import replacing
 from kr3.config import override_key, within
 from kr3.errors import UserError
-from kr3.tracking import METRICS, RESULT, pyplot, read_metrics, save_figure, series
+from kr3.tracking import METRICS, PROCESS, RESULT, process_alive, pyplot, read_metrics, save_figure, series
 
-RUNNING_WITHIN_S = 300  # a job without result.json that logged this recently is still running
-COLUMNS = ["job", "state", "val_bpc", "val_loss", "best_val_bpc", "best_step", "steps", "tokens_per_s", "wall_s"]
+RUNNING_WITHIN_S = 300  # a job without result.json whose process cannot be checked (another host) and that logged this
+# recently is taken to be running
+COLUMNS = ["job", "state", "val_bpc", "val_loss", "best_val_bpc", "best_step", "steps", "tokens_per_s", "wall_s", "error"]
 
 
 def find_jobs(folder: Path) -> list[Path]:
@@ -67,14 +68,18 @@ def job_row(job: Path, root: Path) -> dict:
         "best_val_bpc": best["val/bpc"] if best else math.nan, "best_step": best["step"] if best else None,
         "steps": max((r["step"] for r in train), default=0),
         "tokens_per_s": statistics.median(r["train/tokens_per_s"] for r in train) if train else math.nan,
-        "wall_s": result.get("wall_s", math.nan),
+        "wall_s": result.get("wall_s", math.nan), "error": result.get("error", ""),
     }
 
 
 def _unfinished_state(job: Path) -> str:
-    logs = [p for p in (job / METRICS, job / "run.log") if p.exists()]
-    recent = any(time.time() - p.stat().st_mtime < RUNNING_WITHIN_S for p in logs)
-    return "running" if recent else "failed"
+    """A job without result.json runs while its process does (process.json); where that cannot be checked (another
+    host, an older run), while it logged in the last RUNNING_WITHIN_S seconds. Else it died without a word: failed."""
+    alive = process_alive(json.loads((job / PROCESS).read_text())) if (job / PROCESS).exists() else None
+    if alive is None:
+        logs = [p for p in (job / METRICS, job / "run.log") if p.exists()]
+        alive = any(time.time() - p.stat().st_mtime < RUNNING_WITHIN_S for p in logs)
+    return "running" if alive else "failed"
 
 
 def table(jobs: list[Path], root: Path) -> tuple[pd.DataFrame, list[str]]:

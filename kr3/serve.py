@@ -104,6 +104,7 @@ class ApiError(HTTPException):
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
     include_usage: bool = False
 
 
@@ -121,7 +122,8 @@ class CompletionRequest(BaseModel):
     """OpenAI's completion request; `top_k`, `repetition_penalty`, `rating` and `guidance` are kr3's own. Unset sampling values
     take the server's defaults (stage=serve's `generate.*`); an unset seed is a random one."""
 
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)  # OpenAI's other parameters: see UNSUPPORTED
+    # OpenAI's other parameters: see UNSUPPORTED; strict: "5" is no number (OpenAI refuses it too)
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
     model: str | None = None
     prompt: str | list[str] = ""
     max_tokens: int | None = Field(None, ge=1)
@@ -156,7 +158,7 @@ class CompletionRequest(BaseModel):
 
 
 class NextTokensRequest(BaseModel):
-    model_config = ConfigDict(allow_inf_nan=False)
+    model_config = ConfigDict(allow_inf_nan=False, strict=True)
     model: str | None = None
     prompt: str = ""
     k: int = Field(10, ge=1)
@@ -497,11 +499,27 @@ async def invalid_request(request: Request, e: RequestValidationError) -> JSONRe
     if not where:
         return ApiError(400, "the body must be a JSON object, e.g. {\"prompt\": \"이 집 짜장면은\"}").response()
     message = first["msg"].removeprefix("Value error, ")
+    if first["type"] in KINDS:
+        message = wrong_kind(first["input"], KINDS[first["type"]])
     return ApiError(400, f"{'.'.join(where)}: {message}", where[0]).response()
+
+
+KINDS = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false"}  # pydantic's type errors
+
+
+def wrong_kind(value, kind: str) -> str:
+    """`"5" is a string — send an integer without quotes`: a string is never taken for a number (strict models)."""
+    shown = json.dumps(value, ensure_ascii=False)
+    if isinstance(value, str):
+        return f"{shown} is a string — send {kind} without quotes"
+    return f"{shown} is not {kind} — send {kind}"
 
 
 async def http_error(request: Request, e: HTTPException) -> JSONResponse:
     """Starlette's own refusals (no such path, a method not allowed) in OpenAI's shape."""
+    if isinstance(e.__cause__, UnicodeDecodeError):  # FastAPI: "There was an error parsing the body"
+        return ApiError(400, f"the body is not UTF-8 ({e.__cause__.reason} at byte {e.__cause__.start}) — send JSON "
+                             "encoded as UTF-8, e.g. {\"prompt\": \"이 집 짜장면은\"}").response()
     return ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}",
                     kind="not_found_error" if e.status_code == 404 else "invalid_request_error").response()
 

@@ -6,18 +6,21 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import sys
+import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from kr3.atomic import replacing
-from kr3.errors import lookup
+from kr3.atomic import append_whole, replacing
+from kr3.errors import UserError, lookup
 
 log = logging.getLogger(__name__)
 METRICS = "metrics.jsonl"  # a run's logged rows, one JSON object per line
-RESULT = "result.json"  # how a run ended (finished, interrupted or diverged), written by the trainer; read by report
+RESULT = "result.json"  # how a run ended (finished, interrupted, diverged or failed and why); read by report
+PROCESS = "process.json"  # the process writing a run (host, pid, its start): report tells a running run from a dead one
 
 
 def progress(iterable=None, desc: str = "", total: int | None = None, unit: str = "it", enabled: bool = True, **kw):
@@ -136,8 +139,7 @@ class Tracker:
     def log(self, metrics: dict, step: int) -> None:
         if self.sink is None:
             return
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        append_whole(self.metrics_path, (json.dumps({"step": step, **metrics}) + "\n").encode())
         self.sink.log(metrics, step)
 
     def log_samples(self, rows: list[tuple[str, str]], step: int) -> None:
@@ -149,14 +151,66 @@ class Tracker:
             return
         plot = None
         if self.metrics_path.exists():
-            plot = self.run_dir / "loss.png"
-            plot_losses(self.metrics_path, plot)
+            try:
+                plot = plot_losses(self.metrics_path, self.run_dir / "loss.png")
+            except UserError as e:  # a full disk: the logger's run is still closed
+                log.warning(f"loss.png not written: {e}")
         self.sink.finish(plot)
         self.sink = None
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """metrics.jsonl's rows. A last line cut short (a run killed or a disk filled while writing it) is left out with a
+    warning; any other line that is not JSON is one error."""
+    lines = [line for line in Path(path).read_text(errors="replace").splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise UserError(f"{path}: line {number} is not JSON — the file was changed by hand; remove that line") \
+                    from None
+            log.warning(f"{path}: its last line is cut short (a run killed or a full disk while writing it): left out")
+    return rows
+
+
+def write_result(run_dir: Path, result: dict) -> None:
+    """result.json: how a run ended."""
+    with replacing(Path(run_dir) / RESULT) as tmp:
+        tmp.write_text(json.dumps(result, indent=2))
+
+
+def stamp_process(run_dir: Path) -> None:
+    """process.json: this process, so that `stage=report` can tell a run still going from one that was killed."""
+    info = {"host": socket.gethostname(), "pid": os.getpid(), "started": process_start(os.getpid()), "time": time.time()}
+    with replacing(Path(run_dir) / PROCESS) as tmp:
+        tmp.write_text(json.dumps(info))
+
+
+def process_alive(info: dict) -> bool | None:
+    """Whether the process a process.json names still runs; None where this machine cannot tell (another host)."""
+    if info.get("host") != socket.gethostname():
+        return None
+    return pid_alive(info["pid"]) and process_start(info["pid"]) == info.get("started")  # not a reused pid
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def process_start(pid: int) -> int | None:
+    """When a process started, in clock ticks since boot (Linux's /proc/<pid>/stat); None where there is no /proc."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def series(rows: list[dict], key: str) -> list[tuple[int, float]]:
@@ -183,7 +237,7 @@ def save_figure(fig, out: Path) -> Path:
     return out
 
 
-def plot_losses(metrics_path: Path, out: Path) -> None:
+def plot_losses(metrics_path: Path, out: Path) -> Path:
     rows = read_metrics(metrics_path)
     train, val = series(rows, "train/loss"), series(rows, "val/loss")
     fig, ax = pyplot().subplots(figsize=(7, 4), dpi=110)
@@ -195,4 +249,4 @@ def plot_losses(metrics_path: Path, out: Path) -> None:
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend()
-    save_figure(fig, out)
+    return save_figure(fig, out)

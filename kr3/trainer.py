@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -19,14 +18,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from kr3 import checkpoint, classify, distributed, hardware, resume, sampling, scoring
 from kr3 import tokenizer as ktok
-from kr3.atomic import replacing
 from kr3.batches import Batches
 from kr3.checkpoint import Checkpoint
 from kr3.config import as_list
 from kr3.errors import Diverged, UserError, check_values
 from kr3.prepared import PreparedData
 from kr3.profiling import StepProfiler
-from kr3.tracking import RESULT, Tracker, progress, table
+from kr3.tracking import RESULT, Tracker, progress, stamp_process, table, write_result
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +67,9 @@ def check_trainer(t) -> None:
             isinstance(b, int | float) and not isinstance(b, bool) and 0 <= b < 1 for b in betas):
         raise UserError(f"trainer.betas={betas} must be two numbers in [0, 1), e.g. trainer.betas=[0.9,0.95]")
     check_values("trainer.profile", t.profile, {"start": ("int", 0, None, False), "steps": ("int", 0, None, False)})
+    if t.max_time is not None and t.max_steps is not None:
+        raise UserError(f"trainer.max_time={t.max_time} and trainer.max_steps={t.max_steps} both set how long the run is — "
+                        f"drop one (trainer.max_time=null trains {t.max_steps} steps)")
 
 
 def lr_at(step: int, total: int, t) -> float:
@@ -232,6 +233,7 @@ class Trainer:
         self.started = time.perf_counter()
         if self.main:
             (self.run_dir / RESULT).unlink(missing_ok=True)  # running again: no longer how it ended
+            stamp_process(self.run_dir)
         self.model.train()
         bar = progress(total=self.total, initial=self.step, desc="train", unit="step", enabled=self.main)
         self._start_window()
@@ -242,13 +244,13 @@ class Trainer:
                 self._train_step(interrupts)
                 bar.update(1)
                 self._after_step(bar)
-            bar.close()
+            bar.close()  # before the final evaluation's own bar
             self._announce_final_evaluation()
             val = self._evaluate_and_log(final=True)
             self._save_step(val)
             self._write_result("finished", val)
-        except Diverged:
-            self._write_result("diverged", None)
+        except Diverged as e:
+            self._write_result("diverged", None, error=str(e))
             raise
         except KeyboardInterrupt:
             interrupts.ignore()
@@ -256,6 +258,7 @@ class Trainer:
             self._write_result("interrupted", None)
             raise
         finally:
+            bar.close()  # a run that stopped early too: a later job's bar would start a line lower
             interrupts.restore()
             self.profiler.close()
             self.tracker.finish()
@@ -434,13 +437,12 @@ class Trainer:
             checkpoint.save(self.checkpoint(val), checkpoint.step_path(self.run_dir, self.step))
             checkpoint.prune(self.run_dir, self.t.keep_last)
 
-    def _write_result(self, state: str, val: dict | None) -> None:
+    def _write_result(self, state: str, val: dict | None, error: str | None = None) -> None:
         """result.json: how the run ended, for `stage=report` (a run with none failed or is running)."""
         if self.main:
-            result = {"state": state, "step": self.step, "val": val, "tokens_per_s": self.tokens_per_s,
-                      "wall_s": round(time.perf_counter() - self.started, 1)}
-            with replacing(self.run_dir / RESULT) as tmp:
-                tmp.write_text(json.dumps(result, indent=2))
+            write_result(self.run_dir, {"state": state, "step": self.step, "val": val, "tokens_per_s": self.tokens_per_s,
+                                        "wall_s": round(time.perf_counter() - self.started, 1),
+                                        **({"error": error} if error else {})})
 
     def _save_on_interrupt(self) -> None:
         if not (self.main and self.step > 0):

@@ -108,7 +108,10 @@ def test_hydra_syntax_still_passes_the_key_check(tmp_path):
     proc = run_cli(tmp_path, "-m", f"hydra.sweep.dir={tmp_path}/sweep", "hydra/job_logging=disabled", "experiment=smoke",
                    "model=tiny,base", "model.n_layers=1", "trainer.lr=1e-3,3e-4", "++trainer.batch_size=4",
                    "~data.clean.min_chars", "generate.prompt=맛있는 집", "stage=bogus")
-    assert_one_line_error(proc, r"stage=bogus is not a stage")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "error: 4 of 4 jobs failed — #0 (model=tiny trainer.lr=0.001), #1 (model=tiny trainer.lr=0.0003), #2 (model=base "
+        "trainer.lr=0.001), #3 (model=base trainer.lr=0.0003): stage=bogus is not a stage — use one of: prepare, train, ")
     assert (tmp_path / "sweep").is_dir()
 
 
@@ -143,7 +146,8 @@ def test_installed_command_uses_its_packaged_config(tmp_path):
     assert build.returncode == 0, build.stderr
     (wheel,) = (tmp_path / "dist").glob("kr3-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert {"kr3/conf/config.yaml", "kr3/conf/hydra/help/kr3.yaml", "kr3/cli.py"} <= set(names)
+    assert {"kr3/conf/config.yaml", "kr3/conf/hydra/help/kr3.yaml", "kr3/cli.py", "hydra_plugins/kr3_sweepers/__init__.py",
+            "kr3/conf/hydra/sweeper/kr3.yaml"} <= set(names)
     assert not [n for n in names if n.startswith("conf/")]
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
@@ -160,6 +164,9 @@ def test_installed_command_uses_its_packaged_config(tmp_path):
     assert shown.returncode == 0 and all(f"  {stage} " in shown.stdout for stage in STAGES), shown.stderr
     assert_one_line_error(kr3("stage=prepare", "data=local"), r"data=local needs a file")
     assert (work / "outputs").is_dir() and {p.name for p in work.iterdir()} <= {"outputs", "data"}  # the current folder's
+    sweep = kr3("-m", "stage=prepare", "data=local", "data.path=a.csv,b.csv")  # kr3's sweeper, from the wheel
+    assert sweep.returncode == 1 and sweep.stderr.strip().splitlines()[-1].startswith("error: 2 of 2 jobs failed — "
+                                                                                       "#0 (data.path=a.csv): "), sweep.stderr
 
 
 def test_docker_image_is_lean_and_not_root():

@@ -1,10 +1,13 @@
 """What the machine does to a prepare or a write: a SIGKILL's leftovers, a full disk, two prepares at once."""
 
 import errno
+import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -107,3 +110,136 @@ def test_two_prepares_at_once_build_once(tmp_path, corpus_parquet, local_cfg):
     assert any("waiting" in log and "up to date" in log for log in logs)
     assert [p.name for p in out.parent.iterdir() if not p.name.startswith(".")] == [out.name]
     assert not leftovers(out.parent)
+
+
+def test_a_full_disk_while_training_is_one_line_and_tears_no_metrics_row(tmp_path, train_tiny, monkeypatch,
+                                                                          make_reviews):
+    """The disk fills in the middle of a metrics row (a short write, then ENOSPC): the row is cut back off, the run
+    stops with one line, and every row left reads."""
+    from kr3 import atomic
+
+    real, calls = os.write, []
+
+    def filling(fd, data):
+        calls.append(len(data))
+        if len(calls) == 7:
+            return real(fd, bytes(data[:10]))  # the disk had room for 10 bytes of the 7th row
+        if len(calls) > 7:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data)
+
+    monkeypatch.setattr(atomic.os, "write", filling)
+    with pytest.raises(UserError) as e:
+        train_tiny(tmp_path, make_reviews(1500, seed=1), "tokenizer.vocab_size=400", "trainer.max_steps=20")
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    assert str(e.value).startswith(f"no space left on the device of {metrics} — ") and "\n" not in str(e.value)
+    text = metrics.read_text()
+    assert text.endswith("\n") and [json.loads(line)["step"] for line in text.splitlines()] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_torn_metrics_line_is_cut_off_when_the_run_resumes(tmp_path, train_tiny, make_reviews, caplog):
+    rows = make_reviews(1500, seed=1)
+    run = train_tiny(tmp_path, rows, "tokenizer.vocab_size=400", "trainer.max_steps=4")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "train/lo')  # killed while writing step 5's row
+    train_tiny(tmp_path, rows, "tokenizer.vocab_size=400", "trainer.max_steps=6", "trainer.resume=auto")
+    assert "its last line is cut short" in caplog.text
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_full_disk_writing_token_files_is_one_line(local_cfg, monkeypatch):
+    """numpy's tofile says "N requested and 0 written" with no errno on a full disk: the token files are written
+    through Python's file object, whose OSError says ENOSPC. /dev/full plays the disk."""
+    cfg = local_cfg()
+    out = prepared.prepared_dir(cfg)
+
+    def full_disk(path, mode="r", *args, **kwargs):
+        return open("/dev/full", mode) if str(path).endswith(".bin") else open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(prepared, "open", full_disk, raising=False)
+    with pytest.raises(UserError, match=f"^no space left on the device of {re.escape(str(out.absolute()))} — "):
+        prepared.ensure(cfg)
+    assert not out.exists() and not leftovers(out.parent)
+
+
+def test_a_full_disk_in_the_datasets_cache_says_so_and_removes_what_it_cached(local_cfg, monkeypatch, tmp_path):
+    """datasets' DatasetGenerationError around pyarrow's ENOSPC read as a malformed file; now: a full disk, and the
+    cache this load began is gone."""
+    import datasets
+    from datasets.exceptions import DatasetGenerationError
+
+    cache = tmp_path / "cache"
+
+    def filling_cache(*args, cache_dir, **kwargs):
+        (Path(cache_dir) / "parquet" / "default-1").mkdir(parents=True)
+        (Path(cache_dir) / "parquet" / "default-1" / "half.arrow").write_bytes(b"\0" * 100)
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as e:
+            raise DatasetGenerationError("An error occurred while generating the dataset") from e
+
+    monkeypatch.setattr(datasets, "load_dataset", filling_cache)
+    with pytest.raises(UserError) as e:
+        prepared.ensure(local_cfg(f"data.cache_dir={cache}"))
+    assert str(e.value).startswith(f"no space left on the device of {cache} (the datasets cache, data.cache_dir) — ")
+    assert not cache.exists()
+
+
+def test_a_full_disk_during_export_is_one_line(trained, monkeypatch, tmp_path):
+    pytest.importorskip("safetensors")
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from kr3 import export, load
+
+    def full(*args, **kwargs):  # what safetensors raises on a full disk: no errno, the words only
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space '
+                              'left on device" })')
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    out = tmp_path / "hf"
+    with pytest.raises(UserError, match=f"^no space left on the device of {re.escape(str(out))} — "):
+        export.save(load(trained[0], device="cpu", precision="fp32"), out)
+    assert os.listdir(tmp_path) == []
+
+
+# python -c FULL_DISK_FOR <part of a path> <kr3's arguments>: kr3 on a disk full where that part is in the path
+FULL_DISK_FOR = textwrap.dedent("""
+    import builtins, errno, io, os, sys
+    from kr3 import cli
+
+    real, where = io.open, sys.argv[1]
+
+    def full(file, *args, **kwargs):  # the disk is full where these files go
+        if where in str(file) and "w" in (args[0] if args else kwargs.get("mode", "r")):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+        return real(file, *args, **kwargs)
+
+    builtins.open = io.open = full
+    sys.argv = ["run.py", *sys.argv[2:]]
+    cli.main()
+""")
+
+
+@pytest.mark.parametrize("where, args", [
+    ("/.hydra/", ["stage=train"]),
+    ("multirun.yaml", ["-m", "stage=train", "trainer.lr=1e-3,3e-3"]),
+])
+def test_a_full_disk_for_the_run_folders_own_files_is_one_line(tmp_path, where, args):
+    """Hydra's .hydra/*.yaml (kr3 writes them now, each whole) and a sweep's multirun.yaml."""
+    proc = subprocess.run([sys.executable, "-c", FULL_DISK_FOR, where, *args, f"paths.root_dir={tmp_path}",
+                           "data=local", "data.path=unused.parquet"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: no space left on the device of "), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert not list(tmp_path.rglob("*.yaml"))
+
+
+def test_max_time_and_max_steps_together_are_refused_before_any_work(local_cfg):
+    from kr3.stages import train
+
+    cfg = local_cfg("stage=train", "experiment=cpu_15min", "trainer.max_steps=100")
+    with pytest.raises(UserError, match=r"^trainer.max_time=14m and trainer.max_steps=100 both set how long the run is "
+                                        r"— drop one \(trainer.max_time=null trains 100 steps\)$"):
+        train.run(cfg)
+    assert not prepared.prepared_dir(cfg).exists()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from kr3 import report
+from kr3 import report, tracking
 from kr3.config import ROOT, compose
 from kr3.errors import UserError
 from kr3.stages import report as report_stage
@@ -72,7 +73,7 @@ def test_report_stage_writes_tables_and_pictures(sweep, tmp_path):
 
 
 def test_report_errors(tmp_path):
-    with pytest.raises(UserError, match="no multirun under"):
+    with pytest.raises(UserError, match="no multirun of stage=train under"):
         report_stage.run(compose(["stage=report"], tmp_path))
     with pytest.raises(UserError, match="is not a folder"):
         report_stage.run(compose(["stage=report", f"report.dir={tmp_path / 'nope'}"], tmp_path))
@@ -81,22 +82,74 @@ def test_report_errors(tmp_path):
         report_stage.run(compose(["stage=report", f"report.dir={tmp_path / 'empty'}"], tmp_path))
 
 
-def test_a_real_sweep_then_its_report(tmp_path, make_reviews, write_parquet):
-    """`-m` over two learning rates, then stage=report: every row is what that job's result.json says."""
+def test_the_default_is_the_newest_multirun_folder_holding_training_runs(sweep, tmp_path):
+    """Newer than the sweep: a file (a report written into multirun/<date>/), a sweep that stopped before its first job
+    (only multirun.yaml) and a sweep of another stage; none is taken."""
+    (sweep.parent / "report.md").write_text("# an earlier report of the whole day")
+    (sweep.parent / "11-00-00").mkdir()
+    (sweep.parent / "11-00-00" / "multirun.yaml").write_text("hydra: {}")
+    evaluation = sweep.parent / "12-00-00" / "0"
+    fake_job(evaluation, ["checkpoint=x"], [], [])
+    (evaluation / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"stage": "evaluate"}))
+    assert report_stage.folder(None, tmp_path) == sweep
+
+
+def test_a_torn_last_metrics_line_is_left_out_with_a_warning(sweep, caplog):
+    """A disk filled or a run killed while a row was written: the rows before it are read; a bad line elsewhere is not
+    a torn write, and is one error."""
+    with open(sweep / "1" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 31, "train/lo')
+    df, _ = report.table(report.find_jobs(sweep), sweep)
+    assert df.iloc[0]["job"] == "1" and df.iloc[0]["steps"] == 30
+    assert "metrics.jsonl: its last line is cut short" in caplog.text
+    lines = (sweep / "0" / "metrics.jsonl").read_text().splitlines()
+    (sweep / "0" / "metrics.jsonl").write_text("\n".join([lines[0], "{oops", *lines[1:]]) + "\n")
+    with pytest.raises(UserError, match=r"metrics.jsonl: line 2 is not JSON — .*remove that line"):
+        report.table(report.find_jobs(sweep), sweep)
+
+
+def test_a_job_without_result_runs_only_while_its_process_lives(sweep):
+    """process.json names the job's process: a live one is running, a dead one (SIGKILL: no result.json) failed however
+    fresh its files; on another host the age of its files decides."""
+    job = sweep / "3"
+    os.utime(job / "metrics.jsonl")  # it logged just now
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": tracking.process_start(os.getpid())}
+    states = {}
+    for name, info in [("alive", me), ("dead", {**me, "pid": dead_pid()}), ("reused", {**me, "started": -1}),
+                       ("elsewhere", {**me, "host": "another-host"})]:
+        (job / "process.json").write_text(json.dumps(info))
+        states[name] = report.job_row(job, sweep)["state"]
+    assert states == {"alive": "running", "dead": "failed", "reused": "failed", "elsewhere": "running"}
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_real_sweep_with_a_failing_job_then_its_report(tmp_path, make_reviews, write_parquet):
+    """`-m … model.n_heads=2,3,4`: the job that cannot be built fails alone (its result.json says why), the others run,
+    the command ends with one line naming it; stage=report (the newest multirun by default) shows all three."""
     src = write_parquet(tmp_path / "kr3.parquet", make_reviews(1500, seed=4))
     common = [f"paths.root_dir={tmp_path}", "data=local", f"data.path={src}", "tokenizer.vocab_size=400",
               "experiment=smoke", "trainer.precision=fp32", "trainer.max_steps=6", "trainer.eval_interval=3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    sweep = subprocess.run([sys.executable, str(ROOT / "run.py"), "-m", "stage=train", *common, "trainer.lr=1e-3,3e-3"],
+    sweep = subprocess.run([sys.executable, str(ROOT / "run.py"), "-m", "stage=train", *common, "model.n_heads=2,3,4"],
                            capture_output=True, text=True, env=env, timeout=300)
-    assert sweep.returncode == 0, sweep.stderr
+    why = "model.d_model=64 is not divisible by model.n_heads=3 — pick n_heads from [1, 2, 4, 8, 16, 32]"
+    assert sweep.returncode == 1, sweep.stderr
+    assert sweep.stderr.strip().splitlines()[-1] == (f"error: 1 of 3 jobs failed — #1 (model.n_heads=3): {why} (each job's "
+                                                     "folder has its run.log and result.json)")
     done = subprocess.run([sys.executable, str(ROOT / "run.py"), "stage=report", f"paths.root_dir={tmp_path}"],
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     folder = next((tmp_path / "multirun").glob("*/*"))
-    csv = pd.read_csv(folder / "report.csv")
-    assert sorted(csv["trainer.lr"]) == [0.001, 0.003] and set(csv["state"]) == {"finished"}
-    for _, row in csv.iterrows():
+    csv = pd.read_csv(folder / "report.csv", keep_default_na=False)
+    assert list(csv["model.n_heads"]) == [2, 4, 3] or list(csv["model.n_heads"]) == [4, 2, 3]
+    assert list(csv["state"]) == ["finished", "finished", "failed"] and list(csv["error"]) == ["", "", why]
+    for _, row in csv.iloc[:2].iterrows():
         result = json.loads((folder / str(row["job"]) / "result.json").read_text())
-        assert row["val_bpc"] == pytest.approx(result["val"]["bpc"]) and row["steps"] == result["step"] == 6
-    assert csv["val_bpc"].is_monotonic_increasing and "★" in (folder / "report.md").read_text()
+        assert float(row["val_bpc"]) == pytest.approx(result["val"]["bpc"]) and row["steps"] == result["step"] == 6
+    assert json.loads((folder / "1" / "result.json").read_text()) == {"state": "failed", "error": why}
+    assert "★" in (folder / "report.md").read_text()

@@ -124,7 +124,10 @@ def test_finish_reason_length_when_max_tokens_runs_out(client):
 
 @pytest.mark.parametrize("body, param, words", [
     ({"temperature": -1}, "temperature", "greater than or equal to 0"),
-    ({"temperature": "hot"}, "temperature", "valid number"),
+    ({"temperature": "hot"}, "temperature", '"hot" is a string — send a number without quotes'),
+    ({"max_tokens": "5"}, "max_tokens", '"5" is a string — send an integer without quotes'),
+    ({"max_tokens": 5.5}, "max_tokens", "5.5 is not an integer"),
+    ({"stream": "true"}, "stream", '"true" is a string — send true or false without quotes'),
     ({"top_p": 1.5}, "top_p", "less than or equal to 1"),
     ({"max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
     ({"max_tokens": 100_000}, "max_tokens", "serve.max_tokens"),
@@ -157,6 +160,8 @@ def test_a_bad_request_gets_400_saying_what_is_wrong(client, body, param, words)
     ("/v1/completions", b'{"prompt": "a", "repetition_penalty": -Infinity}', "finite number"),
     ("/v1/completions", b'{"prompt": "\\ud800"}', "not valid Unicode text"),
     ("/v1/next_tokens", b'{"prompt": "a\\udc80b"}', "not valid Unicode text"),
+    ("/v1/completions", '{"prompt": "이 집"}'.encode("euc-kr"), "the body is not UTF-8 (invalid start byte at byte 12) — "
+                                                               "send JSON encoded as UTF-8"),
 ])
 def test_numbers_json_allows_and_text_it_cannot_hold_get_400(client, path, body, words):
     """JSON parsers take Infinity, 1e309 (inf) and lone surrogates (no UTF-8 for them): 400, not a failure inside."""

@@ -1,16 +1,18 @@
-"""Sweeps beyond `-m`: an Optuna search minimizing the final val bpc, and jobs through submitit (Slurm's path, run
-locally), each a 2-process DDP run."""
+"""Sweeps beyond `-m`: an Optuna search minimizing the final val bpc, its failed trials and its bad settings, and jobs
+through submitit (Slurm's path, run locally), each a 2-process DDP run."""
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 
-import pandas as pd
 import pytest
 import yaml
 
-from kr3.config import ROOT
+from kr3 import report
+from kr3.config import CONFIG_DIR, ROOT
 
 
 @pytest.fixture(scope="module")
@@ -18,25 +20,106 @@ def corpus(tmp_path_factory, make_reviews, write_parquet):
     return write_parquet(tmp_path_factory.mktemp("sweeps") / "kr3.parquet", make_reviews(1500, seed=5))
 
 
+def common(root, corpus) -> list[str]:
+    return [f"paths.root_dir={root}", "data=local", f"data.path={corpus}", "tokenizer.vocab_size=400",
+            "experiment=smoke", "trainer.precision=fp32", "trainer.max_steps=4", "trainer.eval_interval=0"]
+
+
+def command(*args) -> list[str]:
+    return [sys.executable, str(ROOT / "run.py"), *args]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+
+
 def run(root, corpus, *args, timeout=400):
-    common = [f"paths.root_dir={root}", "data=local", f"data.path={corpus}", "tokenizer.vocab_size=400",
-              "experiment=smoke", "trainer.precision=fp32", "trainer.max_steps=4", "trainer.eval_interval=0"]
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args, *common], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"})
+    return subprocess.run(command(*args, *common(root, corpus)), capture_output=True, text=True, timeout=timeout, env=ENV)
 
 
-def test_optuna_search_minimizes_the_final_bpc_and_reports(tmp_path, corpus):
-    proc = run(tmp_path, corpus, "-m", "stage=train", "hparams_search=optuna_bpc", "hydra.sweeper.n_trials=3")
+def readme_search_command() -> list[str]:
+    """The search-space example of README.md, as written there."""
+    line = next(line.strip() for line in (ROOT / "README.md").read_text().splitlines()
+                if line.strip().startswith("python run.py -m stage=train hparams_search=optuna_bpc '"))
+    return shlex.split(line)[2:]
+
+
+def test_optuna_search_as_the_readme_writes_it_minimizes_the_final_bpc(tmp_path, corpus):
+    """Its report's best row is the study's best."""
+    args = readme_search_command()
+    proc = run(tmp_path, corpus, *args, "hydra.sweeper.n_trials=3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     (sweep,) = (tmp_path / "multirun").glob("*/*")
     results = {job.name: json.loads((job / "result.json").read_text()) for job in sweep.glob("[0-9]")}
     assert sorted(results) == ["0", "1", "2"]
+    for job in results:  # the command line's space replaced the YAML's for these two keys
+        config = yaml.safe_load((sweep / job / ".hydra" / "config.yaml").read_text())
+        assert 1e-3 <= config["trainer"]["lr"] <= 3e-2 and config["model"]["n_layers"] in (2, 4)
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert best["best_value"] == pytest.approx(min(r["val"]["bpc"] for r in results.values()))
-    report = run(tmp_path, corpus, "stage=report", f"report.dir={sweep}")
-    assert report.returncode == 0, report.stderr[-3000:]
-    csv = pd.read_csv(sweep / "report.csv")
-    assert csv["val_bpc"].iloc[0] == pytest.approx(best["best_value"]) and "trainer.lr" in csv.columns
+    df, swept = report.table(report.find_jobs(sweep), sweep)
+    assert df["val_bpc"].iloc[0] == pytest.approx(best["best_value"]) and "trainer.lr" in swept
+
+
+def test_failed_and_diverged_trials_are_told_to_optuna_and_the_study_goes_on(tmp_path, corpus):
+    """A trial that cannot be built (3 heads of d_model 64) and one that diverges (lr 1e30) each fail alone; the study
+    runs its n_trials, its best is a finished trial, and the command ends with one line naming the failed ones."""
+    proc = run(tmp_path, corpus, "-m", "stage=train", "hparams_search=optuna_bpc", "hydra.sweeper.n_trials=4",
+               "trainer.lr=choice(1e30, 3e-3)", "model.n_heads=choice(3,2)", "trainer.grad_clip=0", "trainer.max_steps=6")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    (sweep,) = (tmp_path / "multirun").glob("*/*")
+    jobs = sorted(sweep.glob("[0-9]"))
+    assert [j.name for j in jobs] == ["0", "1", "2", "3"]
+    expected, failed = {}, []
+    for job in jobs:
+        config = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
+        result = json.loads((job / "result.json").read_text())
+        if config["model"]["n_heads"] == 3:
+            expected[job.name] = "failed"
+            assert "is not divisible by model.n_heads=3" in result["error"]
+        elif config["trainer"]["lr"] == 1e30:
+            expected[job.name] = "diverged"
+            assert result["error"].startswith("training diverged by step")
+        else:
+            expected[job.name] = "finished"
+        assert result["state"] == expected[job.name]
+        failed += [job.name] if expected[job.name] != "finished" else []
+    assert {"failed", "diverged", "finished"} <= set(expected.values())  # the seeded sampler tried all three
+    summary = proc.stderr.strip().splitlines()[-1]
+    assert summary.startswith(f"error: {len(failed)} of 4 jobs failed — #")
+    assert sorted(re.findall(r"#(\d) \(", summary)) == failed
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    finished = [json.loads((j / "result.json").read_text())["val"]["bpc"] for j in jobs if expected[j.name] == "finished"]
+    assert best["best_value"] == pytest.approx(min(finished))
+
+
+@pytest.fixture
+def copied_search_space():
+    """A copy of optuna_bpc.yaml in conf/hparams_search/ with a misspelt key, as a user's copy would have."""
+    path = CONFIG_DIR / "hparams_search" / "test_copied_space.yaml"
+    text = (CONFIG_DIR / "hparams_search" / "optuna_bpc.yaml").read_text()
+    path.write_text(text.replace("      trainer.lr: tag", "      trainer.lrr: tag"))
+    yield path.stem
+    path.unlink()
+
+
+def test_bad_search_settings_are_one_line_before_any_trial(tmp_path, corpus, copied_search_space):
+    cases = {
+        ("hydra.sweeper.n_trials=0",): "error: hydra.sweeper.n_trials=0 must be at least 1",
+        ("hydra.sweeper.n_trials=-1",): "error: hydra.sweeper.n_trials=-1 must be at least 1",
+        (f"hparams_search={copied_search_space}",): "error: hydra.sweeper.params: trainer.lrr is not a kr3 setting — "
+                                                    "did you mean trainer.lr or trainer.muon_lr or trainer.resume?",
+        ("hydra.sweeper.params.trainer.lr=tag(log, interval(1e-3, 3e-2))",):
+            "error: hydra.sweeper.params.trainer.lr cannot be set on the command line — give the search space as the "
+            "key's own sweep: 'trainer.lr=tag(log, interval(1e-3, 3e-2))' (hydra.sweeper.params is for a search-space "
+            "YAML file)",
+    }
+    procs = {args: subprocess.Popen(command("-m", "stage=train", "hparams_search=optuna_bpc", *common(tmp_path, corpus),
+                                            *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+             for args in cases}
+    for args, proc in procs.items():
+        _, err = proc.communicate(timeout=120)
+        assert (proc.returncode, err.strip()) == (2, cases[args]), args
+    assert not (tmp_path / "multirun").exists()
 
 
 def test_submitit_jobs_each_run_ddp_in_their_own_folder(tmp_path, corpus):

@@ -412,13 +412,15 @@ def test_ctrl_c_after_the_weights_diverged_saves_nothing(corpus, tmp_path, monke
 
 
 def test_a_diverged_job_of_a_sweep_fails_alone(corpus, tmp_path):
-    """One trial's divergence is that trial's failure (NaN to a search), not the end of the sweep."""
+    """One job's divergence is that job's failure, not the end of the sweep: the next runs, the last line names it."""
     proc = cli(["-m", *base(corpus, tmp_path), "stage=train", "trainer.max_steps=8", "trainer.eval_interval=0",
                 "trainer.log_interval=2", "trainer.grad_clip=0", "trainer.lr=1e6,1e-3", "trainer.embedding_lr=null"])
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 1, proc.stderr
     jobs = sorted((tmp_path / "multirun").glob("*/*/[0-9]"))
     states = [json.loads((j / "result.json").read_text())["state"] for j in jobs]
     assert states == ["diverged", "finished"] and "error: training diverged by step" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: 1 of 2 jobs failed — #0 (trainer.lr=1000000.0): training "
+                                                           "diverged by step")
 
 
 def test_resume_auto_takes_best_pt_when_no_step_checkpoint_is_left(corpus, tmp_path, caplog):

@@ -22,13 +22,15 @@ def run(cfg) -> Path:
 
 
 def folder(given: str | None, log_dir: Path) -> Path:
-    """report.dir, or the newest multirun under the project's multirun/."""
+    """report.dir, or the newest multirun folder under the project's multirun/ that holds training runs."""
     if given:
         path = Path(given).expanduser()
         if not path.is_dir():
             raise UserError(f"report.dir={given} is not a folder — give a multirun folder, a run folder or outputs/")
         return path.resolve()
-    sweeps = sorted((log_dir / "multirun").glob("*/*"))
-    if not sweeps:
-        raise UserError(f"no multirun under {log_dir / 'multirun'} — run a sweep (python run.py -m ...) or give report.dir=")
-    return sweeps[-1]
+    sweeps = sorted((p for p in (log_dir / "multirun").glob("*/*") if p.is_dir()), reverse=True)
+    newest = next((s for s in sweeps if report.find_jobs(s)), None)
+    if newest is None:
+        raise UserError(f"no multirun of stage=train under {log_dir / 'multirun'} — run a sweep (python run.py -m "
+                        "stage=train ...) or give report.dir=")
+    return newest
