@@ -88,6 +88,8 @@ def disk_full_as_user_error(path: str | Path):
     before the error reaches it: that is what lets the message say nothing was left."""
     try:
         yield
+    except UserError:
+        raise  # already one line (a disk that filled where an inner writer writes: its own path)
     except Exception as e:
         if not is_disk_full(e):
             raise
@@ -96,14 +98,14 @@ def disk_full_as_user_error(path: str | Path):
 
 
 def is_disk_full(e: BaseException | None) -> bool:
-    """A full disk or quota anywhere in an exception's chain: by errno, or by its words where a library drops the
-    errno (safetensors' SafetensorError, datasets' DatasetGenerationError around pyarrow's)."""
+    """A full disk or quota: the error, or one it was raised from (datasets' DatasetGenerationError from pyarrow's), by
+    errno, or by its words where a library drops the errno (safetensors' SafetensorError)."""
     while e is not None:
         if isinstance(e, OSError) and e.errno in DISK_FULL:
             return True
         if any(words in str(e) for words in ("No space left on device", "Disk quota exceeded", "StorageFull")):
             return True
-        e = e.__cause__ or e.__context__
+        e = e.__cause__
     return False
 
 

@@ -30,9 +30,10 @@ from kr3.config import (
     register_resolvers,
     within,
 )
-from kr3.errors import Diverged, UserError, check_values
+from kr3.errors import Diverged, UserError, check_values, first_line
 from kr3.tracking import write_result
 
+log = logging.getLogger(__name__)
 register_resolvers()  # here, not in main(): submitit's job processes import this module, then run a job
 
 # stage -> module whose run(cfg) does it; imported lazily so `stage=prepare` never imports torch
@@ -41,8 +42,8 @@ STAGES = {name: f"kr3.stages.{name}" for name in ("prepare", "train", "generate"
 
 
 class JobFailed(CompactHydraException):
-    """A job of a sweep stopped by a user error (already printed, and in its result.json): Hydra's sweepers see a
-    failed job, kr3's go on to the next (hydra_plugins/kr3_sweepers)."""
+    """A job of a sweep that failed (already printed, and in its result.json): Hydra's sweepers see a failed job, kr3's
+    go on to the next (hydra_plugins/kr3_sweepers)."""
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
@@ -58,7 +59,7 @@ def run_stage(cfg: DictConfig):
     except (ConfigAttributeError, ConfigKeyError) as e:
         removed = removed_by(e.full_key)
         if removed is None:
-            raise
+            crash(e)
         stop(f"{e.full_key} is read by stage={cfg.stage}, and ~{removed} removed it — give it a value (null where "
              "allowed) instead of removing it")
     except UserError as e:
@@ -66,6 +67,8 @@ def run_stage(cfg: DictConfig):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:
+        crash(e)
 
 
 def save_job_files(cfg: DictConfig) -> None:
@@ -80,8 +83,10 @@ def save_job_files(cfg: DictConfig) -> None:
 
 def stop(message: str, recorded: bool = False):
     """A user error ends this job: one line, exit status 2, and no run folder left if it did no work. In a sweep it is
-    the job's failure, not the sweep's: its result.json says why (unless the stage `recorded` it) and the sweep goes on."""
-    if HydraConfig.get().mode != RunMode.MULTIRUN:
+    the job's failure, not the sweep's: its result.json says why (unless the stage `recorded` it) and the sweep goes on
+    — except under torchrun, where every rank runs the sweep and a rank going on alone would pair its collectives
+    with another job's: there the first failed job ends the sweep."""
+    if not in_sweep() or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         discard_empty_run_folder()
         fail(message)
     print(f"error: {message}", file=sys.stderr)
@@ -89,6 +94,19 @@ def stop(message: str, recorded: bool = False):
         with suppress(UserError):  # a full disk: the sweep's summary still names the job
             write_result(Path(HydraConfig.get().runtime.output_dir), {"state": "failed", "error": message})
     raise JobFailed(message)
+
+
+def crash(e: Exception):
+    """A bug (no user error): its traceback, as ever. In a sweep, into the job's run.log too, and it is that job's
+    failure (see stop)."""
+    if not in_sweep():
+        raise e
+    log.exception("the job failed")
+    stop(f"{type(e).__name__}: {first_line(e)}")
+
+
+def in_sweep() -> bool:
+    return HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def removed_by(key: str) -> str | None:
@@ -178,6 +196,7 @@ def check_search_space(line: str) -> None:
     """`hydra.sweeper.params.trainer.lr=...` cannot work (Hydra sweeps none of its own keys, and params' keys hold
     dots): on the command line a key's sweep is its search space."""
     key, _, value = line.partition("=")
+    key = key.lstrip("+~")
     if key.startswith("hydra.sweeper.params."):
         own = key.removeprefix("hydra.sweeper.params.")
         raise UserError(f"{key} cannot be set on the command line — give the search space as the key's own sweep: "

@@ -86,7 +86,7 @@ def caching(cache_dir: str | None):
             with suppress(OSError):
                 cache.rmdir()
         raise UserError(f"no space left on the device of {cache} (the datasets cache, data.cache_dir) — free space "
-                        "(what this load had cached was removed) and run it again") from e
+                        "(what this load had written there was removed) and run it again") from e
 
 
 def source_files(path: Path) -> list[Path]:

@@ -7,6 +7,7 @@ import re
 import shlex
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import yaml
@@ -134,3 +135,55 @@ def test_submitit_jobs_each_run_ddp_in_their_own_folder(tmp_path, corpus):
         assert "cpu × 2 process(es)" in (job / "run.log").read_text()
         assert json.loads((job / "result.json").read_text())["state"] == "finished"
         assert len(list((job / "wandb").glob("offline-run-*"))) == 1  # its own W&B run, from rank 0 alone
+
+
+# python -c BUGGY_PREPARE <kr3's arguments>: stage=prepare with a bug for seed 2
+BUGGY_PREPARE = textwrap.dedent("""
+    import sys
+    from kr3 import cli
+    from kr3.stages import prepare
+
+    def run(cfg):
+        if cfg.seed == 2:
+            raise RuntimeError("a bug in the stage")
+        return 0
+
+    prepare.run = run
+    sys.argv = ["run.py", *sys.argv[1:]]
+    cli.main()
+""")
+
+
+def test_a_bug_in_one_job_is_that_jobs_failure_with_its_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", BUGGY_PREPARE, "-m", "stage=prepare", "seed=1,2,3",
+                           f"paths.root_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=ENV)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == ("error: 1 of 3 jobs failed — #1 (seed=2): RuntimeError: a bug in the "
+                                                    "stage (each job's folder has its run.log and result.json)")
+    (sweep,) = (tmp_path / "multirun").glob("*/*")
+    job = sweep / "1"
+    assert json.loads((job / "result.json").read_text()) == {"state": "failed", "error": "RuntimeError: a bug in the stage"}
+    log = (job / "run.log").read_text()
+    assert "the job failed\nTraceback (most recent call last):" in log and log.endswith("RuntimeError: a bug in the stage\n")
+    assert not (sweep / "0" / "result.json").exists() and not (sweep / "2" / "result.json").exists()
+
+
+def test_a_search_space_over_a_config_group_is_no_unknown_key():
+    from hydra_plugins.kr3_sweepers import check_space
+    from kr3.config import compose
+
+    config = compose(["hparams_search=optuna_bpc"])
+    check_space({"experiment": "choice(smoke, cpu_15min)", "model.n_layers": "choice(2, 4)"}, config)
+    with pytest.raises(SystemExit) as e:
+        check_space({"model.n_layer": "choice(2, 4)"}, config)
+    assert e.value.code == 2
+
+
+def test_under_torchrun_the_first_failed_job_ends_the_sweep(tmp_path):
+    """Every rank runs the sweep: a rank going on alone past a failed job would pair its collectives with another
+    job's, so there the sweep stops (torchrun stops the other ranks)."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "run.py"), "-m", "stage=prepare", "data=local", "data.path=a.csv,b.csv",
+                           f"paths.root_dir={tmp_path}"], capture_output=True, text=True, timeout=180, env=ENV)
+    assert proc.returncode != 0
+    assert "error: data.path=a.csv does not exist — check the path" in proc.stderr and "b.csv" not in proc.stderr

@@ -109,13 +109,15 @@ def study_or_summary(impl, failed: FailedJobs, arguments: list[str]) -> None:
 
 def check_space(params, config) -> None:
     """The search space's keys (hydra.sweeper.params, from a YAML file or the command) are kr3 settings."""
-    from kr3.config import check_key, config_keys, override_key
+    from kr3.config import CONFIG_DIR, check_key, config_keys, override_key
     from kr3.errors import UserError
 
     task = OmegaConf.to_container(config, resolve=False)
     task.pop("hydra", None)
     known = config_keys(task)
     for key in (params or {}):
+        if (CONFIG_DIR / override_key(str(key))).is_dir():
+            continue  # a config group (`experiment: choice(smoke, cpu_15min)`): Hydra checks its options
         try:
             check_key(override_key(str(key)), False, known)
         except UserError as e:
