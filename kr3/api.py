@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from kr3 import checkpoint as kckpt
-from kr3 import hardware
+from kr3 import hardware, pretrained
 from kr3.config import ROOT, default_block
 from kr3.errors import UserError, check_values
 from kr3.prepared import rating_controls
@@ -82,9 +82,16 @@ class Model:
         return f"kr3.Model({self.describe()})"
 
     def describe(self) -> str:
-        """What is loaded, in one line: the file, its step, the model's size, where and in what it runs."""
+        """What is loaded, in one line: the file, its step, the model's size, where and in what it runs, and the
+        pretrained model it was fine-tuned from."""
+        base = pretrained.describe(self.base)
         return (f"checkpoint {self.path}: step {self.checkpoint.step}, {self.model.num_params() / 1e6:.2f}M parameters, "
-                f"{self.device}, {str(self.dtype).replace('torch.', '')}")
+                f"{self.device}, {str(self.dtype).replace('torch.', '')}" + (f"; fine-tuned from {base}" if base else ""))
+
+    @property
+    def base(self) -> dict | None:
+        """The pretrained model the weights started from (name_or_path, folder, sha256 per file, license), or None."""
+        return self.checkpoint.base
 
     def complete(self, prompt: str, **options: Unpack[Options]) -> str | list[str]:
         """The completion of `prompt` (the text after it), or a list of `num_samples` of them when that is above 1."""

@@ -43,6 +43,7 @@ class Checkpoint:
     best_val_tokens: int | None = None  # the val tokens best_val_loss was measured on
     wandb_run_id: str | None = None
     torch_version: str = ""
+    base: dict | None = None  # the pretrained model it started from: name_or_path, folder, sha256 per file, license
 
     def to_dict(self) -> dict:
         return {"format_version": FORMAT_VERSION, **{f.name: getattr(self, f.name) for f in fields(self)}}

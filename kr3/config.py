@@ -117,8 +117,24 @@ def check_key(key: str, added: bool, known: set[str]):
         raise UserError(f"{key} is already in the config — set it without the +: {key}=...")
     if key in known:
         return
+    if option := option_holding(key):
+        raise UserError(f"{key} is a setting of {option} — add {option} to the command")
     leaf = key.rsplit(".", 1)[-1]
     same_depth = [k for k in known if k.count(".") == key.count(".")]  # `trainer.lrr`: not the section `trainer`
     near = [k for k in sorted(known) if k.rsplit(".", 1)[-1] == leaf] + difflib.get_close_matches(key, same_depth, n=3)
     hint = f"did you mean {' or '.join(list(dict.fromkeys(near))[:3])}?" if near else "--cfg job prints every key"
     raise UserError(f"{key} is not a kr3 setting — {hint}")
+
+
+def option_holding(key: str) -> str | None:
+    """`model=pretrained` for `model.name_or_path`: the option of the key's config group whose file sets it."""
+    group, _, rest = key.partition(".")
+    if not rest or not (CONFIG_DIR / group).is_dir():
+        return None
+    for path in sorted((CONFIG_DIR / group).glob("*.yaml")):
+        if OmegaConf.select(OmegaConf.load(path), rest, default=_ABSENT) is not _ABSENT:
+            return f"{group}={path.stem}"
+    return None
+
+
+_ABSENT = object()

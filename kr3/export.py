@@ -9,12 +9,10 @@ import importlib.util
 import json
 import shutil
 from collections.abc import Mapping
-from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
+from kr3 import gpt2
 from kr3.api import Model
 from kr3.atomic import replacing_folder
 from kr3.config import as_list
@@ -26,11 +24,6 @@ if TYPE_CHECKING:
 
 KR3_HUB_ID = "leey4n/KR3"
 KR3_LICENSE = "cc-by-nc-sa-4.0"  # KR3's licence, which a model trained on it carries
-LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which kr3's model uses
-# GPTConfig fields GPT-2's config expresses (bias=false as zero biases: exactly what no bias computes). A later
-# field missing here refuses the export when it is off its default, naming itself.
-EXPRESSED = ("vocab_size", "n_layers", "n_heads", "d_model", "d_ffn", "block_size", "dropout", "bias")
-SWITCHES = {"controls": ("rating_embedding", "true", "false")}  # GPTConfig fields set by a model.* switch: its name, on, off
 SPM_TYPES = {"normal": 1, "unknown": 2, "control": 3, "user_defined": 4, "byte": 6}  # SentencePiece's piece types
 
 
@@ -47,7 +40,7 @@ def save(m: Model, out: Path, license: str | None = None) -> Path:
     decoding defaults), the tokenizer files and a README.md model card; into a temp folder renamed at the end, which
     replaces a previous export there. `license` (a Hub licence id) overrides the card's: KR3's when trained on it."""
     require_hf()
-    config = gpt2_config(m.model.cfg, m.tokenizer.eos_id)
+    config = gpt2.to_config(m.model.cfg, m.tokenizer.eos_id)
     check_export_dir(Path(out))
     with replacing_folder(out) as tmp:
         write_model(m.model, config, tmp)
@@ -57,49 +50,12 @@ def save(m: Model, out: Path, license: str | None = None) -> Path:
     return Path(out)
 
 
-def gpt2_config(cfg: GPTConfig, eos_id: int) -> dict:
-    """transformers' GPT2Config for kr3's shape; a field GPT-2 cannot express is one line naming model.<field>."""
-    for f in fields(GPTConfig):
-        if f.name not in EXPRESSED and getattr(cfg, f.name) != f.default:
-            key, on, off = SWITCHES.get(f.name, (f.name, getattr(cfg, f.name), f.default))
-            raise UserError(f"model.{key}={on} has no GPT-2 equivalent, so this checkpoint cannot be exported to "
-                            f"transformers — export one trained with model.{key}={off}")
-    return {"architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size,
-            "n_embd": cfg.d_model, "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": cfg.d_ffn,
-            "activation_function": "gelu_new", "layer_norm_epsilon": LAYER_NORM_EPS, "resid_pdrop": cfg.dropout,
-            "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout, "tie_word_embeddings": True,
-            "bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id}
-
-
-def gpt2_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """kr3's weights under GPT-2's names, fp32: Linear weights transposed into Conv1D's (in, out) layout, and zero
-    biases where kr3 has none (model.bias=false). lm_head is left out: transformers ties it to wte."""
-    state = {"transformer.wte.weight": model.tok_emb.weight, "transformer.wpe.weight": model.pos_emb.weight,
-             **_layer_norm("transformer.ln_f", model.ln_f)}
-    for i, block in enumerate(model.blocks):
-        name = f"transformer.h.{i}"
-        state |= {**_layer_norm(f"{name}.ln_1", block.ln1), **_conv1d(f"{name}.attn.c_attn", block.attn.qkv),
-                  **_conv1d(f"{name}.attn.c_proj", block.attn.proj), **_layer_norm(f"{name}.ln_2", block.ln2),
-                  **_conv1d(f"{name}.mlp.c_fc", block.mlp.fc), **_conv1d(f"{name}.mlp.c_proj", block.mlp.proj)}
-    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
-
-
-def _conv1d(name: str, linear: torch.nn.Linear) -> dict:
-    bias = linear.bias if linear.bias is not None else torch.zeros(linear.out_features)
-    return {f"{name}.weight": linear.weight.t(), f"{name}.bias": bias}
-
-
-def _layer_norm(name: str, norm: torch.nn.LayerNorm) -> dict:
-    bias = norm.bias if norm.bias is not None else torch.zeros_like(norm.weight)
-    return {f"{name}.weight": norm.weight, f"{name}.bias": bias}
-
-
 def write_model(model: GPT, config: dict, out: Path) -> None:
     from safetensors.torch import save_file
     from transformers import GPT2Config
 
     GPT2Config(**config).save_pretrained(out)
-    save_file(gpt2_state_dict(model), out / "model.safetensors", metadata={"format": "pt"})
+    save_file(gpt2.to_state_dict(model), out / "model.safetensors", metadata={"format": "pt"})
     shutil.copymode(out / "config.json", out / "model.safetensors")  # safetensors writes 0600; readable as the rest
 
 
@@ -224,15 +180,31 @@ def model_card(m: Model, license: str | None = None) -> str:
     c, cfg = m.checkpoint, m.model.cfg
     data = c.config["data"]
     kr3 = trained_on_kr3(data)
-    license = license or (KR3_LICENSE if kr3 else "other")
+    license = license or card_license(kr3, c.base)
+    hub_base = [f"base_model: {c.base['name_or_path']}"] if c.base and is_hub_id(c.base["name_or_path"]) else []
     front = ["---", "language: ko", f"license: {license}", "library_name: transformers", "pipeline_tag: text-generation",
-             "tags: [kr3, gpt2, korean, reviews]", *([f"datasets: [{KR3_HUB_ID}]"] if kr3 else []), "---", ""]
+             "tags: [kr3, gpt2, korean, reviews]", *([f"datasets: [{KR3_HUB_ID}]"] if kr3 else []), *hub_base, "---", ""]
+    how = f"fine-tuned from {c.base['name_or_path']}" if c.base else "trained"
     return "\n".join([*front, f"# kr3 GPT: Korean restaurant reviews ({m.model.num_params() / 1e6:.1f}M parameters)", "",
-                      "A GPT-2 architecture language model (GPT2LMHeadModel) trained with kr3 to complete Korean "
+                      f"A GPT-2 architecture language model (GPT2LMHeadModel) {how} with kr3 to complete Korean "
                       "restaurant reviews, exported from its checkpoint with `kr3 stage=export`: transformers computes "
                       "the logits kr3 does and the tokenizer gives kr3's token ids.", "",
-                      *_card_data(c, data, m.tokenizer), *_card_model(cfg, m.tokenizer), *_card_eval(c), *_card_training(c, cfg),
-                      *_card_usage(), *_card_license(license, kr3)])
+                      *_card_data(c, data, m.tokenizer), *_card_model(cfg, m.tokenizer), *_card_base(c.base),
+                      *_card_eval(c), *_card_training(c, cfg), *_card_usage(), *_card_license(license, kr3, c.base)])
+
+
+def card_license(kr3: bool, base: dict | None) -> str:
+    """The card's licence id: KR3's for a model trained on it, the base model's for one fine-tuned from it; one id
+    when they agree, else `other` (the Licence section names each)."""
+    ids = {KR3_LICENSE} if kr3 else set()
+    if base and base.get("license"):
+        ids.add(base["license"])
+    return ids.pop() if len(ids) == 1 else "other"
+
+
+def is_hub_id(name: str) -> bool:
+    """`org/name`, as the Hub names a repository (not a local path)."""
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
 
 
 def _card_data(c, data: Mapping, tok: Tokenizer) -> list[str]:
@@ -250,6 +222,16 @@ def _card_model(cfg: GPTConfig, tok: Tokenizer) -> list[str]:
             f"context {cfg.block_size} tokens; a {tok.kind} tokenizer of {tok.vocab_size:,} tokens. Learned positions, "
             "pre-LayerNorm, tanh-GELU MLP, tied embeddings" + ("" if cfg.bias else "; kr3's model.bias=false is "
             "exported as zero biases, which compute exactly what no bias does") + ".", ""]
+
+
+def _card_base(base: dict | None) -> list[str]:
+    if not base:
+        return []
+    name = base["name_or_path"]
+    shown = f"[{name}](https://huggingface.co/{name})" if is_hub_id(name) else f"`{name}`"
+    digests = ", ".join(f"`{file}` sha256 `{digest}`" for file, digest in base["sha256"].items())
+    return ["## Base model", "", f"Fine-tuned from {shown}: its weights ({digests}) were the starting point, and its "
+            "tokenizer is this model's.", ""]
 
 
 def _card_eval(c) -> list[str]:
@@ -282,10 +264,14 @@ def _card_usage() -> list[str]:
             "stops there.", ""]
 
 
-def _card_license(license: str, kr3: bool) -> list[str]:
+def _card_license(license: str, kr3: bool, base: dict | None) -> list[str]:
     if kr3:
         text = ("Trained on KR3, which is licensed CC BY-NC-SA 4.0 (https://creativecommons.org/licenses/by-nc-sa/4.0/): "
                 "so is this model — attribution, non-commercial use only, share-alike.")
     else:
         text = "The licence of the training data applies." if license == "other" else f"Licensed `{license}`."
+    if base:
+        terms = f"`{base['license']}`" if base.get("license") else "under the terms of its own model card (it states none here)"
+        text += (f" Fine-tuned from {base['name_or_path']}, licensed {terms}: its licence applies to this model as well "
+                 "as the data's.")
     return ["## Licence", "", text, ""]

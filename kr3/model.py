@@ -30,6 +30,7 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True
     controls: tuple[int, ...] = ()  # rating control token ids: the latest one's embedding joins every later position
+    norm_eps: float = 1e-5  # LayerNorm's epsilon (torch's default; a pretrained model brings its own)
 
     @classmethod
     def from_cfg(cls, model_cfg, vocab_size: int, controls: tuple[int, ...] = ()) -> GPTConfig:
@@ -107,9 +108,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.ln1 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
         self.attn = SelfAttention(cfg)
-        self.ln2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.ln2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
     def forward(self, x, cache=None, layer=0):
@@ -173,7 +174,7 @@ class GPT(nn.Module):
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.head.weight = self.tok_emb.weight  # tied
         # a buffer, so it moves with the model: no host-to-device copy in the training step

@@ -111,7 +111,7 @@ def check(cfg, path: Path, ckpt: Checkpoint, run_dir: Path, meta: dict) -> Resum
             "— leave the data and tokenizer settings out (resuming takes the checkpoint's) or give those it was trained with"
         )
     ignored = [f"model.{k}={cfg.model[k]} (checkpoint: {v})" for k, v in ckpt.model_config.items()
-               if k in cfg.model and cfg.model[k] != v]
+               if k in cfg.model and cfg.model[k] is not None and cfg.model[k] != v]  # null: the model's own
     if ignored and distributed.is_main():
         log.warning(f"resuming keeps the checkpoint's model; ignored: {', '.join(ignored)}")
     return Resumed(path, ckpt, in_place=checkpoint.run_folder(path.resolve()) == Path(run_dir).resolve())

@@ -379,9 +379,14 @@ class Server:
         d = self.m.defaults
         return {"id": self.name, "object": "model", "created": int(self.m.path.stat().st_mtime), "owned_by": "kr3",
                 "kr3": {"ratings": self.m.ratings, "context_length": self.m.model.cfg.block_size,
-                        "step": self.m.checkpoint.step, "limits": asdict(self.limits),
+                        "step": self.m.checkpoint.step, "limits": asdict(self.limits), "base_model": base_model(self.m),
                         "defaults": {"max_tokens": min(d["max_new_tokens"], self.limits.max_tokens),
                                      "temperature": d["temperature"], "top_p": d["top_p"], "guidance": d["guidance"]}}}
+
+
+def base_model(m: Model) -> dict | None:
+    """The pretrained model `m` was fine-tuned from, as the API shows it (not the folder it was read from)."""
+    return {k: m.base[k] for k in ("name_or_path", "sha256", "license")} if m.base else None
 
 
 def app(m: Model, limits: Limits | None = None, api_key: str | None = None, name: str = "kr3") -> FastAPI:

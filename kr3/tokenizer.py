@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kr3 import hub
 from kr3.errors import UserError, first_line, lookup
 
 log = logging.getLogger(__name__)
@@ -236,32 +237,13 @@ class PretrainedTokenizer(Tokenizer):
 
     @classmethod
     def _named(cls, cfg, cache_dir: str | None) -> PretrainedTokenizer:
-        name_or_path = str(cfg.name_or_path)
-        path = Path(name_or_path).expanduser()
-        if path.is_dir():
-            if not (path / "tokenizer.json").exists():
-                raise UserError(
-                    f"tokenizer.name_or_path={path} has no tokenizer.json — point it at a folder saved by "
-                    "Hugging Face (tokenizer.save_pretrained) or at a Hub id such as skt/kogpt2-base-v2"
-                )
-            return cls(path)
-        if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
-            raise UserError(f"tokenizer.name_or_path={name_or_path} is not a folder with tokenizer.json — check the path")
-        return cls(_download(name_or_path, cache_dir))
-
-
-def _download(repo_id: str, cache_dir: str | None) -> Path:
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(
-            snapshot_download(repo_id, allow_patterns=list(PretrainedTokenizer.FILES), cache_dir=cache_dir)
-        )
-    except Exception as e:  # offline, unknown repo, gated repo: all user-fixable
-        raise UserError(
-            f"could not download tokenizer {repo_id} from the Hugging Face Hub ({first_line(e)}) — "
-            "download it where the Hub is reachable and set tokenizer.name_or_path=/path/to/folder"
-        ) from None
+        folder = hub.locate(cfg.name_or_path, list(cls.FILES), "tokenizer.name_or_path", "tokenizer", cache_dir)
+        if not (folder / "tokenizer.json").exists():
+            raise UserError(
+                f"tokenizer.name_or_path={folder} has no tokenizer.json — point it at a folder saved by "
+                "Hugging Face (tokenizer.save_pretrained) or at a Hub id such as skt/kogpt2-base-v2"
+            )
+        return cls(folder)
 
 
 # tokenizer.kind -> class; a new kind is a Tokenizer subclass with tag/build/load, added here

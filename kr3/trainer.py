@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from kr3 import checkpoint, classify, distributed, hardware, resume, sampling, scoring
+from kr3 import checkpoint, classify, distributed, hardware, pretrained, resume, sampling, scoring
 from kr3 import tokenizer as ktok
 from kr3.batches import Batches
 from kr3.checkpoint import Checkpoint
@@ -169,13 +169,14 @@ class Interrupts:
 
 class Trainer:
     def __init__(self, cfg, model, opt, data: PreparedData, batches: Batches, total: int, device, dtype,
-                 resumed: resume.Resumed | None, run_dir: Path, command: str):
-        """`command`: how this run was started, for the line that says how to continue it."""
+                 resumed: resume.Resumed | None, run_dir: Path, command: str, base: dict | None = None):
+        """`command`: how this run was started, for the line that says how to continue it; `base`: the pretrained
+        model the weights started from (kr3.pretrained.provenance), kept in every checkpoint."""
         self.cfg, self.t = cfg, cfg.trainer
         self.model, self.opt, self.data, self.batches = model, opt, data, batches
         self.total, self.device, self.dtype, self.run_dir = total, device, dtype, Path(run_dir)
         self.main = distributed.is_main()
-        self.command = command
+        self.command, self.base = command, base
         self.step = resumed.step if resumed else 0
         self.val_tokens = data.tokens("val")
         self.share_n, self.final_n = eval_sizes(self.t, len(self.val_tokens), model.cfg.block_size)
@@ -218,6 +219,7 @@ class Trainer:
         return table([
             ("data", f"{self.data.dir} ({meta['splits']['train']['tokens']:,} train tokens)"),
             ("model", f"{m.num_params() / 1e6:.2f}M parameters, {m.cfg.n_layers} layers, d_model {m.cfg.d_model}"),
+            *([("from", pretrained.describe(self.base))] if self.base else []),
             ("device", f"{self.device} × {distributed.world_size()} process(es){' (DDP)' if self.ddp else ''}, "
                        f"{str(self.dtype).replace('torch.', '')}"
                        f"{', compiled' if self.t.compile else ''}, {torch.get_num_threads()} threads"),
@@ -468,5 +470,5 @@ class Trainer:
             tokenizer={"dir": str(self.data.tokenizer_dir), "spec": meta["tokenizer"],
                        "files": ktok.to_files(self.data.tokenizer_dir)},
             config=OmegaConf.to_container(self.cfg, resolve=True), wandb_run_id=self.tracker.run_id,
-            torch_version=str(torch.__version__),
+            torch_version=str(torch.__version__), base=self.base,
         )

@@ -50,7 +50,7 @@ def test_bad_group_override_lists_options(tmp_path):
     proc = run_cli(tmp_path, "data=nope")
     assert_one_line_error(proc, r"^error: data=nope is not an option of data/ — use one of: kr3, local$")
     proc = run_cli(tmp_path, "-m", "model=tiny,huge")  # each option of a sweep too
-    assert_one_line_error(proc, r"^error: model=huge is not an option of model/ — use one of: base, small, tiny$")
+    assert_one_line_error(proc, r"^error: model=huge is not an option of model/ — use one of: base, pretrained, small, tiny$")
     assert not (tmp_path / "multirun").exists()
 
 
@@ -68,6 +68,8 @@ def test_unknown_key_hints(tmp_path):
     proc = run_cli(tmp_path, "experiment=smoke", "model.n_layer=2")
     assert_one_line_error(proc, r"model\.n_layer is not a kr3 setting — did you mean model\.n_layers")
     assert_one_line_error(run_cli(tmp_path, "zzz=1"), r"zzz is not a kr3 setting — --cfg job prints every key$")
+    assert_one_line_error(run_cli(tmp_path, "model.name_or_path=skt/kogpt2-base-v2"),
+                          r"model\.name_or_path is a setting of model=pretrained — add model=pretrained to the command$")
     assert_one_line_error(run_cli(tmp_path, "+trainer.lr=1"), r"trainer\.lr is already in the config — set it without the \+")
 
 
@@ -122,10 +124,11 @@ def test_help_lists_stages_groups_and_examples(tmp_path):
     stages = out.split("== Stages")[1].split("==")[1]
     assert [line.split()[0] for line in stages.strip().splitlines()] == list(STAGES)
     groups = out.split("== Config groups")[1].split("== Examples ==")[0]
-    assert "model: base, small, tiny" in groups and "experiment: cpu_15min, cpu_15min_rating, original, smoke" in groups
+    assert "model: base, pretrained, small, tiny" in groups
+    assert "experiment: cpu_15min, cpu_15min_rating, finetune, original, smoke" in groups
     assert "sweep" not in groups  # sweeps/wandb.yaml is a W&B file, not a Hydra group
     examples = out.split("== Examples ==")[1].strip().split("\n\n")[0].splitlines()
-    assert len(examples) == 6 and all(e.strip().startswith("kr3 ") for e in examples)
+    assert len(examples) == 7 and all(e.strip().startswith("kr3 ") for e in examples)
     assert 'eval "$(kr3 -sc install=bash)"' in out
 
 

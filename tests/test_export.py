@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from kr3 import export
+from kr3 import export, gpt2
 from kr3.config import ROOT
 from kr3.errors import UserError
 from kr3.model import GPT, GPTConfig
@@ -125,8 +125,8 @@ def test_bias_false_is_exported_as_zero_biases_exactly():
     cfg = GPTConfig(vocab_size=300, n_layers=2, n_heads=2, d_model=32, d_ffn=64, block_size=16, bias=False)
     torch.manual_seed(0)
     model = GPT(cfg).eval()
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**export.gpt2_config(cfg, eos_id=2))).eval()
-    state = export.gpt2_state_dict(model)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**gpt2.to_config(cfg, eos_id=2))).eval()
+    state = gpt2.to_state_dict(model)
     assert all(not v.any() for k, v in state.items() if k.endswith(".bias"))
     missing, unexpected = hf.load_state_dict(state, strict=False)
     assert set(missing) <= {"lm_head.weight"} and not unexpected  # tied to wte
@@ -136,17 +136,17 @@ def test_bias_false_is_exported_as_zero_biases_exactly():
 
 
 def test_an_option_gpt2_cannot_express_is_one_line(monkeypatch):
-    monkeypatch.setattr(export, "EXPRESSED", tuple(f for f in export.EXPRESSED if f != "bias"))  # as a later field
+    monkeypatch.setattr(gpt2, "EXPRESSED", tuple(f for f in gpt2.EXPRESSED if f != "bias"))  # as a later field
     cfg = GPTConfig(vocab_size=300, n_layers=1, n_heads=1, d_model=8, d_ffn=8, block_size=8, bias=False)
     with pytest.raises(UserError, match="model.bias=False has no GPT-2 equivalent, so this checkpoint cannot be exported"):
-        export.gpt2_config(cfg, 2)
+        gpt2.to_config(cfg, 2)
 
 
 def test_a_model_given_its_rating_at_every_token_is_not_exported():
     cfg = GPTConfig(vocab_size=300, n_layers=1, n_heads=1, d_model=8, d_ffn=8, block_size=8, controls=(3, 4, 5))
     with pytest.raises(UserError, match="model.rating_embedding=true has no GPT-2 equivalent.*"
                                         "export one trained with model.rating_embedding=false"):
-        export.gpt2_config(cfg, 2)
+        gpt2.to_config(cfg, 2)
 
 
 def test_without_transformers_it_says_what_to_install(monkeypatch):

@@ -26,6 +26,7 @@ def run(cfg) -> dict:
     check_values("evaluate", e, {"batch_size": ("int", 1, None, False), "max_tokens": ("int", 1, None, True)})
     hardware.setup(e.device, e.precision)
     m = api.load(cfg.checkpoint, e.device, e.precision, cfg.paths.log_dir)
+    log.info(m.describe())
     options = {"max_tokens": e.max_tokens, "batch_size": e.batch_size, "show_progress": True}
     if cfg.data.source == "local":
         texts, source = file_texts(cfg, m.checkpoint)
@@ -35,7 +36,8 @@ def run(cfg) -> dict:
         source = str(path)
         scores = m.score_tokens(tokens, chars, **options) | classify.rating_scores(m, tokens[: e.max_tokens or None],
                                                                                    e.batch_size)
-    result = {"checkpoint": str(m.path.resolve()), "step": m.checkpoint.step, "source": source, **scores}
+    result = {"checkpoint": str(m.path.resolve()), "step": m.checkpoint.step, "source": source,
+              **({"base_model": m.base["name_or_path"]} if m.base else {}), **scores}
     with replacing(Path(cfg.paths.output_dir) / "eval.json") as tmp:
         tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False))
     log.info("\n" + table([(k, shown(v)) for k, v in result.items()], "evaluate"))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from kr3 import checkpoint, distributed, hardware, optim, prepared, resume
+from kr3 import checkpoint, distributed, hardware, optim, prepared, pretrained, resume
 from kr3.batches import Batches
 from kr3.config import override_key
 from kr3.model import GPT, GPTConfig
@@ -27,16 +27,16 @@ def run(cfg) -> dict:
     dev, dtype = hardware.setup(t.device, t.precision, t.threads)
     cfg, found = resume.start(cfg, run_dir, command_overrides())
     check_rating_loss(t, cfg.data)
-    with distributed.main_first():  # rank 0 prepares (or reuses) the data, the others wait
+    # rank 0 finds (downloads) a pretrained model and prepares (or reuses) the data, the others wait
+    with distributed.main_first():
+        weights = pretrained.find(cfg.model.name_or_path, cfg.data.cache_dir) if pretrained.named(cfg.model) \
+            and not found else None
         data = prepared.PreparedData(prepared.ensure(cfg) if main else prepared.prepared_dir(cfg))
     resumed = resume.check(cfg, *found, run_dir, data.meta) if found else None
-    mcfg = GPTConfig(**resumed.ckpt.model_config) if resumed else \
-        GPTConfig.from_cfg(cfg.model, data.meta["vocab_size"], tuple(data.controls.values()))
-
-    torch.manual_seed(cfg.seed)
-    model = GPT(mcfg).to(dev)
+    model, base = build_model(cfg, data, resumed, weights)
+    model.to(dev)
     opt = optim.build(model, t, dev)
-    batches = Batches(data.dir / data.split("train")["file"], data.meta["dtype"], mcfg.block_size, t.batch_size,
+    batches = Batches(data.dir / data.split("train")["file"], data.meta["dtype"], model.cfg.block_size, t.batch_size,
                       t.grad_accum, cfg.seed)
     batches.check_one_step()
     total = total_steps(t, batches, resumed)
@@ -50,7 +50,20 @@ def run(cfg) -> dict:
             resume.warn_changes(resumed, total, batches.per_step)
     if main:
         checkpoint.remove_temps(run_dir)
-    return Trainer(cfg, model, opt, data, batches, total, dev, dtype, resumed, run_dir, command_line()).fit()
+    return Trainer(cfg, model, opt, data, batches, total, dev, dtype, resumed, run_dir, command_line(), base).fit()
+
+
+def build_model(cfg, data: prepared.PreparedData, resumed: resume.Resumed | None,
+                weights: Path | None) -> tuple[GPT, dict | None]:
+    """(the model, the pretrained model it starts from, if any): on resume the checkpoint's shape (its weights are put
+    back later), with model=pretrained the weights in folder `weights`, else random weights drawn from `seed`."""
+    torch.manual_seed(cfg.seed)
+    if resumed:
+        return GPT(GPTConfig(**resumed.ckpt.model_config)), resumed.ckpt.base
+    controls = tuple(data.controls.values())
+    if weights:
+        return pretrained.load(cfg.model, weights, data.tokenizer, data.meta["vocab_size"], controls)
+    return GPT(GPTConfig.from_cfg(cfg.model, data.meta["vocab_size"], controls)), None
 
 
 def command_line() -> str:
