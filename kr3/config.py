@@ -117,8 +117,11 @@ def check_key(key: str, added: bool, known: set[str]):
         raise UserError(f"{key} is already in the config — set it without the +: {key}=...")
     if key in known:
         return
-    if option := option_holding(key):
-        raise UserError(f"{key} is a setting of {option} — add {option} to the command")
+    if options := options_holding(key):
+        group = key.split(".", 1)[0]
+        listed = " and ".join([", ".join(options[:-1]), options[-1]] if len(options) > 1 else options)
+        raise UserError(f"{key} is not a setting of the {group} chosen here — {listed} "
+                        f"{'has' if len(options) == 1 else 'have'} it")
     leaf = key.rsplit(".", 1)[-1]
     same_depth = [k for k in known if k.count(".") == key.count(".")]  # `trainer.lrr`: not the section `trainer`
     near = [k for k in sorted(known) if k.rsplit(".", 1)[-1] == leaf] + difflib.get_close_matches(key, same_depth, n=3)
@@ -126,15 +129,20 @@ def check_key(key: str, added: bool, known: set[str]):
     raise UserError(f"{key} is not a kr3 setting — {hint}")
 
 
-def option_holding(key: str) -> str | None:
-    """`model=pretrained` for `model.name_or_path`: the option of the key's config group whose file sets it."""
+def options_holding(key: str) -> list[str]:
+    """`model=pretrained` for `model.name_or_path`: the options of the key's config group whose files set it (those
+    packaged under the group; `defaults` is Hydra's list, no setting)."""
     group, _, rest = key.partition(".")
-    if not rest or not (CONFIG_DIR / group).is_dir():
-        return None
+    if not rest or rest.split(".")[0] == "defaults" or not (CONFIG_DIR / group).is_dir():
+        return []
+    found = []
     for path in sorted((CONFIG_DIR / group).glob("*.yaml")):
-        if OmegaConf.select(OmegaConf.load(path), rest, default=_ABSENT) is not _ABSENT:
-            return f"{group}={path.stem}"
-    return None
+        if "@package" in path.read_text().split("\n", 1)[0]:
+            continue  # `# @package _global_`: its keys are not under the group
+        node = OmegaConf.select(OmegaConf.load(path), rest, default=_ABSENT, throw_on_resolution_failure=False)
+        if node is not _ABSENT:
+            found.append(f"{group}={path.stem}")
+    return found
 
 
 _ABSENT = object()

@@ -181,7 +181,7 @@ def model_card(m: Model, license: str | None = None) -> str:
     data = c.config["data"]
     kr3 = trained_on_kr3(data)
     license = license or card_license(kr3, c.base)
-    hub_base = [f"base_model: {c.base['name_or_path']}"] if c.base and is_hub_id(c.base["name_or_path"]) else []
+    hub_base = [f"base_model: {c.base['name_or_path']}"] if c.base and c.base.get("hub") else []
     front = ["---", "language: ko", f"license: {license}", "library_name: transformers", "pipeline_tag: text-generation",
              "tags: [kr3, gpt2, korean, reviews]", *([f"datasets: [{KR3_HUB_ID}]"] if kr3 else []), *hub_base, "---", ""]
     how = f"fine-tuned from {c.base['name_or_path']}" if c.base else "trained"
@@ -202,9 +202,6 @@ def card_license(kr3: bool, base: dict | None) -> str:
     return ids.pop() if len(ids) == 1 else "other"
 
 
-def is_hub_id(name: str) -> bool:
-    """`org/name`, as the Hub names a repository (not a local path)."""
-    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
 
 
 def _card_data(c, data: Mapping, tok: Tokenizer) -> list[str]:
@@ -228,7 +225,7 @@ def _card_base(base: dict | None) -> list[str]:
     if not base:
         return []
     name = base["name_or_path"]
-    shown = f"[{name}](https://huggingface.co/{name})" if is_hub_id(name) else f"`{name}`"
+    shown = f"[{name}](https://huggingface.co/{name})" if base.get("hub") else f"`{name}`"
     digests = ", ".join(f"`{file}` sha256 `{digest}`" for file, digest in base["sha256"].items())
     return ["## Base model", "", f"Fine-tuned from {shown}: its weights ({digests}) were the starting point, and its "
             "tokenizer is this model's.", ""]

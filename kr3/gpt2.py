@@ -19,9 +19,12 @@ TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")  # GPT-2's activation, as kr3's ML
 # a GPT-2 config's settings whose other values compute something kr3's GPT does not: (key, the value kr3 computes)
 SAME_AS_KR3 = (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False), ("reorder_and_upcast_attn", False),
                ("add_cross_attention", False))
-# transformers' GPT2Config defaults, for a config.json that leaves a value out
+# transformers' GPT2Config defaults, for a config.json that leaves a value out, and the other names it takes
 GPT2_DEFAULTS = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12, "n_inner": None,
                  "activation_function": "gelu_new", "resid_pdrop": 0.1, "layer_norm_epsilon": 1e-5}
+ALIASES = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head",
+           "max_position_embeddings": "n_positions", "n_ctx": "n_positions"}
+GPT2_ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")
 # keys a GPT-2 file may hold that are no weights of kr3's: causal-mask buffers, and lm_head (tied to wte)
 NOT_WEIGHTS = (".attn.bias", ".attn.masked_bias", "lm_head.weight")
 
@@ -45,12 +48,13 @@ def from_config(config: dict, where: str) -> dict:
     dropout — and `positions`, how many it learned; another architecture, or GPT-2 computing something kr3 does not,
     is one line."""
     kind, archs = config.get("model_type"), config.get("architectures") or []
-    if kind != "gpt2":
-        raise UserError(f"{where} is a {kind or 'model of unknown type'} model ({', '.join(archs) or 'no architectures'}) "
-                        "— model=pretrained reads GPT-2-family checkpoints (model_type gpt2, GPT2LMHeadModel), such as "
-                        "skt/kogpt2-base-v2 or skt/ko-gpt-trinity-1.2B-v0.5; GPT-NeoX, Llama and GPT-J are other "
-                        "architectures")
-    config = {**GPT2_DEFAULTS, **config}
+    old_gpt2 = kind is None and archs and set(archs) <= set(GPT2_ARCHITECTURES)  # written before configs named their type
+    if kind != "gpt2" and not old_gpt2:
+        what = f"a {kind} model" if kind else "a model of no model_type"
+        raise UserError(f"{where} is {what} ({', '.join(archs) or 'no architectures'}) — model=pretrained reads "
+                        "GPT-2-family checkpoints (model_type gpt2, GPT2LMHeadModel), such as skt/kogpt2-base-v2 or "
+                        "skt/ko-gpt-trinity-1.2B-v0.5; GPT-NeoX, Llama and GPT-J are other architectures")
+    config = {**GPT2_DEFAULTS, **{ALIASES.get(k, k): v for k, v in config.items() if ALIASES.get(k) not in config}}
     activation = config["activation_function"]
     if activation not in TANH_GELU:
         raise UserError(f"{where} uses activation_function={activation}; kr3's GPT computes GPT-2's tanh GELU "
@@ -89,11 +93,12 @@ def to_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
 
 
-def from_state_dict(tensors: dict[str, torch.Tensor], cfg: GPTConfig, where: str) -> dict[str, torch.Tensor]:
+def from_state_dict(tensors: dict[str, torch.Tensor], cfg: GPTConfig, where: str,
+                    fresh: tuple[int, ...] = ()) -> dict[str, torch.Tensor]:
     """A GPT-2 checkpoint's weights as kr3's state_dict for `cfg`: Conv1D weights transposed back, the first
-    `block_size` positions, and the token table grown to `cfg.vocab_size` (new rows, such as rating control tokens,
-    start as the mean embedding: a token the model reads as an average one). GPT2Model's files (no `transformer.`
-    prefix) read too; a weight kr3 has no place for, or a missing one, is one line."""
+    `block_size` positions, and the token table grown to `cfg.vocab_size`, its new rows and those of the `fresh` ids
+    (rating control tokens) starting as the mean embedding. GPT2Model's files (no `transformer.` prefix) read too; a
+    weight kr3 has no place for, or a missing one, is one line."""
     tensors = {k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}": v for k, v in tensors.items()}
     names = layout(cfg.n_layers)
     missing = [theirs for theirs, _, _ in names if theirs not in tensors]
@@ -104,8 +109,11 @@ def from_state_dict(tensors: dict[str, torch.Tensor], cfg: GPTConfig, where: str
                         "give a GPT2LMHeadModel checkpoint")
     check_tied(tensors, where)
     state = {ours: (tensors[theirs].t() if conv else tensors[theirs]).float() for theirs, ours, conv in names}
+    if len(state["pos_emb.weight"]) < cfg.block_size:
+        raise UserError(f"model.block_size={cfg.block_size} is longer than the {len(state['pos_emb.weight'])} positions "
+                        f"{where} holds — use model.block_size={len(state['pos_emb.weight'])} or less")
     state["pos_emb.weight"] = state["pos_emb.weight"][: cfg.block_size]
-    state["tok_emb.weight"] = grown(state["tok_emb.weight"], cfg.vocab_size)
+    state["tok_emb.weight"] = with_rows(state["tok_emb.weight"], cfg.vocab_size, fresh)
     state["head.weight"] = state["tok_emb.weight"]  # tied, as GPT-2's lm_head is to wte
     return {k: v.contiguous() for k, v in state.items()}
 
@@ -117,7 +125,10 @@ def check_tied(tensors: dict[str, torch.Tensor], where: str) -> None:
                         "ties them, as GPT-2 does")
 
 
-def grown(table: torch.Tensor, rows: int) -> torch.Tensor:
-    """`table` with rows appended up to `rows`, each the mean of the existing ones."""
-    extra = rows - len(table)
-    return torch.cat([table, table.mean(0, keepdim=True).expand(extra, -1)]) if extra > 0 else table
+def with_rows(table: torch.Tensor, rows: int, fresh: tuple[int, ...]) -> torch.Tensor:
+    """`table` grown to `rows`, the new rows and those of the `fresh` ids (tokens the model never saw: rating controls,
+    which may take a model's spare rows) each the mean of the rows below them — a token read as an average one."""
+    first = min([*fresh, len(table)])
+    grown = torch.cat([table, table.new_empty(max(0, rows - len(table)), table.shape[1])])
+    grown[[*fresh, *range(len(table), rows)]] = table[:first].mean(0)
+    return grown

@@ -38,7 +38,11 @@ def load(model_cfg, folder: Path, tokenizer, vocab_size: int, controls: tuple[in
     cfg = gpt_config(gpt2.from_config(config, str(folder / "config.json")), model_cfg, vocab_size, controls)
     files = weight_files(folder)
     model = GPT(cfg)
-    model.load_state_dict(gpt2.from_state_dict(read_tensors(files), cfg, str(folder)))
+    try:
+        model.load_state_dict(gpt2.from_state_dict(read_tensors(files), cfg, str(folder), tuple(controls)))
+    except RuntimeError as e:  # shapes that do not match config.json
+        raise UserError(f"{folder}'s weights do not have the shapes its config.json gives ({first_line(e)}) — "
+                        "download the model again") from None
     return model, provenance(name, folder, files)
 
 
@@ -141,10 +145,11 @@ def read_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def provenance(name: str, folder: Path, files: list[Path]) -> dict:
-    """Where the weights came from: as named, the folder they were read from, each file's sha256, and the licence
-    its model card (README.md) declares."""
-    return {"name_or_path": name, "folder": str(folder), "sha256": {f.name: sha256(f) for f in files},
-            "license": card_license(folder / "README.md")}
+    """Where the weights came from: as named, the folder they were read from, whether from the Hub (and which commit's
+    snapshot), each file's sha256, and the licence its model card (README.md) declares."""
+    from_hub = not Path(name).expanduser().is_dir()
+    return {"name_or_path": name, "folder": str(folder), "hub": from_hub, "revision": folder.name if from_hub else None,
+            "sha256": {f.name: sha256(f) for f in files}, "license": card_license(folder / "README.md")}
 
 
 def sha256(path: Path) -> str:

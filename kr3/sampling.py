@@ -131,7 +131,10 @@ class Completer:
         self.model, self.tok, self.g = model, tokenizer, g
         self.stops = as_list(g.stop)
         self.clean_cfg = clean_cfg
-        self.banned = banned or []  # ids never sampled nor offered as a next token (the control tokens)
+        self.banned = banned or []  # the control tokens
+        # ids never sampled nor offered as a next token: the control tokens, and rows past the tokenizer's vocabulary
+        # (a pretrained model's spare rows: no token decodes from them)
+        self.never = [*self.banned, *range(tokenizer.vocab_size, model.cfg.vocab_size)]
         others = [c for c in self.banned if c != control] if g.guidance != 1 else []
         self.heads = [[]] if control is None else [[tokenizer.eos_id, c] for c in (control, *others)]
 
@@ -152,7 +155,7 @@ class Completer:
         prefix = self.tok.decode(ids)
         text, shown, new, first = "", "", [], None
         for token in sample_tokens(self.model, ids, g.max_new_tokens, self.tok.eos_id, g.temperature, g.top_k, g.top_p,
-                               g.repetition_penalty, generator, self.banned, self.heads, g.guidance):
+                               g.repetition_penalty, generator, self.never, self.heads, g.guidance):
             new.append(token)
             first = first or time.perf_counter() - start
             decoded = self.tok.decode(ids + new)[len(prefix) :]  # decode with the prompt: keeps the joining space
@@ -184,7 +187,7 @@ class Completer:
         with torch.no_grad():
             rows = [[*h, *ids] or [self.tok.eos_id] for h in self.heads]
             logits = next_logits(self.model, rows, self.g.guidance)
-        logits[self.banned] = -float("inf")
+        logits[self.never] = -float("inf")
         probs = torch.softmax(logits, -1)
         top = torch.topk(probs, min(k, probs.numel()))
         prefix = self.tok.decode(ids)  # once, not per candidate

@@ -69,7 +69,11 @@ def test_unknown_key_hints(tmp_path):
     assert_one_line_error(proc, r"model\.n_layer is not a kr3 setting — did you mean model\.n_layers")
     assert_one_line_error(run_cli(tmp_path, "zzz=1"), r"zzz is not a kr3 setting — --cfg job prints every key$")
     assert_one_line_error(run_cli(tmp_path, "model.name_or_path=skt/kogpt2-base-v2"),
-                          r"model\.name_or_path is a setting of model=pretrained — add model=pretrained to the command$")
+                          r"model\.name_or_path is not a setting of the model chosen here — model=pretrained has it$")
+    assert_one_line_error(run_cli(tmp_path, "experiment=finetune", "model.n_layers=4"),
+                          r"model\.n_layers is not a setting of the model chosen here — model=base, model=small and "
+                          r"model=tiny have it$")
+    assert_one_line_error(run_cli(tmp_path, "experiment.trainer.lr=1"), r"experiment\.trainer\.lr is not a kr3 setting")
     assert_one_line_error(run_cli(tmp_path, "+trainer.lr=1"), r"trainer\.lr is already in the config — set it without the \+")
 
 

@@ -95,8 +95,8 @@ def test_the_import_computes_transformers_logits(base):
         assert (model(ids) - hf(ids).logits).abs().max() < 1e-4
     assert model.cfg.dropout == 0.1 and model.cfg.block_size == 32 and model.cfg.vocab_size == hf.config.vocab_size
     digest = hashlib.sha256((base / "model.safetensors").read_bytes()).hexdigest()
-    assert provenance == {"name_or_path": str(base), "folder": str(base), "sha256": {"model.safetensors": digest},
-                          "license": "cc-by-nc-sa-4.0"}
+    assert provenance == {"name_or_path": str(base), "folder": str(base), "hub": False, "revision": None,
+                          "sha256": {"model.safetensors": digest}, "license": "cc-by-nc-sa-4.0"}
 
 
 @pytest.fixture(scope="module")
@@ -131,14 +131,18 @@ def test_greedy_completions_are_transformers_and_export_gives_them_back(unchange
     assert f"Fine-tuned from {base}, licensed `cc-by-nc-sa-4.0`: its licence applies to this model as well" in card
 
 
-def test_the_card_names_a_hub_base_and_both_licences():
-    from kr3 import export
+def test_the_card_names_a_hub_base_and_both_licences(unchanged):
+    from kr3 import export, load
+
+    m = load(unchanged[1], device="cpu", precision="fp32")
+    m.checkpoint.base = {**m.base, "name_or_path": "someone/tiny-gpt2", "hub": True, "revision": "0123abcd"}
+    card = export.model_card(m)
+    assert "\nbase_model: someone/tiny-gpt2\n" in card and "Fine-tuned from [someone/tiny-gpt2](https://huggingface.co/" in card
 
     kr3_license = export.KR3_LICENSE
     assert export.card_license(True, {"license": kr3_license}) == kr3_license  # KoGPT2's licence is KR3's
     assert export.card_license(True, {"license": "mit"}) == "other" and export.card_license(False, {"license": "mit"}) == "mit"
     assert export.card_license(True, None) == kr3_license and export.card_license(False, {"license": None}) == "other"
-    assert export.is_hub_id("skt/kogpt2-base-v2") and not export.is_hub_id("/models/kogpt2")
 
 
 def test_evaluate_and_the_server_name_the_base(unchanged, base, tmp_path):
@@ -208,14 +212,14 @@ def test_rating_control_tokens_become_new_rows_that_train(corpus, base, tmp_path
     model, _ = imported(base, tok.vocab_size + 3, controls=(tok.vocab_size, tok.vocab_size + 1, tok.vocab_size + 2))
     table = model.tok_emb.weight.detach()
     rows = transformers.GPT2LMHeadModel.from_pretrained(base).transformer.wte.weight.detach()
-    assert len(table) == len(rows) and torch.equal(table[: len(rows)], rows)  # the 8 spare rows hold the 3 controls
+    controls = [tok.vocab_size, tok.vocab_size + 1, tok.vocab_size + 2]
+    assert len(table) == len(rows) and torch.equal(table[: tok.vocab_size], rows[: tok.vocab_size])  # spare rows held them
+    assert torch.allclose(table[controls], rows[: tok.vocab_size].mean(0).expand(3, -1))  # a token read as an average one
     _, run = train(corpus, tmp_path, base, "data.condition=rating", "trainer.max_steps=6", "trainer.lr=3e-3",
                    "trainer.eval_interval=0")
     ckpt = checkpoint.load(checkpoint.step_path(run, 6))
-    controls = [int(i) for i in ckpt.data["condition"]["controls"].values()]
-    assert controls == [tok.vocab_size, tok.vocab_size + 1, tok.vocab_size + 2]
-    trained = ckpt.model["tok_emb.weight"]
-    assert not torch.allclose(trained[controls], rows[controls])
+    assert [int(i) for i in ckpt.data["condition"]["controls"].values()] == controls
+    assert not torch.allclose(ckpt.model["tok_emb.weight"][controls], table[controls])  # they trained
 
 
 def test_without_spare_rows_the_controls_are_appended_as_the_mean_embedding(base, tmp_path):
@@ -324,6 +328,7 @@ def test_a_hub_id_reads_the_hub_cache(base, tmp_path, monkeypatch):
     folder = pretrained.find(cfg.name_or_path, str(tmp_path / "cache"))
     model, provenance = pretrained.load(cfg, folder, PretrainedTokenizer(base), PretrainedTokenizer(base).vocab_size, ())
     assert provenance["name_or_path"] == "someone/tiny-gpt2" and provenance["folder"].endswith("0123abcd")
+    assert provenance["hub"] and provenance["revision"] == "0123abcd"
     with pytest.raises(UserError, match=r"could not download model someone/other from the Hugging Face Hub .* set "
                                         r"model.name_or_path=/path/to/folder"):
         pretrained.find("someone/other", str(tmp_path / "cache"))
@@ -339,3 +344,38 @@ def test_kogpt2s_real_tokenizer(kogpt2, corpus, tmp_path):
     assert np.isfinite(val["loss"])
     meta = json.loads((next((tmp_path / "data").glob("local-*")) / "meta.json").read_text())
     assert meta["tokenizer"]["kind"] == "pretrained" and meta["vocab_size"] == PretrainedTokenizer(kogpt2).vocab_size
+
+
+def test_rows_without_a_token_are_never_sampled_nor_offered(unchanged):
+    """The fixture's model has 8 rows past its tokenizer's vocabulary (as a padded pretrained table does)."""
+    from types import SimpleNamespace
+
+    from kr3 import load, sampling
+
+    m = load(unchanged[1], device="cpu", precision="fp32")
+    vocab = m.tokenizer.vocab_size
+    assert m.model.cfg.vocab_size == vocab + 8
+    top = m.next_tokens(PROMPT, k=m.model.cfg.vocab_size)
+    assert all(p == 0 for _, p in top[vocab:]) and all(p > 0 for _, p in top[:vocab])
+    completer = sampling.Completer(m.model, m.tokenizer, SimpleNamespace(**m.defaults), m.clean)
+    ids = list(sampling.sample_tokens(m.model, m.tokenizer.encode(PROMPT), 300, eos_id=-1, temperature=3.0,
+                                      generator=torch.Generator().manual_seed(0), banned=completer.never))
+    assert len(ids) == 300 and max(ids) < vocab
+
+
+def test_configs_of_older_transformers_read_the_same(base, tmp_path):
+    """No model_type (before configs named it), GPT2Config's other names (hidden_size, n_ctx, …); weights of
+    other shapes than config.json's are one line."""
+    reference, _ = imported(base)
+    config = json.loads((base / "config.json").read_text())
+    renamed = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head", "n_ctx": "n_positions"}
+    old = {k: v for k, v in config.items() if k not in ("model_type", *renamed.values())}
+    old |= {alias: config[name] for alias, name in renamed.items()}
+    folder = tmp_path / "old"
+    shutil.copytree(base, folder)
+    (folder / "config.json").write_text(json.dumps(old))
+    model, _ = imported(folder)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+    (folder / "config.json").write_text(json.dumps({**config, "n_embd": 48, "n_head": 2}))
+    with pytest.raises(UserError, match=r"old's weights do not have the shapes its config.json gives \(.*\) — download"):
+        imported(folder)
