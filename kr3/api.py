@@ -22,10 +22,11 @@ import torch
 from kr3 import checkpoint as kckpt
 from kr3 import hardware, pretrained
 from kr3.config import ROOT, default_block
-from kr3.errors import UserError, check_values
+from kr3.errors import UserError
 from kr3.prepared import rating_controls
 from kr3.sampling import DECODING, Completer, check_decoding, cleaned, decoding, rating_control
 from kr3.scoring import metrics, token_loss
+from kr3.settings import check_range
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -158,7 +159,7 @@ class Model:
                      show_progress: bool = False) -> dict:
         """score() of a token stream (reviews each followed by the end-of-review token) holding `chars` characters:
         {tokens, loss, ppl, bpc}, the first `max_tokens` scored."""
-        check_values("score", {"max_tokens": max_tokens}, {"max_tokens": ("int", 1, None, True)})
+        check_range("score.max_tokens", max_tokens, "int | None", low=1)
         scored = tokens[: int(max_tokens)] if max_tokens else tokens
         nats, n = token_loss(self.model, scored, self.tokenizer.eos_id, self.model.cfg.block_size, batch_size,
                              self.device, self.dtype, show_progress=show_progress)

@@ -16,25 +16,21 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue
+from omegaconf.errors import MissingMandatoryValue
 
 from kr3.atomic import replacing
 from kr3.config import (
     BESIDE_CHECKPOINT,
     CONFIG_DIR,
-    check_key,
-    compose,
-    config_keys,
     override_key,
     quote_free_text,
-    register_resolvers,
-    within,
+    register,
 )
-from kr3.errors import Diverged, UserError, check_values, first_line
+from kr3.errors import Diverged, UserError, first_line
 from kr3.tracking import write_result
 
 log = logging.getLogger(__name__)
-register_resolvers()  # here, not in main(): submitit's job processes import this module, then run a job
+register()  # here, not in main(): submitit's job processes import this module, then run a job
 
 # stage -> module whose run(cfg) does it; imported lazily so `stage=prepare` never imports torch
 JOB_FILES = ".hydra"  # a run folder's copy of its config, Hydra's config and its overrides (save_job_files)
@@ -52,16 +48,9 @@ def run_stage(cfg: DictConfig):
         save_job_files(cfg)
         if cfg.stage not in STAGES:
             raise UserError(f"stage={cfg.stage} is not a stage — use one of: {', '.join(STAGES)}")
-        check_values("", cfg, {"seed": ("int", 0, 2**63 - 1, False)})
         return objective(importlib.import_module(STAGES[cfg.stage]).run(cfg))
     except MissingMandatoryValue as e:
         stop(f"{e.full_key} is required — add {e.full_key}=... to the command")
-    except (ConfigAttributeError, ConfigKeyError) as e:
-        removed = removed_by(e.full_key)
-        if removed is None:
-            crash(e)
-        stop(f"{e.full_key} is read by stage={cfg.stage}, and ~{removed} removed it — give it a value (null where "
-             "allowed) instead of removing it")
     except UserError as e:
         stop(str(e), recorded=isinstance(e, Diverged))  # the trainer wrote a diverged run's result.json
     except KeyboardInterrupt:
@@ -109,15 +98,6 @@ def in_sweep() -> bool:
     return HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def removed_by(key: str) -> str | None:
-    """The `~key` override of this command that removed `key` (or a section holding it), if any."""
-    for override in HydraConfig.get().overrides.task:
-        removed = override_key(override)
-        if override.startswith("~") and within(key, removed):
-            return removed
-    return None
-
-
 def objective(result):
     """What a sweeper minimizes: a stage's final val bits per character when it has one (train, evaluate)."""
     return result["bpc"] if isinstance(result, dict) and "bpc" in result else result
@@ -148,7 +128,9 @@ def main():
     logging.raiseExceptions = False  # a run.log on a full disk: the console still shows each line, without tracebacks
     sys.argv = quote_free_text(sys.argv)
     try:
-        check_overrides(sys.argv[1:])
+        from kr3 import overrides
+
+        overrides.check(sys.argv[1:])
     except UserError as e:
         fail(str(e))
     if {"WORLD_SIZE", "TORCHELASTIC_RUN_ID"} & os.environ.keys():  # perhaps under torchrun: join before Hydra
@@ -157,104 +139,3 @@ def main():
         distributed.init()
         atexit.register(distributed.teardown)
     run_stage()
-
-
-def check_overrides(argv: list[str]):
-    """Hydra runs `+trainer.lrr=1` with the typo ignored (and suggests that `+` for `trainer.lrr=1`), and answers
-    `model=huge` in several lines. kr3 reads no key that conf/ lacks, so both are typos: one line naming the known
-    ones. A value of another kind than its default (`model.n_layers=abc`) and bad syntax are one line too. Hydra's
-    own keys and runs that bring their own config (-cn, -cd, ...) are left to Hydra."""
-    from hydra._internal.utils import get_args_parser
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import OverrideParseException
-
-    args = get_args_parser().parse_args(argv)  # Hydra's own parser: flags that take a value read as Hydra reads them
-    if any((args.help, args.hydra_help, args.shell_completion, args.info, args.experimental_rerun,
-            args.config_path, args.config_name, args.config_dir)):
-        return
-    parser, overrides = OverridesParser.create(), []
-    for line in args.overrides:
-        try:
-            parsed = parser.parse_overrides([line])
-        except OverrideParseException as e:
-            reason = "; ".join(x for x in str(e).splitlines() if not x.startswith(("Error parsing", "See ")))
-            raise UserError(f"cannot read the override {line!r} ({reason}) — write key=value; quote a value with "
-                            "spaces or brackets for Hydra and the shell: \"key='[a b'\"") from None
-        check_search_space(line)
-        overrides += [o for o in parsed if not o.is_hydra_override()]
-    groups = {o.key_or_group: group_choices(o) for o in overrides if (CONFIG_DIR / o.key_or_group).is_dir()}
-    keys = [o for o in overrides if o.key_or_group not in groups]
-    defaults = composed(groups) if keys else None
-    if defaults:  # None: the config does not compose, and Hydra will say why
-        known = config_keys(OmegaConf.to_container(defaults))
-        for o in keys:
-            check_key(o.key_or_group, o.is_add(), known)
-            check_kind(o, defaults)
-
-
-def check_search_space(line: str) -> None:
-    """`hydra.sweeper.params.trainer.lr=...` cannot work (Hydra sweeps none of its own keys, and params' keys hold
-    dots): on the command line a key's sweep is its search space."""
-    key, _, value = line.partition("=")
-    key = key.lstrip("+~")
-    if key.startswith("hydra.sweeper.params."):
-        own = key.removeprefix("hydra.sweeper.params.")
-        raise UserError(f"{key} cannot be set on the command line — give the search space as the key's own sweep: "
-                        f"'{own}={value}' (hydra.sweeper.params is for a search-space YAML file)")
-
-
-def group_choices(override) -> list[str]:
-    """The group overrides this one stands for (one per option of a sweep `model=tiny,base`), options checked."""
-    from hydra.core.override_parser.types import ValueType
-
-    listed = (ValueType.ELEMENT, ValueType.CHOICE_SWEEP, ValueType.SIMPLE_CHOICE_SWEEP)
-    if override.is_delete() or override.value_type not in listed or override.value() is None:
-        return [override.input_line]  # a deletion, `=null`, or a glob/range sweep: Hydra knows what they mean
-    group = override.key_or_group
-    values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.get_value_element_as_str()]
-    options = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
-    for value in values:
-        if value not in options:
-            raise UserError(f"{group}={value} is not an option of {group}/ — use one of: {', '.join(options)}")
-    return [f"{override.get_key_element()}={value}" for value in values]
-
-
-def composed(groups: dict[str, list[str]]) -> DictConfig | None:
-    """The config these group choices compose; for a sweep over a group (`model=tiny,base`), every
-    option's merged into it (the first option's values win). None when it does not compose: Hydra will say why."""
-    from hydra.errors import HydraException
-
-    first = {group: choices[0] for group, choices in groups.items()}
-    variants = [first, *({**first, group: c} for group, choices in groups.items() for c in choices[1:])]
-    try:
-        trees = [OmegaConf.create(OmegaConf.to_container(compose(list(v.values())))) for v in variants]
-    except (HydraException, ValueError):  # ValueError: Hydra's own, for `experiment=null`
-        return None
-    return OmegaConf.merge(*reversed(trees))
-
-
-def check_kind(override, defaults: DictConfig) -> None:
-    """`model.n_layers=abc` or `data.clean.nfc=maybe` would fail deep in a stage, or pass unseen: a value (each of a
-    sweep) must be of its default's kind — a flag, a number, a list (or one string) — or null. Defaults that are
-    null or text take any value; interpolations (`${...}`) are left to OmegaConf."""
-    from hydra.core.override_parser.types import ValueType
-
-    if override.is_delete() or override.value_type in (ValueType.INTERVAL_SWEEP, ValueType.GLOB_CHOICE_SWEEP):
-        return
-    default = OmegaConf.select(defaults, override.key_or_group)
-    # an int default may stand for a number (rating_loss: 0): whether a value must be whole is the stage's check;
-    # a list may be given as one string ("generate.stop='!'" in a shell)
-    kinds = {bool: ("true or false", (bool,)), int: ("a number", (int, float)), float: ("a number", (int, float)),
-             list: ("a list, e.g. [1,2]", (list, str))}
-    name, accepted = next((v for k, v in kinds.items() if type(default) is k or (k is list and OmegaConf.is_list(default))),
-                          (None, None))
-    if name is None:
-        return
-    values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
-    for value in values:
-        if value is None or (isinstance(value, str) and value.startswith("${")):
-            continue
-        if not isinstance(value, accepted) or (bool not in accepted and isinstance(value, bool)):
-            shown = value if override.is_sweep_override() else override.input_line.split("=", 1)[1]  # as typed
-            raise UserError(f"{override.key_or_group}={shown} must be {name} (its default: "
-                            f"{str(default).lower() if isinstance(default, bool) else default})")

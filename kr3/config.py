@@ -21,10 +21,16 @@ CONFIG_DIR = _CHECKOUT / "conf" if _IN_CHECKOUT else Path(__file__).resolve().pa
 
 
 @cache
-def default_block(name: str) -> dict:
-    """A top-level block of conf/config.yaml as written, for the Python API and the server's defaults (not
-    compose(): it cannot run inside a Hydra app)."""
-    return OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "config.yaml")[name], resolve=True)
+def default_block(name: str):
+    """A top-level block of conf/config.yaml as written, as its settings (kr3.settings: Generate, Serve), for the
+    Python API and the server's defaults (not compose(): it cannot run inside a Hydra app)."""
+    from typing import get_type_hints
+
+    from kr3 import settings
+
+    schema = get_type_hints(settings.Settings)[name]
+    block = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "config.yaml"), resolve=True)[name]
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), block))
 
 
 _STARTED = time.time()
@@ -36,10 +42,15 @@ def run_time(fmt: str) -> str:
     return datetime.fromtimestamp(float(os.environ.get("KR3_RUN_TIME", _STARTED))).strftime(fmt)
 
 
-def register_resolvers():
+def register():
+    """What Hydra composes kr3's config with: its resolvers and its settings' schemas (kr3.settings)."""
+    from kr3 import settings
+
+    settings.register()
     OmegaConf.register_new_resolver("kr3_root", lambda: str(ROOT), replace=True)
     OmegaConf.register_new_resolver("kr3_time", run_time, replace=True)
     OmegaConf.register_new_resolver("kr3_run_dir", run_dir, replace=True)
+    OmegaConf.register_new_resolver("kr3_output_dir", output_dir, replace=True)
 
 
 BESIDE_CHECKPOINT = ("evaluate", "generate", "export")  # stages whose run folder is in the checkpoint's run
@@ -56,6 +67,13 @@ def run_dir(stage: str, checkpoint, log_dir: str) -> str:
         except UserError:
             pass  # the stage says what is wrong with it
     return f"{log_dir}/outputs/{run_time('%Y-%m-%d')}/{run_time('%H-%M-%S')}"
+
+
+def output_dir(stage: str, checkpoint, log_dir: str) -> str:
+    """This job's run folder: Hydra's; for a config composed outside a Hydra app (compose()), the one it would get."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else run_dir(stage, checkpoint, log_dir)
 
 
 def as_list(value) -> list:
@@ -96,7 +114,7 @@ def compose(overrides=(), root: str | Path | None = None):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    register_resolvers()
+    register()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return hydra_compose(config_name="config",
                              overrides=[*([f"paths.root_dir={root}"] if root is not None else []), *overrides])

@@ -163,7 +163,7 @@ def check(cfg) -> None:
 
 def location(cfg) -> str | None:
     """What the data config reads: a Hub id (or a local dataset folder), or a file or folder."""
-    return cfg[source(cfg).location_key]
+    return getattr(cfg, source(cfg).location_key)
 
 
 MISSING_RATING = {"", "na", "n/a", "nan", "null", "none"}  # how files spell an empty rating
@@ -258,10 +258,11 @@ def clean_text(text: str, nfc=True, strip_control=True, collapse_whitespace=True
     return text
 
 
-def clean_options(c: Mapping) -> tuple[bool, bool, bool]:
-    """clean_text's switches (nfc, strip_control, collapse_whitespace) from a `data.clean` config; on where one is
-    missing (a checkpoint's saved config may predate it)."""
-    return tuple(bool(c.get(k, True)) for k in ("nfc", "strip_control", "collapse_whitespace"))
+def clean_options(c) -> tuple[bool, bool, bool]:
+    """clean_text's switches (nfc, strip_control, collapse_whitespace) from `data.clean` settings or a checkpoint's
+    saved copy of them (a dict); on where one is missing (a saved copy may predate it)."""
+    get = c.get if isinstance(c, Mapping) else lambda key, default: getattr(c, key, default)
+    return tuple(bool(get(k, True)) for k in ("nfc", "strip_control", "collapse_whitespace"))
 
 
 def repeats(texts: list[str], keep: np.ndarray) -> np.ndarray:

@@ -1,5 +1,3 @@
-import math
-import numbers
 
 
 class UserError(Exception):
@@ -14,28 +12,6 @@ def first_line(e: BaseException) -> str:
     """A library's exception as one line of a UserError."""
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0][:300]
-
-
-def check_values(section: str, values, rules: dict) -> None:
-    """One-line errors for config values that would otherwise fail deep inside a stage. `rules` maps a key to
-    (kind, low, high, null_ok): kind "int" or "number"; low inclusive, or exclusive as ("above", x); high
-    inclusive or None; null_ok whether null is accepted. Infinity and NaN are no number here. `section` "" names
-    top-level keys."""
-    for key, (kind, low, high, null_ok) in rules.items():
-        value = values[key]
-        if value is None and null_ok:
-            continue
-        above = isinstance(low, tuple)
-        low = low[1] if above else low
-        ok = (isinstance(value, numbers.Integral if kind == "int" else numbers.Real) and not isinstance(value, bool)
-              and (isinstance(value, numbers.Integral) or math.isfinite(value))  # an int of any size is finite
-              and (value > low if above else value >= low) and (high is None or value <= high))
-        if not ok:
-            bound = f"{'>' if above else '≥'} {low}" + (f" and ≤ {high}" if high is not None else "")
-            shown = "null" if value is None else value
-            name = f"{section}.{key}" if section else key
-            raise UserError(f"{name}={shown} must be {'an integer' if kind == 'int' else 'a number'} {bound}"
-                            + (", or null" if null_ok else ""))
 
 
 def lookup(table: dict, kind, key: str):

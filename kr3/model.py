@@ -36,8 +36,9 @@ class GPTConfig:
     def from_cfg(cls, model_cfg, vocab_size: int, controls: tuple[int, ...] = ()) -> GPTConfig:
         """From the `model` config group; the vocabulary comes from the prepared data, and so do the rating
         control tokens when the data is rating-conditioned and `model.rating_embedding` is on."""
-        shape = {f.name: model_cfg[f.name] for f in fields(cls) if f.name in model_cfg}
-        return cls(vocab_size=vocab_size, controls=tuple(controls) if model_cfg.get("rating_embedding") else (), **shape)
+        shape = {f.name: getattr(model_cfg, f.name) for f in fields(cls) if hasattr(model_cfg, f.name)}
+        on = getattr(model_cfg, "rating_embedding", False)
+        return cls(vocab_size=vocab_size, controls=tuple(controls) if on else (), **shape)
 
     def __post_init__(self):
         for key in ("vocab_size", "n_layers", "n_heads", "d_model", "d_ffn", "block_size"):

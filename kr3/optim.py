@@ -65,7 +65,7 @@ def build(model, t, device: torch.device) -> torch.optim.Optimizer:
     if t.optimizer not in ("adamw", "muon"):
         raise UserError(f"trainer.optimizer={t.optimizer!r}: choose adamw or muon")
     rates = {"embedding_lr": t.embedding_lr, **({"muon_lr": t.muon_lr} if t.optimizer == "muon" else {})}
-    for key, rate in rates.items():  # each ≥ 0 already (trainer.check_trainer)
+    for key, rate in rates.items():  # each ≥ 0 already (kr3.settings.Trainer)
         if rate is not None and t.lr == 0:
             raise UserError(f"trainer.{key}={rate} is applied as a multiple of trainer.lr: set trainer.lr > 0")
     emb_scale = 1.0 if t.embedding_lr is None else t.embedding_lr / t.lr

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 from filelock import FileLock, Timeout
-from omegaconf import OmegaConf
 
 from kr3 import data as kdata
+from kr3 import settings
 from kr3 import tokenizer as ktok
 from kr3.atomic import disk_full_as_user_error, replacing_folder
 from kr3.errors import UserError
@@ -42,8 +42,8 @@ def dataset_name(cfg) -> str:
     """Folder name for a prepared dataset: readable prefix + hash of everything that shapes its contents."""
     d, tc = cfg.data, cfg.tokenizer
     keyed = {
-        "data": OmegaConf.to_container(d, resolve=True),
-        "tokenizer": OmegaConf.to_container(tc, resolve=True),
+        "data": settings.plain(d),
+        "tokenizer": settings.plain(tc),
         "seed": cfg.seed,
         "format_version": FORMAT_VERSION,
     }
@@ -141,6 +141,7 @@ class Timings(dict):
 def ensure(cfg) -> Path:
     """The prepared folder for this data and tokenizer config: reused when up to date, else built. Checked
     under the folder's lock, so a prepare that waited for another one reuses what that one built."""
+    cfg = settings.typed(cfg)
     kdata.check(cfg.data)
     out = prepared_dir(cfg)
     stamp = source_stamp(cfg.data)
@@ -234,13 +235,13 @@ def _write(cfg, tok: ktok.Tokenizer, corpus, splits: dict, name_stamp: tuple[str
         "eos_id": tok.eos_id,
         "dtype": np.dtype(dtype).name,
         "splits": stats,
-        "tokenizer": {**tok.spec(), "dir": TOKENIZER_DIR, "config": OmegaConf.to_container(cfg.tokenizer, resolve=True)},
+        "tokenizer": {**tok.spec(), "dir": TOKENIZER_DIR, "config": settings.plain(cfg.tokenizer)},
         "round_trip": fidelity,
         "condition": {"kind": "rating", "controls": {str(r): i for r, i in controls.items()},
                       "names": {str(r): n for r, n in RATING_NAMES.items()}} if controls else None,
         "cleaning": corpus.counts,
         "source": {"name": corpus.source, "stamp": stamp, "fingerprint": corpus.fingerprint},
-        "config": {"data": OmegaConf.to_container(cfg.data, resolve=True), "seed": cfg.seed},
+        "config": {"data": settings.plain(cfg.data), "seed": cfg.seed},
         "fingerprint": hashlib.sha256(json.dumps([corpus.fingerprint, name], sort_keys=True).encode()).hexdigest(),
     }
     (tmp / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
@@ -249,7 +250,7 @@ def _write(cfg, tok: ktok.Tokenizer, corpus, splits: dict, name_stamp: tuple[str
 
 def conditioned(dcfg, corpus) -> bool:
     """data.condition=rating, checked against the corpus: it needs a rating column."""
-    if dcfg.get("condition") is None:
+    if dcfg.condition is None:
         return False
     if dcfg.condition != "rating":
         raise UserError(f"data.condition={dcfg.condition} is not known — use data.condition=rating or null")

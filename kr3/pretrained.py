@@ -26,7 +26,7 @@ PICKLE = ["config.json", "README.md", *TOKENIZER, "pytorch_model.bin", "pytorch_
 
 def named(model_cfg) -> bool:
     """Whether the `model` config is a pretrained model's (model=pretrained): its name_or_path says which."""
-    return bool(model_cfg.get("name_or_path"))
+    return bool(getattr(model_cfg, "name_or_path", None))
 
 
 def load(model_cfg, folder: Path, tokenizer, vocab_size: int, controls: tuple[int, ...]) -> tuple[GPT, dict]:
@@ -77,8 +77,8 @@ def gpt_config(shape: dict, model_cfg, vocab_size: int, controls: tuple[int, ...
                         f"{model_cfg.name_or_path} learned — use model.block_size={positions} or less")
     own = shape.pop("dropout")
     return GPTConfig(**{**shape, "vocab_size": max(shape["vocab_size"], vocab_size)}, block_size=model_cfg.block_size,
-                     dropout=own if model_cfg.get("dropout") is None else model_cfg.dropout,
-                     controls=tuple(controls) if model_cfg.get("rating_embedding") else ())
+                     dropout=own if model_cfg.dropout is None else model_cfg.dropout,
+                     controls=tuple(controls) if model_cfg.rating_embedding else ())
 
 
 def check_tokenizer(tokenizer, folder: Path, name: str) -> None:

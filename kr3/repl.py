@@ -11,12 +11,13 @@ from prompt_toolkit.input import create_input
 from prompt_toolkit.output import create_output
 
 from kr3 import api
-from kr3.errors import UserError, check_values
-from kr3.sampling import DECODING_RULES, END_OF_REVIEW, decoding, rating_control
+from kr3.errors import UserError
+from kr3.sampling import DECODING, END_OF_REVIEW, decoding, rating_control
+from kr3.settings import Generate, check_value
 
 EXIT_WORDS = {"exit", "quit"}
-# generate.<key>: (kind, low, high, null_ok) for check_values; in the REPL `:<key> VALUE` changes each
-SETTINGS = {**DECODING_RULES, "show_next": ("int", 0, None, True)}
+# generate.<key>s that `:<key> VALUE` changes (their ranges: kr3.settings.Generate's)
+SETTINGS = (*(k for k in DECODING if k not in ("stop", "rating")), "show_next")
 COMMAND = re.compile(r":([A-Za-z_]+)\s*(.*)")  # `:` and a letter: a prompt like ":)" stays a prompt
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
@@ -107,7 +108,7 @@ def command(g, text: str, m: api.Model) -> str:
         return f"{name}={value_text(getattr(g, name))} (`:{name} VALUE` changes it)"
     value = parse_value(arg)
     try:
-        check_values("generate", {name: value}, {name: SETTINGS[name]})
+        check_value(Generate, name, value)
     except UserError as e:
         return f"{visible(str(e))}; {name} stays {value_text(getattr(g, name))}"
     setattr(g, name, value)
@@ -132,7 +133,7 @@ def help_text(g) -> str:
 
 
 def parse_value(arg: str):
-    """`:<setting>`'s value: null, an integer or a number; other text is left for check_values to refuse."""
+    """`:<setting>`'s value: null, an integer or a number; other text is left for the range check to refuse."""
     if arg.lower() in ("null", "none"):
         return None
     for kind in (int, float):

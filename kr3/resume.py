@@ -4,13 +4,12 @@ weights, optimizer moments, step and RNG states back."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf, open_dict
 
-from kr3 import checkpoint, distributed
+from kr3 import checkpoint, distributed, settings
 from kr3.checkpoint import Checkpoint
 from kr3.config import override_key, within
 from kr3.errors import UserError
@@ -78,12 +77,11 @@ def with_checkpoint_data(cfg, ckpt: Checkpoint, given: list[str] | None):
 
     if given is None or any(map(sets, given)):
         return cfg
-    saved = OmegaConf.create(ckpt.config)
-    cfg = cfg.copy()
-    with open_dict(cfg):
-        for key in DATA_KEYS:
-            OmegaConf.update(cfg, key, OmegaConf.select(saved, key), merge=False)
-    return cfg
+    saved = ckpt.config
+    data_dir = saved.get("paths", {}).get("data_dir", cfg.paths.data_dir)
+    return replace(cfg, data=settings.saved_block(cfg.data, saved["data"]), seed=saved["seed"],
+                   tokenizer=settings.saved_block(cfg.tokenizer, saved["tokenizer"]),
+                   paths=replace(cfg.paths, data_dir=data_dir))
 
 
 def load(cfg, run_dir: Path) -> tuple[Path, Checkpoint] | None:
@@ -110,8 +108,9 @@ def check(cfg, path: Path, ckpt: Checkpoint, run_dir: Path, meta: dict) -> Resum
             f"{ckpt.model_config['vocab_size']}) than {meta['name']} (vocab {meta['vocab_size']}) "
             "— leave the data and tokenizer settings out (resuming takes the checkpoint's) or give those it was trained with"
         )
-    ignored = [f"model.{k}={cfg.model[k]} (checkpoint: {v})" for k, v in ckpt.model_config.items()
-               if k in cfg.model and cfg.model[k] is not None and cfg.model[k] != v]  # null: the model's own
+    given = {k: getattr(cfg.model, k) for k in ckpt.model_config if getattr(cfg.model, k, None) is not None}
+    ignored = [f"model.{k}={v} (checkpoint: {ckpt.model_config[k]})" for k, v in given.items()
+               if v != ckpt.model_config[k]]  # null: the model's own
     if ignored and distributed.is_main():
         log.warning(f"resuming keeps the checkpoint's model; ignored: {', '.join(ignored)}")
     return Resumed(path, ckpt, in_place=checkpoint.run_folder(path.resolve()) == Path(run_dir).resolve())

@@ -6,37 +6,29 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import fields
 
 import torch
-from omegaconf import OmegaConf
 
 from kr3.config import as_list
 from kr3.data import clean_options, clean_text
-from kr3.errors import UserError, check_values
+from kr3.errors import UserError
 from kr3.model import GPT, KVCache
+from kr3.settings import Decoding, plain
 
 log = logging.getLogger(__name__)
 END_OF_REVIEW = "<end of review>"  # next_tokens' text for the end-of-review (EOS) token
-MAX_GUIDANCE = 100.0  # far past any use (3 steers a small model fully); larger ones only overflow
-# decoding option: (kind, low, high, null_ok) for errors.check_values; `stop` (strings) is checked on its own.
-# Their defaults are the `generate:` block of conf/config.yaml.
-DECODING_RULES = {
-    "temperature": ("number", 0, None, False), "top_k": ("int", 0, None, True),
-    "top_p": ("number", ("above", 0), 1, True), "repetition_penalty": ("number", ("above", 0), None, False),
-    "max_new_tokens": ("int", 1, None, False), "num_samples": ("int", 1, None, False),
-    "seed": ("int", 0, 2**63 - 1, False), "guidance": ("number", 1, MAX_GUIDANCE, False),
-}
-DECODING = (*DECODING_RULES, "stop", "rating")  # every decoding option
+DECODING = tuple(f.name for f in fields(Decoding))  # every decoding option; their defaults: the `generate:` block
 
 
-def decoding(settings: Mapping) -> dict:
-    """The decoding options among config settings (the `generate:` block), as plain values."""
-    return {k: OmegaConf.to_container(settings[k]) if OmegaConf.is_config(settings[k]) else settings[k] for k in DECODING}
+def decoding(settings) -> dict:
+    """The decoding options among settings (the `generate:` block, typed or a config node), as plain values."""
+    return {k: plain(getattr(settings, k)) for k in DECODING}
 
 
 def check_decoding(options: Mapping) -> None:
-    """One-line errors for decoding values out of range, named `generate.<option>=...` as in the config."""
-    check_values("generate", options, DECODING_RULES)
+    """One-line errors for decoding values out of range (kr3.settings.Decoding's), named `generate.<option>=...`."""
+    Decoding(**{k: options[k] for k in DECODING})
     if not all(isinstance(s, str) and s for s in as_list(options["stop"])):
         raise UserError(f"generate.stop={options['stop']} must be non-empty strings, e.g. generate.stop='[\"!\",\"다\"]'")
 

@@ -35,7 +35,8 @@ from starlette.exceptions import HTTPException
 from kr3.api import Model, decoding_options
 from kr3.config import as_list, default_block
 from kr3.errors import UserError
-from kr3.sampling import END_OF_REVIEW, MAX_GUIDANCE, rating_control
+from kr3.sampling import END_OF_REVIEW, rating_control
+from kr3.settings import OutOfRange
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -58,9 +59,10 @@ class Limits:
     max_active: int
 
     @classmethod
-    def of(cls, serve_cfg: Mapping, **changes: int) -> Limits:
-        """From a `serve:` config block, with `changes`."""
-        return cls(**{**{f.name: int(serve_cfg[f.name]) for f in fields(cls)}, **changes})
+    def of(cls, serve_cfg, **changes: int) -> Limits:
+        """From the `serve:` settings (or conf/config.yaml's block as a dict), with `changes`."""
+        get = serve_cfg.get if isinstance(serve_cfg, Mapping) else lambda key: getattr(serve_cfg, key)
+        return cls(**{**{f.name: int(get(f.name)) for f in fields(cls)}, **changes})
 
     @classmethod
     def defaults(cls, **changes: int) -> Limits:
@@ -126,18 +128,19 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
     model: str | None = None
     prompt: str | list[str] = ""
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    repetition_penalty: float | None = Field(None, gt=0)
+    # the decoding options' ranges are kr3.settings.Decoding's, checked once there (and refused as OutOfRange)
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
     n: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    seed: int | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     rating: Rating = None
-    guidance: float | None = Field(None, ge=1, le=MAX_GUIDANCE)
+    guidance: float | None = None
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -163,7 +166,7 @@ class NextTokensRequest(BaseModel):
     prompt: str = ""
     k: int = Field(10, ge=1)
     rating: Rating = None
-    guidance: float | None = Field(None, ge=1, le=MAX_GUIDANCE)
+    guidance: float | None = None  # its range: kr3.settings.Decoding's
 
 
 class ModelThread:
@@ -290,7 +293,8 @@ def request_options(req: CompletionRequest, m: Model, limits: Limits) -> dict:
     given = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k,
              "repetition_penalty": req.repetition_penalty, "stop": req.stop, "rating": check_rating(m, req.rating),
              "guidance": req.guidance}
-    options = {"max_new_tokens": req.max_tokens or min(m.defaults["max_new_tokens"], limits.max_tokens),
+    default_tokens = min(m.defaults["max_new_tokens"], limits.max_tokens)
+    options = {"max_new_tokens": default_tokens if req.max_tokens is None else req.max_tokens,
                "seed": secrets.randbelow(2**31) if req.seed is None else req.seed, "num_samples": 1,
                **{k: v for k, v in given.items() if v is not None}}
     return decoding_options(options, m.defaults)  # a UserError left: 400 (user_error)
@@ -536,12 +540,16 @@ async def server_error(request: Request, e: Exception) -> JSONResponse:
 
 
 def failure(e: Exception) -> ApiError:
+    if isinstance(e, OutOfRange):  # a decoding option out of kr3.settings.Decoding's range, named as the request names it
+        param = REQUEST_NAMES.get(e.key, e.key)
+        return ApiError(400, f"{param}: {e.shown} {e.rule}", param)
     if isinstance(e, UserError):
         return ApiError(400, str(e))
     return ApiError(500, f"the server failed on this request ({type(e).__name__}) — its log has the details",
                     kind="server_error")
 
 
+REQUEST_NAMES = {"max_new_tokens": "max_tokens", "num_samples": "n"}  # decoding options OpenAI's request names otherwise
 ERROR_HANDLERS = {ApiError: api_error, UserError: user_error, RequestValidationError: invalid_request,
                   HTTPException: http_error, Exception: server_error}
 

@@ -11,9 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from kr3 import settings
 from kr3.atomic import append_whole, replacing
 from kr3.errors import UserError, lookup
 
@@ -69,7 +69,7 @@ class WandbSink(Sink):
             tags=list(cfg.logger.tags or []),
             mode=self.mode,
             dir=str(run_dir),
-            config=OmegaConf.to_container(cfg, resolve=True),
+            config=settings.plain(cfg),
             id=resume_id,
             resume="allow" if resume_id else None,
             settings=wandb.Settings(silent=True, x_disable_stats=True),

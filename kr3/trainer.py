@@ -13,15 +13,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from kr3 import checkpoint, classify, distributed, hardware, pretrained, resume, sampling, scoring
+from kr3 import checkpoint, classify, distributed, hardware, pretrained, resume, sampling, scoring, settings
 from kr3 import tokenizer as ktok
 from kr3.batches import Batches
 from kr3.checkpoint import Checkpoint
 from kr3.config import as_list
-from kr3.errors import Diverged, UserError, check_values
+from kr3.errors import Diverged, UserError
 from kr3.prepared import PreparedData
 from kr3.profiling import StepProfiler
 from kr3.tracking import RESULT, Tracker, progress, stamp_process, table, write_result
@@ -39,37 +38,13 @@ def check_samples(cfg) -> None:
         except UserError as e:
             raise UserError(f"trainer.sample_prompts: {e}") from None
     if prompts:
-        sampling.check_decoding(cfg.generate)
+        sampling.check_decoding(sampling.decoding(cfg.generate))
 
 
 def check_rating_loss(t, data_cfg) -> None:
-    if t.rating_loss and data_cfg.get("condition") != "rating":
+    if t.rating_loss and data_cfg.condition != "rating":
         raise UserError(f"trainer.rating_loss={t.rating_loss} trains the model as a rating classifier: it needs "
                         "data.condition=rating (e.g. experiment=cpu_15min_rating)")
-
-
-def check_trainer(t) -> None:
-    check_values("trainer", t, {
-        "batch_size": ("int", 1, None, False), "grad_accum": ("int", 1, None, False),
-        "log_interval": ("int", 1, None, False), "eval_batch_size": ("int", 1, None, False),
-        "warmup_steps": ("int", 0, None, False), "keep_last": ("int", 0, None, False),
-        "eval_tokens": ("int", 1, None, True), "final_eval_tokens": ("int", 1, None, True),
-        "lr": ("number", 0, None, False), "rating_loss": ("number", 0, None, False),
-        "rating_loss_rows": ("number", ("above", 0), 1, False), "max_steps": ("int", 1, None, True),
-        "epochs": ("number", ("above", 0), None, False), "embedding_lr": ("number", 0, None, True),
-        "muon_lr": ("number", 0, None, False), "min_lr_ratio": ("number", 0, 1, False),
-        "weight_decay": ("number", 0, None, False), "grad_clip": ("number", 0, None, False),
-        "eval_interval": ("int", 0, None, False), "ckpt_interval": ("int", 0, None, False),
-        "threads": ("int", 1, None, True), "sample_tokens": ("int", 1, None, False),
-    })
-    betas = t.betas
-    if not (OmegaConf.is_list(betas) or isinstance(betas, list | tuple)) or len(betas) != 2 or not all(
-            isinstance(b, int | float) and not isinstance(b, bool) and 0 <= b < 1 for b in betas):
-        raise UserError(f"trainer.betas={betas} must be two numbers in [0, 1), e.g. trainer.betas=[0.9,0.95]")
-    check_values("trainer.profile", t.profile, {"start": ("int", 0, None, False), "steps": ("int", 0, None, False)})
-    if t.max_time is not None and t.max_steps is not None:
-        raise UserError(f"trainer.max_time={t.max_time} and trainer.max_steps={t.max_steps} both set how long the run is — "
-                        f"drop one (trainer.max_time=null trains {t.max_steps} steps)")
 
 
 def lr_at(step: int, total: int, t) -> float:
@@ -126,8 +101,7 @@ def work_passes(model, ratings: int, t) -> float:
 
 def sample_prompts(prompts) -> list:
     """trainer.sample_prompts as a list (one may be given as a string)."""
-    if prompts is not None and not isinstance(prompts, str) and not OmegaConf.is_list(prompts) \
-            and not isinstance(prompts, list | tuple):
+    if prompts is not None and not isinstance(prompts, str | list | tuple):
         raise UserError(f"trainer.sample_prompts={prompts} must be a list of prompts, e.g. "
                         "trainer.sample_prompts=\"['분위기가 좋고']\", or null")
     return as_list(prompts)
@@ -403,7 +377,7 @@ class Trainer:
         no rating), from seed `seed` and its own generator: no draws from the training RNG (resume stays exact)."""
         g = {**sampling.decoding(self.cfg.generate), "rating": None, "seed": self.cfg.seed,
              "max_new_tokens": self.t.sample_tokens}
-        return sampling.Completer(self.model, self.tokenizer, SimpleNamespace(**g), self.cfg.data.clean,
+        return sampling.Completer(self.model, self.tokenizer, SimpleNamespace(**g), settings.plain(self.cfg.data.clean),
                                   banned=self.controls)
 
     def samples(self) -> list[tuple[str, str]]:
@@ -469,6 +443,6 @@ class Trainer:
                   "dtype": meta["dtype"], "condition": meta.get("condition")},
             tokenizer={"dir": str(self.data.tokenizer_dir), "spec": meta["tokenizer"],
                        "files": ktok.to_files(self.data.tokenizer_dir)},
-            config=OmegaConf.to_container(self.cfg, resolve=True), wandb_run_id=self.tracker.run_id,
+            config=settings.plain(self.cfg), wandb_run_id=self.tracker.run_id,
             torch_version=str(torch.__version__), base=self.base,
         )

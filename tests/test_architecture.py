@@ -9,7 +9,7 @@ from pathlib import Path
 from kr3.config import ROOT
 
 BIN = Path(sys.executable).parent
-MAX_FUNCTION_LINES = 80
+MAX_FUNCTION_LINES = 60
 
 
 def test_import_contracts_hold():
@@ -24,7 +24,7 @@ def test_ruff_and_complexity():
     assert proc.returncode == 0, proc.stdout[-3000:]
 
 
-def test_no_function_in_kr3_is_longer_than_80_lines():
+def test_no_function_in_kr3_is_longer_than_60_lines():
     long = [f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
             for path in sorted((ROOT / "kr3").rglob("*.py"))
             for node in ast.walk(ast.parse(path.read_text()))

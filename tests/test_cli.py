@@ -78,11 +78,14 @@ def test_unknown_key_hints(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("model.n_layers=abc", r"model\.n_layers=abc must be a number \(its default: 6\)"),
+    ("model.n_layers=abc", r"model\.n_layers=abc must be an integer \(its default: 6\)"),
+    ("generate.temperature=abc", r"generate\.temperature=abc must be a number ≥ 0 \(its default: 0\.8\)"),
+    ("trainer.max_steps=ten", r"trainer\.max_steps=ten must be an integer ≥ 1, or null \(its default: None\)"),
+    ("trainer.keep_last=null", r"trainer\.keep_last=null must be an integer ≥ 0 \(its default: 3\)"),
     ("seed=1.5", r"seed=1\.5 must be an integer ≥ 0"),
     ("data.val_ratio=abc", r"data\.val_ratio=abc must be a number \(its default: 0\.05\)"),
     ("data.clean.nfc=maybe", r"data\.clean\.nfc=maybe must be true or false \(its default: true\)"),
-    ("trainer.betas=0.9", r"trainer\.betas=0\.9 must be a list"),
+    ("trainer.betas=0.9", r"trainer\.betas=0\.9 must be a list of numbers, e\.g\. \[1,2\]"),
     ("trainer.lr=1e-3,abc", r"trainer\.lr=abc must be a number"),  # each value of a sweep
     ("trainer.lr='1e-3'", r"trainer\.lr='1e-3' must be a number"),  # quoted: text
     ("trainer.betas=[0.9", r"cannot read the override 'trainer\.betas=\[0\.9' \(no viable alternative"),
@@ -102,18 +105,20 @@ def test_a_seed_of_any_size_is_one_line_and_a_stray_world_size_is_no_launch(tmp_
     assert_one_line_error(proc, r"stage=bogus is not a stage")
 
 
-def test_removing_a_setting_a_stage_reads_is_one_line(tmp_path):
-    assert_one_line_error(run_cli(tmp_path, "stage=train", "~trainer"),
-                          r"trainer is read by stage=train, and ~trainer removed it — give it a value")
-    assert not list((tmp_path / "outputs").rglob("*"))  # neither the run folder nor its date folder
+@pytest.mark.parametrize("removal", ["~trainer", "~data.clean.min_chars", "~trainer.lr=1e-3"])
+def test_removing_a_setting_is_one_line(tmp_path, removal):
+    """kr3 reads every setting (kr3.settings types them all): removing one is refused, before any folder."""
+    assert_one_line_error(run_cli(tmp_path, "stage=train", removal),
+                          rf"^error: {re.escape(removal.split('=')[0])} removes settings kr3 reads — give a value instead")
+    assert not (tmp_path / "outputs").exists()
 
 
 def test_hydra_syntax_still_passes_the_key_check(tmp_path):
-    """hydra.* keys, sweeps over keys and groups, experiments, ++ and ~ on real keys reach the stage (a bogus one,
-    to stop there)."""
+    """hydra.* keys, sweeps over keys and groups, experiments and ++ on real keys reach the stage (a bogus one, to stop
+    there)."""
     proc = run_cli(tmp_path, "-m", f"hydra.sweep.dir={tmp_path}/sweep", "hydra/job_logging=disabled", "experiment=smoke",
                    "model=tiny,base", "model.n_layers=1", "trainer.lr=1e-3,3e-4", "++trainer.batch_size=4",
-                   "~data.clean.min_chars", "generate.prompt=맛있는 집", "stage=bogus")
+                   "generate.prompt=맛있는 집", "stage=bogus")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(
         "error: 4 of 4 jobs failed — #0 (model=tiny trainer.lr=0.001), #1 (model=tiny trainer.lr=0.0003), #2 (model=base "

@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from kr3 import checkpoint, data, prepared
+from kr3 import checkpoint, data, prepared, settings
 from kr3 import tokenizer as ktok
 from kr3.config import compose
 from kr3.errors import UserError
@@ -152,10 +152,8 @@ def test_unknown_logger_is_one_line(tmp_path):
 
 
 def test_bad_profile_values_are_one_line(tmp_path):
-    from kr3.trainer import check_trainer
-
     with pytest.raises(UserError, match=re.escape("trainer.profile.steps=-1 must be an integer ≥ 0")):
-        check_trainer(compose(["trainer.profile.steps=-1"], tmp_path).trainer)
+        settings.typed(compose(["trainer.profile.steps=-1"], tmp_path).trainer)
 
 
 def test_conditioning_on_ratings_the_corpus_lacks_is_one_line(tmp_path, reviews, write_parquet):
@@ -168,15 +166,13 @@ def test_conditioning_on_ratings_the_corpus_lacks_is_one_line(tmp_path, reviews,
 
 @pytest.mark.parametrize("override, message", [
     ("trainer.max_steps=-1", "trainer.max_steps=-1 must be an integer ≥ 1, or null"),
-    ("trainer.betas=[0.9,2]", "trainer.betas=[0.9, 2] must be two numbers in [0, 1)"),
+    ("trainer.betas=[0.9,2]", "trainer.betas=[0.9, 2.0] must be two numbers in [0, 1)"),
     ("trainer.betas=[0.9]", "trainer.betas=[0.9] must be two numbers in [0, 1)"),
     ("trainer.lr=inf", "trainer.lr=inf must be a number ≥ 0"),
 ])
 def test_bad_trainer_numbers_are_one_line(tmp_path, override, message):
-    from kr3.trainer import check_trainer
-
     with pytest.raises(UserError, match=re.escape(message)):
-        check_trainer(compose([override], tmp_path).trainer)
+        settings.typed(compose([override], tmp_path).trainer)
 
 
 @pytest.mark.parametrize("name, content", [("empty.csv", "Rating,Review\n"), ("empty.txt", "\n  \n"), ("empty.parquet", None)])

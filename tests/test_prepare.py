@@ -162,12 +162,11 @@ def test_rating_condition_puts_a_control_token_before_each_rated_review(tmp_path
 
 
 def test_rating_condition_needs_ratings_and_keeps_unconditioned_names(tmp_path, local_cfg):
-    from omegaconf import open_dict
+    from omegaconf import OmegaConf
 
     cfg = local_cfg()
-    plain = cfg.copy()
-    with open_dict(plain):
-        del plain.data["condition"]
+    plain = OmegaConf.create(OmegaConf.to_container(cfg))  # untyped: a config from before data.condition
+    del plain.data["condition"]
     assert prepared.dataset_name(cfg) == prepared.dataset_name(plain)  # folders prepared before keep theirs
     with pytest.raises(UserError, match="data.condition=rating needs ratings"):
         prepared.ensure(local_cfg("data.condition=rating", "data.label_column=nothing"))

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from kr3 import api, classify, hardware, prepared
+from kr3 import api, classify, hardware, prepared, settings
 from kr3 import data as kdata
 from kr3.atomic import replacing
 from kr3.checkpoint import Checkpoint
-from kr3.errors import check_values
 from kr3.tracking import table
 
 log = logging.getLogger(__name__)
@@ -22,8 +20,8 @@ def run(cfg) -> dict:
     """Loss, perplexity and bits per character of a checkpoint on a prepared split of the data it was trained
     on, or on any file given with `data=local data.path=...` (cleaned as in training, encoded with the
     checkpoint's tokenizer). Writes eval.json into the run folder."""
+    cfg = settings.typed(cfg)
     e = cfg.evaluate
-    check_values("evaluate", e, {"batch_size": ("int", 1, None, False), "max_tokens": ("int", 1, None, True)})
     hardware.setup(e.device, e.precision)
     m = api.load(cfg.checkpoint, e.device, e.precision, cfg.paths.log_dir)
     log.info(m.describe())
@@ -52,6 +50,6 @@ def shown(value) -> str:
 
 def file_texts(cfg, ckpt: Checkpoint) -> tuple[list[str], str]:
     """(reviews, source) of `data.path`, cleaned (and filtered) as the checkpoint's training data was."""
-    dcfg = OmegaConf.merge(cfg.data, {"clean": ckpt.config["data"]["clean"], "ratings": None})
+    dcfg = replace(cfg.data, clean=settings.saved_block(cfg.data.clean, ckpt.config["data"]["clean"]), ratings=None)
     corpus = kdata.clean(kdata.load(dcfg), dcfg)
     return corpus.texts, corpus.source

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from kr3 import api, checkpoint, export
+from kr3 import api, checkpoint, export, settings
 from kr3.sampling import decoding
 
 log = logging.getLogger(__name__)
@@ -15,6 +15,7 @@ log = logging.getLogger(__name__)
 def run(cfg) -> Path:
     """Write `export.dir` (default: `<the checkpoint's run>/hf`); generation_config.json takes the `generate.*`
     decoding settings of this command."""
+    cfg = settings.typed(cfg)
     export.require_hf()
     m = api.load(cfg.checkpoint, "cpu", "fp32", cfg.paths.log_dir, **decoding(cfg.generate))
     out = Path(cfg.export.dir).expanduser() if cfg.export.dir else checkpoint.run_folder(m.path.resolve()) / "hf"

@@ -8,10 +8,10 @@ import logging
 import sys
 from pathlib import Path
 
-from kr3 import api, hardware
+from kr3 import api, hardware, settings
 from kr3.atomic import replacing
-from kr3.errors import UserError, check_values
-from kr3.repl import SETTINGS, answer, repl
+from kr3.errors import UserError
+from kr3.repl import answer, repl
 from kr3.sampling import check_decoding, decoding, rating_control
 from kr3.tracking import progress
 
@@ -19,13 +19,13 @@ log = logging.getLogger(__name__)
 
 
 def check_generate(g) -> None:
-    check_decoding(g)
-    check_values("generate", g, {"show_next": SETTINGS["show_next"]})
+    check_decoding(decoding(g))
     if g.prompt is not None and not g.prompts_file and not str(g.prompt).strip():
         raise UserError('generate.prompt is empty — give the start of a review, e.g. generate.prompt="이 집 짜장면은"')
 
 
 def run(cfg):
+    cfg = settings.typed(cfg)
     g = cfg.generate
     check_generate(g)
     hardware.setup(g.device, g.precision)

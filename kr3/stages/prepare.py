@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from kr3 import prepared
+from kr3 import prepared, settings
 
 
 def run(cfg) -> Path:
-    return prepared.ensure(cfg)
+    return prepared.ensure(settings.typed(cfg))

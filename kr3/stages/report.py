@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from kr3 import report
+from kr3 import report, settings
 from kr3.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg) -> Path:
+    cfg = settings.typed(cfg)
     root = folder(cfg.report.dir, Path(cfg.paths.log_dir))
     jobs = report.find_jobs(root)
     df, swept = report.table(jobs, root)

@@ -5,24 +5,22 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import fields
 from pathlib import Path
 
-from kr3 import api, hardware, serve
-from kr3.errors import UserError, check_values
+from kr3 import api, hardware, serve, settings
+from kr3.errors import UserError
 from kr3.sampling import decoding
 
 log = logging.getLogger(__name__)
-LIMITS = [f.name for f in fields(serve.Limits)]
 
 
 def check_serve(s) -> None:
-    check_values("serve", s, {"port": ("int", 0, 65535, False), **{k: ("int", 1, None, False) for k in LIMITS}})
     if not str(s.model_name).strip():
         raise UserError("serve.model_name is empty — give the id /v1/models should list, e.g. serve.model_name=kr3")
 
 
 def run(cfg) -> None:
+    cfg = settings.typed(cfg)
     s = cfg.serve
     check_serve(s)
     sock = serve.listen(str(s.host), int(s.port))  # before loading: a port in use is said at once

@@ -8,19 +8,19 @@ from pathlib import Path
 
 import torch
 
-from kr3 import checkpoint, distributed, hardware, optim, prepared, pretrained, resume
+from kr3 import checkpoint, distributed, hardware, optim, prepared, pretrained, resume, settings
 from kr3.batches import Batches
 from kr3.config import override_key
 from kr3.model import GPT, GPTConfig
-from kr3.trainer import Trainer, check_rating_loss, check_samples, check_trainer, total_steps
+from kr3.trainer import Trainer, check_rating_loss, check_samples, total_steps
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg) -> dict:
     distributed.init()
+    cfg = settings.typed(cfg)
     t = cfg.trainer
-    check_trainer(t)
     check_samples(cfg)
     run_dir = Path(cfg.paths.output_dir)
     main = distributed.is_main()
