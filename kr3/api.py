@@ -20,11 +20,10 @@ import numpy as np
 import torch
 
 from kr3 import checkpoint as kckpt
-from kr3 import hardware, pretrained
+from kr3 import hardware, pretrained, ratings
 from kr3.config import ROOT, default_block
 from kr3.errors import UserError
-from kr3.prepared import rating_controls
-from kr3.sampling import DECODING, Completer, check_decoding, cleaned, decoding, rating_control
+from kr3.sampling import DECODING, Completer, check_decoding, cleaned, decoding
 from kr3.scoring import metrics, token_loss
 from kr3.settings import check_range
 
@@ -133,8 +132,8 @@ class Model:
     def ratings(self) -> list[str] | None:
         """The ratings a completion can be asked for (`rating=`), for a checkpoint trained with
         data.condition=rating; None otherwise."""
-        condition = self.checkpoint.data.get("condition")
-        return list(condition["names"].values()) if condition else None
+        condition = self.checkpoint.condition
+        return list(condition.names.values()) if condition else None
 
     def cleaned(self, prompt: str) -> str:
         """`prompt` as the model is given it: normalized like the training data (NFC, control characters, spaces)."""
@@ -167,9 +166,9 @@ class Model:
 
     def _completer(self, options: Mapping) -> Completer:
         settings = SimpleNamespace(**decoding_options(options, self.defaults))
-        condition = self.checkpoint.data.get("condition")
-        control = rating_control(settings.rating, condition)
-        banned = list(rating_controls(condition).values())
+        condition = self.checkpoint.condition
+        control = ratings.control(settings.rating, condition)
+        banned = condition.ids if condition else []
         return Completer(self._decoder(), self.tokenizer, settings, self.clean, control, banned)
 
     def _decoder(self) -> GPT:

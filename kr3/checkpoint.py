@@ -9,34 +9,69 @@ import math
 import os
 import re
 import warnings
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 import torch
 
 from kr3.atomic import replacing
 from kr3.errors import UserError, first_line
+from kr3.ratings import Condition
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: the same dict, written before the records were typed; it loads
+READS = (1, 2)  # the format versions load() reads
 CKPT_DIR = "checkpoints"
 BEST = "best.pt"
 _STEP = re.compile(r"step-(\d+)\.pt$")
 
 
 @dataclass
+class DataRecord:
+    """The prepared data a checkpoint was trained on (the fields a file lacks are None)."""
+
+    dir: str | None = None
+    name: str | None = None
+    fingerprint: str | None = None
+    position: dict | None = None  # where the data order stood (kr3.batches.Batches.position)
+    splits: dict | None = None  # meta.json's splits
+    eos_id: int | None = None
+    dtype: str | None = None
+    condition: Condition | None = None  # data.condition=rating's control tokens
+
+
+@dataclass
+class TokenizerRecord:
+    """The tokenizer a checkpoint's token ids are: its files, so the checkpoint needs nothing beside it."""
+
+    dir: str | None = None
+    spec: dict | None = None
+    files: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass
+class Schedule:
+    """The learning-rate schedule a run follows."""
+
+    kind: str = "warmup_cosine"
+    total_steps: int = 0
+    warmup_steps: int = 0
+    max_time: str | None = None  # trainer.max_time, when it chose total_steps
+
+
+@dataclass
 class Checkpoint:
-    """The checkpoint format, defined once: what `save` writes (a dict of these fields and `format_version`)
-    and `load` gives back. Fields without a default are what generate/evaluate read; RESUME_REQUIRED is
-    what resuming reads too. Unknown keys in a file are ignored, so a later kr3 may add fields."""
+    """The checkpoint format, defined once: what `save` writes (a dict of these fields, the records as dicts, and
+    `format_version`) and `load` gives back. Fields without a default are what generate/evaluate read; RESUME_REQUIRED
+    is what resuming reads too. Unknown keys in a file are ignored, so a later kr3 may add fields."""
 
     model_config: dict  # GPTConfig.to_dict()
     model: dict  # state_dict, fp32
     step: int
     config: dict  # the run's whole config, resolved
-    data: dict  # dir, name, fingerprint, position, splits, eos_id, dtype and condition of the prepared data
-    tokenizer: dict  # dir, spec, and files: {name: bytes} of the saved tokenizer
+    data: DataRecord
+    tokenizer: TokenizerRecord
     optimizer: dict | None = None  # the optimizer's state_dict()
-    scheduler: dict | None = None  # kind, total_steps, warmup_steps, and max_time when it chose total_steps
+    scheduler: Schedule | None = None
     rng: dict | None = None  # torch (and cuda) RNG states
     val: dict | None = None  # the evaluation at this step, if any (the final one for a finished run)
     best_val_loss: float = math.inf
@@ -46,7 +81,34 @@ class Checkpoint:
     base: dict | None = None  # the pretrained model it started from: name_or_path, folder, sha256 per file, license
 
     def to_dict(self) -> dict:
-        return {"format_version": FORMAT_VERSION, **{f.name: getattr(self, f.name) for f in fields(self)}}
+        return {"format_version": FORMAT_VERSION, **{f.name: as_saved(getattr(self, f.name)) for f in fields(self)}}
+
+    @property
+    def condition(self) -> Condition | None:
+        return self.data.condition
+
+
+RECORDS = {"data": DataRecord, "tokenizer": TokenizerRecord, "scheduler": Schedule}  # fields saved as dicts
+
+
+def as_saved(value):
+    """A record as the file keeps it: a dict (a condition as its meta.json form)."""
+    if isinstance(value, Condition):
+        return value.record()
+    if is_dataclass(value):
+        return {f.name: as_saved(getattr(value, f.name)) for f in fields(value)}
+    return value
+
+
+def as_record(name: str, value):
+    """A field of a file as its record: a dict into its dataclass (keys it does not know left out)."""
+    if name not in RECORDS or not isinstance(value, dict):
+        return value
+    schema = RECORDS[name]
+    known = {f.name: value[f.name] for f in fields(schema) if f.name in value}
+    if "condition" in known:
+        known["condition"] = Condition.of(known["condition"])
+    return schema(**known)
 
 
 REQUIRED = tuple(f.name for f in fields(Checkpoint) if f.default is MISSING)
@@ -129,9 +191,10 @@ def load(path: str | Path, resume: bool = False) -> Checkpoint:
         ) from None
     if not isinstance(state, dict) or "format_version" not in state:
         raise UserError(f"{path} is not a kr3 checkpoint — give a file written by stage=train")
-    if state["format_version"] != FORMAT_VERSION:
+    if state["format_version"] not in READS:
         raise UserError(
-            f"checkpoint {path} has format_version {state['format_version']!r}, this kr3 reads {FORMAT_VERSION!r} "
+            f"checkpoint {path} has format_version {state['format_version']!r}, this kr3 reads "
+            f"{' and '.join(map(str, READS))} "
             "— use the kr3 version that wrote it"
         )
     missing = [k for k in REQUIRED if k not in state]
@@ -146,7 +209,7 @@ def load(path: str | Path, resume: bool = False) -> Checkpoint:
     if missing:
         raise UserError(f"checkpoint {path} holds no {', '.join(missing)} (weights only?), so it cannot be resumed "
                         "— resume from a step-*.pt written by stage=train, or train anew without trainer.resume")
-    return Checkpoint(**{f.name: state[f.name] for f in fields(Checkpoint) if f.name in state})
+    return Checkpoint(**{f.name: as_record(f.name, state[f.name]) for f in fields(Checkpoint) if f.name in state})
 
 
 def find_latest_run(log_dir: str | Path) -> Path:
@@ -186,7 +249,7 @@ def load_model(path: str | Path, device):
     try:
         model = GPT(GPTConfig(**ckpt.model_config))
         model.load_state_dict(ckpt.model)
-        tokenizer = ktok.from_files(ckpt.tokenizer["files"])
+        tokenizer = ktok.from_files(ckpt.tokenizer.files)
     except Exception as e:  # a file edited after training: fields of other types, shapes or keys
         raise UserError(f"checkpoint {path} holds a model or tokenizer kr3 cannot rebuild ({first_line(e)}) — it was "
                         "changed after training; use another checkpoint") from None

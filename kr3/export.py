@@ -45,7 +45,7 @@ def save(m: Model, out: Path, license: str | None = None) -> Path:
     with replacing_folder(out) as tmp:
         write_model(m.model, config, tmp)
         write_generation_config(m.defaults, m.tokenizer.eos_id, tmp)
-        write_tokenizer(m.checkpoint.tokenizer["files"], m.tokenizer, m.model.cfg.block_size, tmp)
+        write_tokenizer(m.checkpoint.tokenizer.files, m.tokenizer, m.model.cfg.block_size, tmp)
         (tmp / "README.md").write_text(model_card(m, license), encoding="utf-8")
     return Path(out)
 
@@ -208,7 +208,7 @@ def _card_data(c, data: Mapping, tok: Tokenizer) -> list[str]:
     source = f"[{data['hub_id']}](https://huggingface.co/datasets/{data['hub_id']})" if data.get("source") == "hub" \
         else f"a local file, `{Path(str(data.get('path'))).name}`"
     splits = [f"- {name}: {s['reviews']:,} reviews, {s['tokens']:,} tokens, {s['chars']:,} characters"
-              for name, s in c.data["splits"].items()]
+              for name, s in c.data.splits.items()]
     clean = ", ".join(f"{k}={v}" for k, v in data.get("clean", {}).items())
     return ["## Data", "", f"Reviews from {source}, cleaned ({clean}), each followed by the end-of-review token "
             f"`{tok.id_to_piece(tok.eos_id)}`:", "", *splits, ""]
@@ -241,7 +241,7 @@ def _card_eval(c) -> list[str]:
 
 def _card_training(c, cfg: GPTConfig) -> list[str]:
     t = c.config.get("trainer", {})
-    windows = c.data.get("position", {}).get("windows_per_step")
+    windows = (c.data.position or {}).get("windows_per_step")
     seen = f", about {c.step * windows * cfg.block_size:,} tokens" if windows else ""
     return ["## Training", "", f"{c.step:,} steps{seen}: {t.get('optimizer', 'adamw')}, peak learning rate "
             f"{t.get('lr')}, {t.get('warmup_steps')} warmup steps then cosine, batch {t.get('batch_size')} × "

@@ -19,11 +19,12 @@ import numpy as np
 from filelock import FileLock, Timeout
 
 from kr3 import data as kdata
-from kr3 import settings
+from kr3 import ratings, settings
 from kr3 import tokenizer as ktok
 from kr3.atomic import disk_full_as_user_error, replacing_folder
+from kr3.console import progress, table
 from kr3.errors import UserError
-from kr3.tracking import pid_alive, progress, table
+from kr3.tracking import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +32,6 @@ FORMAT_VERSION = 1
 META = "meta.json"
 TOKENIZER_DIR = "tokenizer"
 ENCODE_CHUNK = 8192
-# data.condition=rating: a control token before each rated review (KR3: 0 negative, 1 positive, 2 ambiguous);
-# reviews without a rating get none, so the model also learns unconditioned reviews
-RATING_NAMES = {0: "negative", 1: "positive", 2: "ambiguous"}
-RATING_CONTROLS = {r: f"<|{name}|>" for r, name in RATING_NAMES.items()}
 ROUND_TRIP_WARN = 0.99  # below it, a normalizing tokenizer is the likely cause (kogpt2's NFKC: 80.8 %)
 
 
@@ -104,23 +101,23 @@ class PreparedData:
         return ktok.load(self.tokenizer_dir)
 
     @property
-    def controls(self) -> dict[int, int]:
-        """{rating: control token id} of rating-conditioned data; {} for other data."""
-        return rating_controls(self.meta.get("condition"))
+    def condition(self) -> ratings.Condition | None:
+        """The control tokens of rating-conditioned data; None for other data."""
+        return ratings.Condition.of(self.meta.get("condition"))
 
 
-def trained_split(ckpt_data: dict, name: str) -> tuple[np.memmap, Path, int]:
+def trained_split(ckpt_data, name: str) -> tuple[np.memmap, Path, int]:
     """(tokens, file, characters) of split `name` of the prepared folder a checkpoint was trained on (its `data`
-    field); refused when it is gone or was prepared again since."""
-    split = ckpt_data["splits"].get(name)
-    path = Path(ckpt_data["dir"]) / split["file"] if split else None
+    record); refused when it is gone or was prepared again since."""
+    split = (ckpt_data.splits or {}).get(name)
+    path = Path(ckpt_data.dir) / split["file"] if split else None
     if path is None or not path.exists():
         raise UserError(
-            f"split {name!r} of {ckpt_data['dir']} is not there — re-run stage=prepare with the training "
+            f"split {name!r} of {ckpt_data.dir} is not there — re-run stage=prepare with the training "
             "config, or evaluate a file with data=local data.path=..."
         )
     data = PreparedData(path.parent)
-    if data.meta["fingerprint"] != ckpt_data["fingerprint"]:
+    if data.meta["fingerprint"] != ckpt_data.fingerprint:
         raise UserError(
             f"{path.parent} was prepared again (other data or tokenizer) since this checkpoint was trained on it "
             "— evaluate a file with data=local data.path=..., or prepare the data it was trained on again"
@@ -206,22 +203,23 @@ def build(cfg, out: Path, stamp: str) -> dict:
         rated = conditioned(cfg.data, corpus)
         with timings("tokenizer"):
             tok = ktok.build(cfg.tokenizer, splits["train"].texts, cfg.seed, cache_dir=cfg.data.cache_dir,
-                             controls=tuple(RATING_CONTROLS.values()) if rated else ())
+                             controls=tuple(ratings.PIECES.values()) if rated else ())
         with replacing_folder(out) as tmp:
             meta = _write(cfg, tok, corpus, splits, (out.name, stamp), tmp, timings,
-                          control_ids(tok) if rated else None)
+                          condition_of(tok) if rated else None)
     log.info("\n" + summary(meta, out, timings))
     return meta
 
 
 def _write(cfg, tok: ktok.Tokenizer, corpus, splits: dict, name_stamp: tuple[str, str], tmp: Path,
-           timings: Timings, controls: dict[int, int] | None) -> dict:
-    """`controls`: rating → control token id, with data.condition=rating."""
+           timings: Timings, condition: ratings.Condition | None) -> dict:
+    """`condition`: the control tokens, with data.condition=rating (a control token before each rated review;
+    reviews without a rating get none, so the model also learns unconditioned reviews)."""
     if tok.vocab_size > np.iinfo(np.uint32).max:
         raise UserError(f"vocabulary of {tok.vocab_size} tokens does not fit uint32 token files")
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
     with timings("encode"):
-        stats = {name: _encode_split(tok, c, tmp / f"{name}.bin", dtype, controls) for name, c in splits.items()}
+        stats = {name: _encode_split(tok, c, tmp / f"{name}.bin", dtype, condition) for name, c in splits.items()}
     with timings("round_trip"):
         fidelity = _round_trip(tok, splits["val"].texts)
     _warn_if_lossy(fidelity)
@@ -237,8 +235,7 @@ def _write(cfg, tok: ktok.Tokenizer, corpus, splits: dict, name_stamp: tuple[str
         "splits": stats,
         "tokenizer": {**tok.spec(), "dir": TOKENIZER_DIR, "config": settings.plain(cfg.tokenizer)},
         "round_trip": fidelity,
-        "condition": {"kind": "rating", "controls": {str(r): i for r, i in controls.items()},
-                      "names": {str(r): n for r, n in RATING_NAMES.items()}} if controls else None,
+        "condition": condition.record() if condition else None,
         "cleaning": corpus.counts,
         "source": {"name": corpus.source, "stamp": stamp, "fingerprint": corpus.fingerprint},
         "config": {"data": settings.plain(cfg.data), "seed": cfg.seed},
@@ -257,7 +254,7 @@ def conditioned(dcfg, corpus) -> bool:
     if corpus.labels is None:
         raise UserError(f"data.condition=rating needs ratings, and {corpus.source} has no integer rating column "
                         f"{dcfg.label_column!r} — set data.label_column or data.condition=null")
-    if not set(corpus.labels) & RATING_NAMES.keys():
+    if not set(corpus.labels) & ratings.NAMES.keys():
         held = sorted({label for label in corpus.labels if label is not None})[:5]
         raise UserError(f"data.condition=rating: no review of {corpus.source} has a KR3 rating (0 negative, 1 "
                         f"positive, 2 ambiguous); column {dcfg.label_column!r} holds {held or 'none'} — map its "
@@ -265,19 +262,18 @@ def conditioned(dcfg, corpus) -> bool:
     return True
 
 
-def rating_controls(condition: dict | None) -> dict[int, int]:
-    """{rating: control token id} of a `condition` (meta.json's, which checkpoints carry in `data`); {} for none."""
-    return {int(r): i for r, i in condition["controls"].items()} if condition else {}
 
 
-def control_ids(tok: ktok.Tokenizer) -> dict[int, int]:
-    return {r: tok.piece_to_id(piece) for r, piece in RATING_CONTROLS.items()}
+def condition_of(tok: ktok.Tokenizer) -> ratings.Condition:
+    """The control tokens' ids in `tok`, which holds them (kr3.ratings.PIECES)."""
+    return ratings.Condition({r: tok.piece_to_id(piece) for r, piece in ratings.PIECES.items()})
 
 
-def _encode_split(tok: ktok.Tokenizer, corpus, path: Path, dtype, controls: dict[int, int] | None) -> dict:
+def _encode_split(tok: ktok.Tokenizer, corpus, path: Path, dtype, condition: ratings.Condition | None) -> dict:
     """Encode reviews in chunks (the tokenizer parallelizes each chunk natively), each followed by EOS and,
     when conditioned, preceded by its rating's control token."""
     texts, labels = corpus.texts, corpus.labels
+    controls = condition.controls if condition else {}
     n_tokens = 0
     with open(path, "wb") as f:
         bar = progress(desc=f"encode {path.stem}", total=len(texts), unit="review")
@@ -294,7 +290,7 @@ def _encode_split(tok: ktok.Tokenizer, corpus, path: Path, dtype, controls: dict
     stats = {"file": path.name, "reviews": len(texts), "tokens": n_tokens, "chars": chars,
              "chars_per_token": round(chars / max(1, n_tokens - len(texts)), 4)}
     if controls:
-        stats["ratings"] = {str(r): sum(lab == r for lab in labels) for r in RATING_NAMES}
+        stats["ratings"] = {str(r): sum(lab == r for lab in labels) for r in ratings.NAMES}
     return stats
 
 

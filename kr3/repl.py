@@ -10,9 +10,9 @@ from prompt_toolkit import PromptSession
 from prompt_toolkit.input import create_input
 from prompt_toolkit.output import create_output
 
-from kr3 import api
+from kr3 import api, ratings
 from kr3.errors import UserError
-from kr3.sampling import DECODING, END_OF_REVIEW, decoding, rating_control
+from kr3.sampling import DECODING, END_OF_REVIEW, decoding
 from kr3.settings import Generate, check_value
 
 EXIT_WORDS = {"exit", "quit"}
@@ -119,7 +119,7 @@ def rating_command(g, arg: str, m: api.Model) -> str:
     """`:rating negative` (or 0/1/2, or null): the rating of the reviews completed from now on."""
     value = parse_value(arg) if arg else g.rating
     try:
-        rating_control(value, m.checkpoint.data.get("condition"))
+        ratings.control(value, m.checkpoint.condition)
     except UserError as e:
         return f"{visible(str(e))}; rating stays {value_text(g.rating)}"
     g.rating = value

@@ -29,7 +29,7 @@ class Resumed:
 
     def is_finished(self, total_steps: int) -> bool:
         """It holds its run's final evaluation, and this run would train no further."""
-        finished = self.ckpt.val is not None and self.step >= self.ckpt.scheduler["total_steps"]
+        finished = self.ckpt.val is not None and self.step >= self.ckpt.scheduler.total_steps
         if not finished and self.step > total_steps:
             raise UserError(f"checkpoint {self.path} is at step {self.step}, past this run's {total_steps} steps — "
                             "raise trainer.max_steps (or trainer.epochs)")
@@ -102,9 +102,9 @@ def start(cfg, run_dir: Path, given: list[str] | None) -> tuple:
 
 def check(cfg, path: Path, ckpt: Checkpoint, run_dir: Path, meta: dict) -> Resumed:
     """The checkpoint as a Resumed, refused when trained on other prepared data than `meta`'s."""
-    if ckpt.data["fingerprint"] != meta["fingerprint"]:
+    if ckpt.data.fingerprint != meta["fingerprint"]:
         raise UserError(
-            f"checkpoint {path} was trained on other data or another tokenizer ({ckpt.data['name']}, vocab "
+            f"checkpoint {path} was trained on other data or another tokenizer ({ckpt.data.name}, vocab "
             f"{ckpt.model_config['vocab_size']}) than {meta['name']} (vocab {meta['vocab_size']}) "
             "— leave the data and tokenizer settings out (resuming takes the checkpoint's) or give those it was trained with"
         )
@@ -135,10 +135,10 @@ def restore(resumed: Resumed, model, opt, run_dir: Path) -> None:
 
 
 def warn_changes(resumed: Resumed, total_steps: int, windows_per_step: int) -> None:
-    if resumed.ckpt.data["position"]["windows_per_step"] != windows_per_step:
+    if resumed.ckpt.data.position["windows_per_step"] != windows_per_step:
         log.warning("the global batch changed since the checkpoint: the data order after it will differ")
-    if resumed.ckpt.scheduler["total_steps"] != total_steps:
-        log.warning(f"the schedule now ends at step {total_steps}, not {resumed.ckpt.scheduler['total_steps']}: "
+    if resumed.ckpt.scheduler.total_steps != total_steps:
+        log.warning(f"the schedule now ends at step {total_steps}, not {resumed.ckpt.scheduler.total_steps}: "
                     f"from step {resumed.step} the learning rate follows the cosine to step {total_steps}")
     log.info(f"resumed from {resumed.path} at step {resumed.step}")
 

@@ -98,21 +98,6 @@ def pick(logits, seen, temperature, top_k, top_p, repetition_penalty, generator)
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
-def rating_control(rating, condition: dict | None) -> int | None:
-    """The control token id of `rating` (a name such as "negative", or 0/1/2) under a checkpoint's data
-    condition (meta.json's `condition`); None for no rating."""
-    if rating is None:
-        return None
-    if not condition:
-        raise UserError(f"rating={rating}: this checkpoint is not rating-conditioned, it was trained without ratings — "
-                        "train with data.condition=rating, or leave the rating out")
-    names = {name: r for r, name in condition["names"].items()}
-    key = names.get(str(rating).strip().lower(), str(rating).strip())
-    if key not in condition["controls"]:
-        raise UserError(f"rating={rating} is not a rating — use one of: {', '.join(names)} or 0 to {len(names) - 1}")
-    return condition["controls"][key]
-
-
 class Completer:
     """A loaded model + tokenizer + decoding settings; completes one prompt at a time. With `control` (a rating's
     control token) the prompt is given as a review of that rating: [end of review, control, prompt…], as the

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from kr3 import distributed, hardware
-from kr3.tracking import progress
+from kr3.console import progress
 
 
 @torch.no_grad()

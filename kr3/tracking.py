@@ -1,5 +1,5 @@
-"""Where progress and metrics go: console progress bars, metrics.jsonl, a logger backend (W&B), the
-loss-curve PNG. Only the main process tracks; the others get a Tracker that does nothing."""
+"""Where a run's metrics go: metrics.jsonl, a logger backend (W&B), the loss-curve PNG, result.json and the process
+that writes them. Only the main process tracks; the others get a Tracker that does nothing."""
 
 from __future__ import annotations
 
@@ -7,11 +7,8 @@ import json
 import logging
 import os
 import socket
-import sys
 import time
 from pathlib import Path
-
-from tqdm.auto import tqdm
 
 from kr3 import settings
 from kr3.atomic import append_whole, replacing
@@ -21,20 +18,6 @@ log = logging.getLogger(__name__)
 METRICS = "metrics.jsonl"  # a run's logged rows, one JSON object per line
 RESULT = "result.json"  # how a run ended (finished, interrupted, diverged or failed and why); read by report
 PROCESS = "process.json"  # the process writing a run (host, pid, its start): report tells a running run from a dead one
-
-
-def progress(iterable=None, desc: str = "", total: int | None = None, unit: str = "it", enabled: bool = True, **kw):
-    """A progress bar on stderr; `enabled=False` (non-main ranks) yields silently."""
-    return tqdm(iterable, desc=desc, total=total, unit=unit, disable=not enabled, file=sys.stderr,
-                dynamic_ncols=True, mininterval=0.5, leave=False, **kw)
-
-
-def table(rows: list[tuple[str, object]], title: str = "") -> str:
-    """Two-column plain-text table for end-of-stage summaries."""
-    width = max(len(k) for k, _ in rows)
-    lines = [title, "-" * max(len(title), width + 20)] if title else []
-    lines += [f"{k:<{width}}  {v}" for k, v in rows]
-    return "\n".join(lines)
 
 
 class Sink:

@@ -15,15 +15,16 @@ from types import SimpleNamespace
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from kr3 import checkpoint, classify, distributed, hardware, pretrained, resume, sampling, scoring, settings
+from kr3 import checkpoint, distributed, hardware, pretrained, rating_loss, ratings, resume, sampling, scoring, settings
 from kr3 import tokenizer as ktok
 from kr3.batches import Batches
-from kr3.checkpoint import Checkpoint
+from kr3.checkpoint import Checkpoint, DataRecord, Schedule, TokenizerRecord
 from kr3.config import as_list
+from kr3.console import progress, table
 from kr3.errors import Diverged, UserError
 from kr3.prepared import PreparedData
 from kr3.profiling import StepProfiler
-from kr3.tracking import RESULT, Tracker, progress, stamp_process, table, write_result
+from kr3.tracking import RESULT, Tracker, stamp_process, write_result
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,8 @@ def parse_duration(value) -> float | None:
 def total_steps(t, batches: Batches, resumed: resume.Resumed | None = None) -> int:
     """The schedule's last step: max_steps, else epochs. Under max_time this is provisional (the run fixes it
     after timing its first steps), except on resume, which keeps the one the run chose."""
-    if t.max_time and resumed and resumed.ckpt.scheduler.get("max_time"):
-        return int(resumed.ckpt.scheduler["total_steps"])
+    if t.max_time and resumed and resumed.ckpt.scheduler.max_time:
+        return int(resumed.ckpt.scheduler.total_steps)
     return int(t.max_steps) if t.max_steps else int(t.epochs * batches.steps_per_epoch)
 
 
@@ -166,26 +167,26 @@ class Trainer:
         self.forward = torch.compile(self.ddp or model) if self.t.compile else self.ddp or model
         self.tokenizer = data.tokenizer
         self.sample_prompts = sample_prompts(self.t.sample_prompts)  # checked by check_samples
-        controls = data.controls
-        self.controls = list(controls.values())  # never sampled as text
+        self.condition = data.condition
+        self.controls = self.condition.ids if self.condition else []  # never sampled as text
         if self.t.rating_loss:
-            self._set_up_rating_loss(controls)
-        self.passes = work_passes(model, len(controls), self.t)
+            self._set_up_rating_loss(self.condition)
+        self.passes = work_passes(model, len(self.controls), self.t)
         self.tokens_per_step = batches.per_step * model.cfg.block_size
         self.peak = hardware.peak_flops(device, dtype, self.t.peak_flops)
         self.tokens_per_s = None  # of the latest logged window
-        self.budget_s = parse_duration(self.t.max_time) if not (resumed and "max_time" in resumed.ckpt.scheduler) else None
+        self.budget_s = parse_duration(self.t.max_time) if not (resumed and resumed.ckpt.scheduler.max_time) else None
         self.calibrated_at = self.step + max(2, min(CALIBRATION_STEPS, self.t.warmup_steps))
         self.first_step = self.first_step_done = None  # when this process finished its first step
         self.profiler = StepProfiler(self.t.profile, self.run_dir / "profile", enabled=self.main)
         if resumed:
             resume.set_rng_state(resumed.ckpt.rng)  # last: measuring the peak above draws random numbers
 
-    def _set_up_rating_loss(self, controls: dict[int, int]) -> None:
+    def _set_up_rating_loss(self, condition: ratings.Condition) -> None:
         """The control ids in rating order, as the rating loss scores them (on the host, where it finds the reviews),
         and log P(r) on the device."""
-        self.rating_control_ids = torch.tensor([controls[r] for r in sorted(controls)])
-        prior = classify.rating_prior(self.data.meta["splits"], controls)
+        self.rating_control_ids = torch.tensor(condition.ids)
+        prior = condition.prior(self.data.meta["splits"])
         self.log_prior = torch.tensor(prior, dtype=torch.float32, device=self.device).log()
 
     def describe(self) -> str:
@@ -274,8 +275,8 @@ class Trainer:
         if not self.t.rating_loss:
             return self.forward(dev_x, dev_y), None
         rows = max(1, round(self.t.rating_loss_rows * len(x)))
-        scored = classify.scored_reviews(x[:rows], y[:rows], self.rating_control_ids, self.data.meta["eos_id"])
-        return classify.training_losses(self.forward, self.model.head.weight, dev_x, dev_y, scored.to(self.device),
+        scored = rating_loss.scored_reviews(x[:rows], y[:rows], self.rating_control_ids, self.data.meta["eos_id"])
+        return rating_loss.training_losses(self.forward, self.model.head.weight, dev_x, dev_y, scored.to(self.device),
                                         self.log_prior)
 
     def _after_step(self, bar) -> None:
@@ -435,14 +436,11 @@ class Trainer:
         meta, t = self.data.meta, self.t
         return Checkpoint(
             model_config=self.model.cfg.to_dict(), model=self.model.state_dict(), optimizer=self.opt.state_dict(),
-            scheduler={"kind": "warmup_cosine", "total_steps": self.total, "warmup_steps": t.warmup_steps,
-                       **({"max_time": t.max_time} if t.max_time else {})},
+            scheduler=Schedule("warmup_cosine", self.total, t.warmup_steps, str(t.max_time) if t.max_time else None),
             step=self.step, best_val_loss=self.best, best_val_tokens=self.share_n, val=val, rng=resume.rng_state(),
-            data={"dir": str(self.data.dir), "name": meta["name"], "fingerprint": meta["fingerprint"],
-                  "position": self.batches.position(self.step), "splits": meta["splits"], "eos_id": meta["eos_id"],
-                  "dtype": meta["dtype"], "condition": meta.get("condition")},
-            tokenizer={"dir": str(self.data.tokenizer_dir), "spec": meta["tokenizer"],
-                       "files": ktok.to_files(self.data.tokenizer_dir)},
+            data=DataRecord(str(self.data.dir), meta["name"], meta["fingerprint"], self.batches.position(self.step),
+                            meta["splits"], meta["eos_id"], meta["dtype"], self.condition),
+            tokenizer=TokenizerRecord(str(self.data.tokenizer_dir), meta["tokenizer"], ktok.to_files(self.data.tokenizer_dir)),
             config=settings.plain(self.cfg), wandb_run_id=self.tracker.run_id,
             torch_version=str(torch.__version__), base=self.base,
         )

@@ -7,7 +7,8 @@ from kr3.errors import UserError
 
 def test_save_load_round_trip_and_resolve(tmp_path):
     path = checkpoint.step_path(tmp_path, 5)
-    ckpt = checkpoint.Checkpoint(model_config={}, model={"w": torch.ones(3)}, step=5, config={}, data={}, tokenizer={})
+    ckpt = checkpoint.Checkpoint(model_config={}, model={"w": torch.ones(3)}, step=5, config={},
+                                 data=checkpoint.DataRecord(), tokenizer=checkpoint.TokenizerRecord())
     checkpoint.save(ckpt, path)
     loaded = checkpoint.load(path)
     assert loaded.step == 5 and torch.equal(loaded.model["w"], torch.ones(3)) and loaded.optimizer is None
@@ -17,8 +18,8 @@ def test_save_load_round_trip_and_resolve(tmp_path):
 
 def test_truncated_checkpoint(tmp_path):
     path = checkpoint.step_path(tmp_path, 1)
-    checkpoint.save(checkpoint.Checkpoint(model_config={}, model={"w": torch.ones(1000)}, step=1, config={}, data={},
-                                          tokenizer={}), path)
+    checkpoint.save(checkpoint.Checkpoint(model_config={}, model={"w": torch.ones(1000)}, step=1, config={},
+                                          data=checkpoint.DataRecord(), tokenizer=checkpoint.TokenizerRecord()), path)
     path.write_bytes(path.read_bytes()[:500])
     with pytest.raises(UserError, match="is corrupt or not a kr3 checkpoint"):
         checkpoint.load(path)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from kr3 import checkpoint, classify
+from kr3 import checkpoint, classify, rating_loss
 from kr3.config import compose
 
 WORDS = {0: ["별로예요", "최악이에요", "실망했어요"], 1: ["최고예요", "맛있어요", "추천해요"],
@@ -38,15 +38,15 @@ def conditioned(tmp_path_factory, train_tiny):
 def test_the_conditioned_model_classifies_ratings(conditioned):
     run_dir, _ = conditioned
     model, tok, ckpt = checkpoint.load_model(run_dir, "cpu")
-    controls = {int(r): i for r, i in ckpt.data["condition"]["controls"].items()}
+    controls = ckpt.condition.controls
     assert model.cfg.controls == tuple(controls.values())  # model.rating_embedding is on by default
-    val = np.fromfile(f"{ckpt.data['dir']}/val.bin", dtype=ckpt.data["dtype"])
+    val = np.fromfile(f"{ckpt.data.dir}/val.bin", dtype=ckpt.data.dtype)
     reviews = classify.reviews_of(val, tok.eos_id, controls)
-    assert len(reviews) == ckpt.data["splits"]["val"]["reviews"] > 30
+    assert len(reviews) == ckpt.data.splits["val"]["reviews"] > 30
     labels = np.array([r for r, _ in reviews])
     ll = classify.log_likelihoods(model, [t for _, t in reviews], controls, tok.eos_id, 32, torch.device("cpu"),
                                   torch.float32)
-    prior = np.array([ckpt.data["splits"]["train"]["ratings"][str(r)] for r in range(3)], dtype=float)
+    prior = np.array([ckpt.data.splits["train"]["ratings"][str(r)] for r in range(3)], dtype=float)
     chars = np.array([len(tok.decode(t)) for _, t in reviews])
     result = classify.report(ll, labels, chars, prior, {0: "negative", 1: "positive", 2: "ambiguous"})
     binary, three = result["classifier"]["binary (0/1)"], result["classifier"]["three ratings"]
@@ -113,7 +113,7 @@ def test_guided_sampling_keeps_each_rating_when_the_context_refills(conditioned,
     from kr3 import sampling
 
     model, tok, ckpt = checkpoint.load_model(conditioned[0], "cpu")
-    heads = [[tok.eos_id, c] for c in ckpt.data["condition"]["controls"].values()]
+    heads = [[tok.eos_id, c] for c in ckpt.condition.ids]
     rows, real = [], sampling.next_logits
     monkeypatch.setattr(sampling, "next_logits", lambda m, r, g, cache=None: rows.append(r) or real(m, r, g, cache))
     new = list(sampling.sample_tokens(model, tok.encode("이 집"), 3 * model.cfg.block_size, tok.eos_id,
@@ -197,12 +197,12 @@ def test_a_rated_prompt_is_cut_to_leave_room_for_its_rating(conditioned):
 def test_control_tokens_are_never_text(conditioned):
     """After EOS the model expects a control token; without a rating none may be sampled or offered as text."""
     import kr3
-    from kr3.prepared import RATING_CONTROLS
+    from kr3.ratings import PIECES
 
     m = kr3.load(conditioned[0], device="cpu", precision="fp32")
     texts = m.complete("", num_samples=6, max_new_tokens=4, temperature=1.0)
     offered = [text for text, _ in m.next_tokens("", k=20)]
-    for control in RATING_CONTROLS.values():
+    for control in PIECES.values():
         assert not any(control in t for t in texts + offered), (texts, offered)
 
 
@@ -241,8 +241,8 @@ def test_the_rating_loss_is_the_classifier_cross_entropy_of_each_review(scored_r
     seqs = torch.tensor(rows)
     x, y = seqs[:, :-1], seqs[:, 1:]
     prior = np.array([0.2, 0.5, 0.3])
-    scored = classify.scored_reviews(x[:scored_rows], y[:scored_rows], torch.tensor([3, 4, 5]), eos)
-    lm, rating = classify.training_losses(model, model.head.weight, x, y, scored, torch.tensor(prior).log().float())
+    scored = rating_loss.scored_reviews(x[:scored_rows], y[:scored_rows], torch.tensor([3, 4, 5]), eos)
+    lm, rating = rating_loss.training_losses(model, model.head.weight, x, y, scored, torch.tensor(prior).log().float())
     ll = classify.log_likelihoods(model, texts, controls, eos, 8, torch.device("cpu"), torch.float32)
     expected = torch.nn.functional.cross_entropy(torch.tensor(ll + np.log(prior)), torch.tensor(labels))
     assert rating.item() == pytest.approx(expected.item(), rel=1e-5)
@@ -259,7 +259,7 @@ def test_the_rating_loss_scores_each_rows_first_whole_rated_review():
                       [eos, 4, 15, 16, 17, 18, 19, 20, 21, 22, 23, 15, 16],
                       [9, 9, eos, 12, 13, eos, 14, 15, 16, 17, 18, 19, 20]])
     y = torch.cat([x[:, 1:], torch.tensor([[17], [17], [21]])], 1)
-    start, end, whole = classify.first_reviews(x, y, torch.tensor([3, 4, 5]), eos)
+    start, end, whole = rating_loss.first_reviews(x, y, torch.tensor([3, 4, 5]), eos)
     assert whole.tolist() == [True, False, False]
     assert (start[0].item(), end[0].item()) == (3, 5)  # positions 3–5 predict 10, 11 and the review's EOS
 
@@ -276,17 +276,17 @@ def test_the_rating_loss_asks_the_device_for_nothing():
     cut = [eos, 4, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
     seqs = torch.tensor([whole, cut, whole])
     x, y = seqs[:, :-1], seqs[:, 1:]
-    scored = classify.scored_reviews(x[:2], y[:2], controls, eos)
+    scored = rating_loss.scored_reviews(x[:2], y[:2], controls, eos)
     assert scored.rows.tolist() == [0]
     with meta:
         model = GPT(GPTConfig(**shape))
-    lm, rating = classify.training_losses(model, model.head.weight, x.to(meta), y.to(meta), scored.to(meta),
+    lm, rating = rating_loss.training_losses(model, model.head.weight, x.to(meta), y.to(meta), scored.to(meta),
                                           torch.zeros(3, device=meta))
     (lm + rating).backward()
     assert rating.device == meta and model.head.weight.grad is not None
-    none = classify.scored_reviews(x[1:2], y[1:2], controls, eos)
+    none = rating_loss.scored_reviews(x[1:2], y[1:2], controls, eos)
     model = GPT(GPTConfig(**shape))
-    assert classify.training_losses(model, model.head.weight, x, y, none, torch.zeros(3))[1].item() == 0
+    assert rating_loss.training_losses(model, model.head.weight, x, y, none, torch.zeros(3))[1].item() == 0
 
 
 def test_training_with_the_rating_loss_logs_it_and_learns_the_ratings(tmp_path, train_tiny):

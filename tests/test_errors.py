@@ -1,5 +1,6 @@
 """User-facing error paths added by train/generate/evaluate that other tests do not feed."""
 import re
+from dataclasses import replace
 
 import pytest
 
@@ -67,8 +68,9 @@ def _fake_checkpoint(tmp_path):
     model = GPT(GPTConfig(vocab_size=300, n_layers=1, n_heads=1, d_model=8, d_ffn=8, block_size=8))
     path = tmp_path / "run" / "checkpoints" / "best.pt"
     checkpoint.save(checkpoint.Checkpoint(model_config=model.cfg.to_dict(), model=model.state_dict(), step=0,
-                                          config={"data": {"clean": {}}}, tokenizer={"files": {}},
-                                          data={"dir": str(tmp_path / "gone"), "splits": {}, "dtype": "uint16"}), path)
+                                          config={"data": {"clean": {}}}, tokenizer=checkpoint.TokenizerRecord(),
+                                          data=checkpoint.DataRecord(dir=str(tmp_path / "gone"), splits={}, dtype="uint16")),
+                    path)
     return path
 
 
@@ -114,7 +116,7 @@ def test_evaluate_refuses_data_prepared_again(tmp_path, monkeypatch):
     folder.mkdir()
     np.arange(50, dtype=np.uint16).tofile(folder / "val.bin")
     (folder / "meta.json").write_text(json.dumps({"format_version": prepared.FORMAT_VERSION, "fingerprint": "new"}))
-    state.data.update(dir=str(folder), splits={"val": {"file": "val.bin", "chars": 100}}, fingerprint="old")
+    state.data = replace(state.data, dir=str(folder), splits={"val": {"file": "val.bin", "chars": 100}}, fingerprint="old")
     checkpoint.save(state, path)
     monkeypatch.setattr(ktok, "from_files", lambda files: None)
     cfg = compose(root=tmp_path, overrides=["stage=evaluate", f"checkpoint={path}", f"paths.output_dir={tmp_path / 'e'}"])

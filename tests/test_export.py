@@ -33,7 +33,7 @@ def exported(trained):
 
 def val_reviews(m, n: int) -> list[list[int]]:
     """The first n reviews of the prepared val split the model was trained with, as token ids."""
-    val = np.fromfile(f"{m.checkpoint.data['dir']}/val.bin", dtype=m.checkpoint.data["dtype"]).astype(np.int64)
+    val = np.fromfile(f"{m.checkpoint.data.dir}/val.bin", dtype=m.checkpoint.data.dtype).astype(np.int64)
     ends = np.flatnonzero(val == m.tokenizer.eos_id)[:n]
     return [val[a + 1 : b].tolist() for a, b in zip([-1, *ends[:-1]], ends)]
 
@@ -43,7 +43,7 @@ def test_transformers_computes_kr3s_logits(exported):
     hf, info = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and type(hf).__name__ == "GPT2LMHeadModel"
     block = m.model.cfg.block_size
-    val = np.fromfile(f"{m.checkpoint.data['dir']}/val.bin", dtype=m.checkpoint.data["dtype"]).astype(np.int64)
+    val = np.fromfile(f"{m.checkpoint.data.dir}/val.bin", dtype=m.checkpoint.data.dtype).astype(np.int64)
     ids = torch.from_numpy(val[: 2 * block].copy()).view(2, block)
     with torch.no_grad():
         assert (m.model(ids) - hf.eval()(ids).logits).abs().max() < 1e-4

@@ -4,7 +4,7 @@ import logging
 import numpy as np
 import pytest
 
-from kr3 import prepared
+from kr3 import prepared, ratings
 from kr3 import tokenizer as ktok
 from kr3.config import compose
 from kr3.errors import UserError
@@ -149,7 +149,7 @@ def test_rating_condition_puts_a_control_token_before_each_rated_review(tmp_path
     controls = {int(r): i for r, i in meta["condition"]["controls"].items()}
     assert sorted(controls) == [0, 1, 2] and len(set(controls.values())) == 3
     tok = ktok.load(out / "tokenizer")
-    assert all(tok.decode(tok.encode(piece)) == piece for piece in prepared.RATING_CONTROLS.values())
+    assert all(tok.decode(tok.encode(piece)) == piece for piece in ratings.PIECES.values())
     rating_of = {t: r for r, t in rows}
     ids = np.fromfile(out / "train.bin", dtype=np.uint16)
     docs = np.split(ids, np.flatnonzero(ids == tok.eos_id) + 1)[:-1]

@@ -218,7 +218,7 @@ def test_rating_control_tokens_become_new_rows_that_train(corpus, base, tmp_path
     _, run = train(corpus, tmp_path, base, "data.condition=rating", "trainer.max_steps=6", "trainer.lr=3e-3",
                    "trainer.eval_interval=0")
     ckpt = checkpoint.load(checkpoint.step_path(run, 6))
-    assert [int(i) for i in ckpt.data["condition"]["controls"].values()] == controls
+    assert ckpt.condition.ids == controls
     assert not torch.allclose(ckpt.model["tok_emb.weight"][controls], table[controls])  # they trained
 
 

@@ -107,8 +107,8 @@ def test_train_end_to_end(corpus, tmp_path):
     assert (run_dir / "checkpoints" / "best.pt").exists() and (run_dir / "loss.png").stat().st_size > 1000
     assert not (run_dir / "profile").exists()  # trainer.profile is off by default
     state = checkpoint.load(checkpoint.list_steps(run_dir)[-1])
-    assert state.step == 40 and state.model_config["n_layers"] == 2 and "spiece.model" in state.tokenizer["files"]
-    split = state.data["splits"]["val"]
+    assert state.step == 40 and state.model_config["n_layers"] == 2 and "spiece.model" in state.tokenizer.files
+    split = state.data.splits["val"]
     assert val["bpc"] == pytest.approx(val["loss"] * split["tokens"] / split["chars"] / math.log(2))
     assert losses(run_dir, "val/loss")[40] == pytest.approx(val["loss"])
 
@@ -147,7 +147,7 @@ def test_max_time_fixes_max_steps_and_resume_keeps_it(corpus, tmp_path, caplog):
                                     "trainer.eval_interval=0", "trainer.log_interval=5")
     chosen = int(re.search(r"trainer.max_time=4s: \d+ ms per step here, so max_steps=(\d+)", caplog.text)[1])
     state = checkpoint.load(checkpoint.list_steps(run_dir)[-1])
-    assert state.step == state.scheduler["total_steps"] == chosen > 5 and state.scheduler["max_time"] == "4s"
+    assert state.step == state.scheduler.total_steps == chosen > 5 and state.scheduler.max_time == "4s"
     assert max(losses(run_dir)) == chosen
     caplog.clear()
     again, _ = train_in_process(corpus, tmp_path, "trainer.max_time=4s", "trainer.max_steps=null",
@@ -222,12 +222,12 @@ LAYOUT_BEFORE_ISSUE_12 = ("format_version", "model_config", "model", "optimizer"
 
 
 def test_checkpoint_in_the_layout_before_issue_12_still_resumes_and_loads(corpus, tmp_path):
-    """A plain dict with exactly the keys kr3 wrote before the format had a class: it loads for
-    generate/evaluate and resumes exactly."""
+    """A plain dict with exactly the keys kr3 wrote before the format had a class, format_version 1 (before its records
+    were typed): it loads for generate/evaluate and resumes exactly."""
     common = ["trainer.max_steps=6", "trainer.ckpt_interval=3", "trainer.eval_interval=0"]
     _, ref_dir = train_in_process(corpus, tmp_path / "a", *common)
     written = checkpoint.load(checkpoint.step_path(ref_dir, 3)).to_dict()
-    old = {key: written[key] for key in LAYOUT_BEFORE_ISSUE_12}
+    old = {key: written[key] for key in LAYOUT_BEFORE_ISSUE_12} | {"format_version": 1}  # as main wrote it until issue 29
     path = tmp_path / "old" / "checkpoints" / "step-0000003.pt"
     path.parent.mkdir(parents=True)
     torch.save(old, path)
@@ -625,8 +625,8 @@ def test_best_checkpoint_compares_the_same_val_tokens(corpus, tmp_path):
     _, run_dir = train_in_process(corpus, tmp_path, "trainer.max_steps=4", "trainer.eval_interval=2",
                                   "trainer.eval_tokens=100", "trainer.ckpt_interval=2", "trainer.keep_last=0")
     state = checkpoint.load(checkpoint.step_path(run_dir, 4))
-    val = np.memmap(Path(state.data["dir"]) / "val.bin", dtype=state.data["dtype"], mode="r")
-    eos = state.data["eos_id"]
+    val = np.memmap(Path(state.data.dir) / "val.bin", dtype=state.data.dtype, mode="r")
+    eos = state.data.eos_id
     block = state.model_config["block_size"]
     share = -(-100 // block) * block
     assert state.best_val_tokens == share < len(val)

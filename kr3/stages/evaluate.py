@@ -11,7 +11,7 @@ from kr3 import api, classify, hardware, prepared, settings
 from kr3 import data as kdata
 from kr3.atomic import replacing
 from kr3.checkpoint import Checkpoint
-from kr3.tracking import table
+from kr3.console import table
 
 log = logging.getLogger(__name__)
 

@@ -8,12 +8,12 @@ import logging
 import sys
 from pathlib import Path
 
-from kr3 import api, hardware, settings
+from kr3 import api, hardware, ratings, settings
 from kr3.atomic import replacing
+from kr3.console import progress
 from kr3.errors import UserError
 from kr3.repl import answer, repl
-from kr3.sampling import check_decoding, decoding, rating_control
-from kr3.tracking import progress
+from kr3.sampling import check_decoding, decoding
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def run(cfg):
     check_generate(g)
     hardware.setup(g.device, g.precision)
     m = api.load(cfg.checkpoint, g.device, g.precision, cfg.paths.log_dir, **decoding(g))
-    rating_control(g.rating, m.checkpoint.data.get("condition"))  # a bad rating stops before any output
+    ratings.control(g.rating, m.checkpoint.condition)  # a bad rating stops before any output
     log.info(f"{m.describe()}; vocabulary {m.tokenizer.vocab_size:,}")
     if g.prompts_file:
         return batch(cfg, m)

@@ -60,7 +60,7 @@ def build_model(cfg, data: prepared.PreparedData, resumed: resume.Resumed | None
     torch.manual_seed(cfg.seed)
     if resumed:
         return GPT(GPTConfig(**resumed.ckpt.model_config)), resumed.ckpt.base
-    controls = tuple(data.controls.values())
+    controls = tuple(data.condition.ids) if data.condition else ()
     if weights:
         return pretrained.load(cfg.model, weights, data.tokenizer, data.meta["vocab_size"], controls)
     return GPT(GPTConfig.from_cfg(cfg.model, data.meta["vocab_size"], controls)), None

@@ -1,0 +1,14 @@
+"""kr3 over HTTP: an ASGI app (FastAPI) around one `kr3.Model` — OpenAI's completions API (`POST /v1/completions`,
+whole or streamed as server-sent events; `GET /v1/models`), the next-token probabilities (`POST /v1/next_tokens`)
+and a page at `/` (kr3/static: plain HTML, CSS and JS). stage=serve runs it under uvicorn.
+
+Requests are queued, not batched: one thread makes every model call, one token of one completion at a time, in the
+order they are asked for. Concurrent streams so take turns token by token (each with its own KV cache and seed, so
+a seeded completion is the same however many others run), the event loop only waits, and a client that leaves
+stops its completion at the next token."""
+
+from kr3.serve.app import Limits, app, base_model
+from kr3.serve.protocol import Usage
+from kr3.serve.wiring import api_key, listen, redact, run, url
+
+__all__ = ["Limits", "Usage", "api_key", "app", "base_model", "listen", "redact", "run", "url"]

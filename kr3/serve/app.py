@@ -1,0 +1,280 @@
+"""The ASGI app (FastAPI) around one `kr3.Model`: `POST /v1/completions` (whole or streamed), `GET /v1/models`,
+`POST /v1/next_tokens`, `/health` and the page at `/` (kr3/static); its limits, its API key check and its body limit."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+
+from kr3 import ratings
+from kr3.api import Model, decoding_options
+from kr3.config import default_block
+from kr3.errors import UserError
+from kr3.sampling import END_OF_REVIEW
+from kr3.serve.protocol import (
+    ERROR_HANDLERS,
+    UNSUPPORTED,
+    ApiError,
+    Completion,
+    CompletionRequest,
+    NextTokensRequest,
+    Usage,
+    choice,
+    failure,
+    finish_reason,
+    sse,
+)
+from kr3.serve.worker import Disconnected, EventStream, ModelThread
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent.parent / "static"  # kr3/static
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for, so that no client takes the server down: the `serve:` block's keys of these
+    names (conf/config.yaml says what each bounds)."""
+
+    max_body_bytes: int
+    max_tokens: int
+    max_n: int
+    max_prompts: int
+    max_next_tokens: int
+    max_active: int
+
+    @classmethod
+    def of(cls, serve_cfg, **changes: int) -> Limits:
+        """From the `serve:` settings (or conf/config.yaml's block as a dict), with `changes`."""
+        get = serve_cfg.get if isinstance(serve_cfg, Mapping) else lambda key: getattr(serve_cfg, key)
+        return cls(**{**{f.name: int(get(f.name)) for f in fields(cls)}, **changes})
+
+    @classmethod
+    def defaults(cls, **changes: int) -> Limits:
+        """conf/config.yaml's, with `changes`."""
+        return cls.of(default_block("serve"), **changes)
+
+
+def check_rating(m: Model, rating: str | int | None) -> str | int | None:
+    """`rating` as given, once kr3's own check (kr3.ratings.control) accepts it for this checkpoint."""
+    try:
+        ratings.control(rating, m.checkpoint.condition)
+    except UserError as e:
+        raise ApiError(400, str(e), "rating") from None
+    return rating
+
+
+def check_completion(req: CompletionRequest, m: Model, limits: Limits, name: str) -> Completion:
+    """The request as a Completion, or the ApiError that says what is wrong with it."""
+    for key, value in (req.model_extra or {}).items():
+        if key in UNSUPPORTED and value not in UNSUPPORTED[key]:
+            raise ApiError(400, f"{key}={json.dumps(value)} is not supported by kr3 — leave it out", key)
+    prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+    n = req.n or 1
+    bounds = (("prompt", len(prompts), limits.max_prompts, "max_prompts"), ("n", n, limits.max_n, "max_n"),
+              ("max_tokens", req.max_tokens or 0, limits.max_tokens, "max_tokens"))
+    for param, value, bound, key in bounds:
+        if value > bound:
+            raise ApiError(400, f"{param}: {value} is above this server's limit of {bound} (serve.{key})", param)
+    if not prompts:
+        raise ApiError(400, "prompt: the list is empty — give a string or a list of strings", "prompt")
+    return Completion(prompts, n, request_options(req, m, limits), name, f"cmpl-{uuid.uuid4().hex}", int(time.time()))
+
+
+def request_options(req: CompletionRequest, m: Model, limits: Limits) -> dict:
+    """The request's sampling parameters as kr3 decoding options over the server's defaults, checked."""
+    given = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k,
+             "repetition_penalty": req.repetition_penalty, "stop": req.stop, "rating": check_rating(m, req.rating),
+             "guidance": req.guidance}
+    default_tokens = min(m.defaults["max_new_tokens"], limits.max_tokens)
+    options = {"max_new_tokens": default_tokens if req.max_tokens is None else req.max_tokens,
+               "seed": secrets.randbelow(2**31) if req.seed is None else req.seed, "num_samples": 1,
+               **{k: v for k, v in given.items() if v is not None}}
+    return decoding_options(options, m.defaults)  # a UserError left: 400 (user_error)
+
+
+class Server:
+    """The app's handlers over one Model, its limits and its model thread."""
+
+    def __init__(self, m: Model, limits: Limits, name: str):
+        self.m, self.limits, self.name = m, limits, name
+        self.thread = ModelThread(limits.max_active)
+
+    async def complete(self, request: Request, job: Completion) -> dict:
+        """A whole completion response; stops when the client leaves (its error response is never read)."""
+        self.thread.admit()
+        choices, usage = [], Usage()
+        try:
+            for index, prompt, sample in job.choices():
+                generation = self.m.stream_with_stats(prompt, sample, **job.options)  # a generator: runs on the model thread
+                *_, stats = [item async for item in self.thread.iterate(generation, request.is_disconnected)]
+                choices.append(choice(index, stats["completion"], finish_reason(stats, job.options)))
+                usage.add(stats, sample)
+        except Disconnected:
+            raise ApiError(400, "the client closed the connection") from None
+        finally:
+            self.thread.release()
+        return job.chunk(choices, usage.body())
+
+    def stream(self, job: Completion, include_usage: bool) -> EventStream:
+        self.thread.admit()
+        return EventStream(self.events(job, include_usage), self.thread.release)
+
+    async def events(self, job: Completion, include_usage: bool) -> AsyncIterator[str]:
+        """The completion as server-sent events: its pieces of text as they come, each choice's finish_reason in a
+        last event of its own, the usage (when asked for) and `data: [DONE]`."""
+        usage = Usage()
+        try:
+            for index, prompt, sample in job.choices():
+                async for item in self.thread.iterate(self.m.stream_with_stats(prompt, sample, **job.options)):
+                    if isinstance(item, str):
+                        yield sse(job.chunk([choice(index, item, None)]))
+                    else:
+                        usage.add(item, sample)
+                        yield sse(job.chunk([choice(index, "", finish_reason(item, job.options))]))
+        except Disconnected:
+            return
+        except Exception as e:  # the response has begun: the error goes into the stream, the traceback to the log
+            log.exception("a streamed completion failed")
+            yield sse(failure(e).body())
+            return
+        if include_usage:
+            yield sse(job.chunk([], usage.body()))
+        yield sse("[DONE]")
+
+    async def next_tokens(self, req: NextTokensRequest) -> dict:
+        if req.k > self.limits.max_next_tokens:
+            raise ApiError(400, f"k: {req.k} is above this server's limit of {self.limits.max_next_tokens} "
+                                "(serve.max_next_tokens)", "k")
+        rating = check_rating(self.m, req.rating)
+        self.thread.admit()
+        try:
+            top = await self.thread.call(self.m.next_tokens, req.prompt, req.k, rating, req.guidance)
+        finally:
+            self.thread.release()
+        tokens = [{"text": text, "probability": p, "end_of_review": text == END_OF_REVIEW} for text, p in top]
+        return {"object": "next_tokens", "model": self.name, "prompt": self.m.cleaned(req.prompt), "tokens": tokens}
+
+    def card(self) -> dict:
+        """This model as /v1/models lists it; `kr3` holds what the page needs."""
+        d = self.m.defaults
+        return {"id": self.name, "object": "model", "created": int(self.m.path.stat().st_mtime), "owned_by": "kr3",
+                "kr3": {"ratings": self.m.ratings, "context_length": self.m.model.cfg.block_size,
+                        "step": self.m.checkpoint.step, "limits": asdict(self.limits), "base_model": base_model(self.m),
+                        "defaults": {"max_tokens": min(d["max_new_tokens"], self.limits.max_tokens),
+                                     "temperature": d["temperature"], "top_p": d["top_p"], "guidance": d["guidance"]}}}
+
+
+def base_model(m: Model) -> dict | None:
+    """The pretrained model `m` was fine-tuned from, as the API shows it (not the folder it was read from)."""
+    return {k: m.base[k] for k in ("name_or_path", "sha256", "license")} if m.base else None
+
+
+def app(m: Model, limits: Limits | None = None, api_key: str | None = None, name: str = "kr3") -> FastAPI:
+    """The ASGI app serving `m`: `/v1/*` (behind `Authorization: Bearer <api_key>` when a key is given), `/health`,
+    and the page at `/`."""
+    server = Server(m, limits or Limits.defaults(), name)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        server.thread.close()
+
+    async def health() -> dict:
+        return {"status": "ok", "active": server.thread.active}
+
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    fastapi = FastAPI(title="kr3", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    fastapi.include_router(v1_routes(server, api_key))
+    fastapi.add_api_route("/health", health, methods=["GET"])
+    fastapi.add_api_route("/", page, methods=["GET"])
+    fastapi.mount("/static", StaticFiles(directory=STATIC), name="static")
+    fastapi.add_middleware(BodyLimit, limit=server.limits.max_body_bytes)
+    for kind, handler in ERROR_HANDLERS.items():
+        fastapi.add_exception_handler(kind, handler)
+    return fastapi
+
+
+def v1_routes(server: Server, api_key: str | None) -> APIRouter:
+    router = APIRouter(prefix="/v1", dependencies=[Depends(authorization(api_key))])
+
+    @router.get("/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [server.card()]}
+
+    @router.get("/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        if model_id != server.name:
+            raise ApiError(404, f"model {model_id!r} is not served here — GET /v1/models lists {server.name!r}",
+                           "model", code="model_not_found")
+        return server.card()
+
+    @router.post("/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        job = check_completion(req, server.m, server.limits, server.name)
+        if req.stream:
+            return server.stream(job, bool(req.stream_options and req.stream_options.include_usage))
+        return await server.complete(request, job)
+
+    @router.post("/next_tokens")
+    async def next_tokens(req: NextTokensRequest) -> dict:
+        return await server.next_tokens(req)
+
+    return router
+
+
+def authorization(api_key: str | None) -> Callable:
+    """The check that a request carries `Authorization: Bearer <api_key>` (none without a key); the key is
+    compared in constant time and never written anywhere."""
+
+    async def check(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise ApiError(401, "a valid API key is needed: send the header `Authorization: Bearer <key>`",
+                           code="invalid_api_key")
+
+    return check
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes gets 413, refused before it is read whole."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            return await self.too_large().response()(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:  # a chunked body, which gave no length
+                raise self.too_large()
+            return message
+
+        await self.app(scope, limited, send)
+
+    def too_large(self) -> ApiError:
+        return ApiError(413, f"the request body is over this server's limit of {self.limit} bytes (serve.max_body_bytes)")
