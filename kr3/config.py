@@ -164,3 +164,10 @@ def options_holding(key: str) -> list[str]:
 
 
 _ABSENT = object()
+
+
+def command_overrides() -> list[str] | None:
+    """The overrides typed on the command line, or None when the config was built in Python."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None

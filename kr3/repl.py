@@ -1,10 +1,12 @@
 """The terminal side of stage=generate: a prompt completed with its text streamed as decoded, and the REPL —
 prompts and `:` commands (`:help`, `:rating NAME`, `:<setting> VALUE`) until `exit`, with line editing and
-history on a terminal, line by line from a pipe."""
+history on a terminal, line by line from a pipe. The REPL samples afresh each time (a new seed per prompt, said
+after its completion) until `:seed N` pins one; Ctrl-C stops a completion and returns to the prompt."""
 
 from __future__ import annotations
 
 import re
+import secrets
 
 from prompt_toolkit import PromptSession
 from prompt_toolkit.input import create_input
@@ -28,12 +30,12 @@ def visible(text: str) -> str:
     return CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
-def answer(m: api.Model, g, prompt: str, out) -> None:
+def answer(m: api.Model, g, prompt: str, out, say_seed: bool = False) -> None:
     """Complete `prompt` on the terminal with settings `g`: it is echoed as the model is given it (cleaned),
-    completions streamed."""
+    completions streamed. `g.seed` None (the REPL's default): a fresh seed, which `say_seed` prints after it."""
     if g.show_next:
         out.write(next_token_table(m.next_tokens(prompt, int(g.show_next), rating=g.rating, guidance=g.guidance)))
-    options = decoding(g)
+    options = {**decoding(g), "seed": secrets.randbelow(2**31) if g.seed is None else g.seed}
     for sample in range(int(g.num_samples)):
         out.write(visible(m.cleaned(prompt)))
         for piece in m.stream(prompt, sample, **options):
@@ -41,6 +43,9 @@ def answer(m: api.Model, g, prompt: str, out) -> None:
             out.flush()
         out.write("\n")
         out.flush()
+    if say_seed:
+        seed = options["seed"]
+        out.write(f"(seed {seed}{' + the sample' if int(g.num_samples) > 1 else ''}: `:seed {seed}` repeats it)\n")
 
 
 def next_token_table(choices: list[tuple[str, float]]) -> str:
@@ -54,8 +59,9 @@ def quoted(text: str) -> str:
 
 
 def repl(m: api.Model, g, stdin, out) -> None:
-    """Read prompts and `:` commands until `exit`/`quit`, end of input (Ctrl-D) or Ctrl-C. On a terminal with
-    line editing and history; on a pipe line by line."""
+    """Read prompts and `:` commands until `exit`/`quit` or end of input (Ctrl-D); Ctrl-C stops a completion (or
+    clears the line typed) and returns to the prompt. On a terminal with line editing and history; on a pipe line by
+    line (where Ctrl-C ends it)."""
     try:
         for line in typed_lines(stdin, out):
             text = line.strip()
@@ -71,9 +77,20 @@ def repl(m: api.Model, g, stdin, out) -> None:
             if COMMAND.fullmatch(text):
                 out.write(command(g, text, m) + "\n")
             else:
-                answer(m, g, text, out)
+                interruptible(answer, m, g, text, out, say_seed=True)
     except KeyboardInterrupt:
         out.write("\n")
+
+
+def interruptible(work, *args, **kwargs) -> None:
+    """`work(*args)` (its output stream `args[-1]`), which Ctrl-C stops: back to the prompt, the REPL and its history as
+    they were."""
+    out = args[-1]
+    try:
+        work(*args, **kwargs)
+    except KeyboardInterrupt:
+        out.write("\n(stopped)\n")
+        out.flush()
 
 
 def typed_lines(stdin, out):
@@ -89,6 +106,8 @@ def typed_lines(stdin, out):
     while True:
         try:
             yield session.prompt("> ")
+        except KeyboardInterrupt:
+            continue  # the line typed is dropped, as a shell does
         except EOFError:
             return
 
@@ -107,6 +126,9 @@ def command(g, text: str, m: api.Model) -> str:
     if not arg:
         return f"{name}={value_text(getattr(g, name))} (`:{name} VALUE` changes it)"
     value = parse_value(arg)
+    if name == "seed" and value is None:
+        g.seed = None
+        return "seed=null (a fresh seed for each prompt)"
     try:
         check_value(Generate, name, value)
     except UserError as e:

@@ -3,6 +3,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -79,8 +80,9 @@ def test_pipe_and_exit(trained):
     proc = cli(trained[1], "stage=generate", f"checkpoint={trained[0]}", "generate.max_new_tokens=10",
                stdin="이 집 짜장면은\n\n사장님\nexit\n이건 읽지 않아요\n")
     assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
+    lines = [line for line in proc.stdout.splitlines() if not line.startswith("(seed ")]
     assert lines[-2].startswith("이 집 짜장면은") and lines[-1].startswith("사장님")
+    assert proc.stdout.count("(seed ") == 2  # each completion says its fresh seed
     assert "이건" not in proc.stdout
 
 
@@ -107,11 +109,69 @@ def test_terminal_session(trained):
     assert child.exitstatus == 0
 
 
+# python -c SLOW_STREAM <kr3's arguments>: stage=generate whose completions never end by themselves
+SLOW_STREAM = textwrap.dedent("""
+    import sys, time
+    from kr3 import api, cli
+
+    def stream(self, prompt, sample=0, **options):
+        while True:
+            time.sleep(0.02)
+            yield "맛"
+
+    api.Model.stream = stream
+    sys.argv = ["run.py", *sys.argv[1:]]
+    cli.main()
+""")
+
+
+def test_ctrl_c_stops_a_completion_and_the_repl_goes_on(trained):
+    """Ctrl-C during a completion returns to the prompt, history and settings kept; Ctrl-D quits."""
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(sys.executable, ["-c", SLOW_STREAM, f"paths.root_dir={trained[1]}", "stage=generate",
+                                           "checkpoint=latest"], cwd=str(ROOT), encoding="utf-8", timeout=120,
+                          env={**os.environ, "PROMPT_TOOLKIT_NO_CPR": "1"})
+    child.expect("Ctrl-D quits")
+    for keys in (":temperature 0.5\r", "이 집\r"):
+        child.expect(">")
+        child.send(keys)
+    child.expect("맛맛맛")
+    child.sendintr()
+    child.expect(r"\(stopped\)")
+    child.expect(">")
+    child.send("\x1b[A\r")  # ↑ recalls the prompt: the history is kept
+    child.expect("이 집맛맛")
+    child.sendintr()
+    child.expect(r"\(stopped\)")
+    child.expect(">")
+    child.send(":temperature\r")
+    child.expect("temperature=0.5")  # so are the settings
+    child.expect(">")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_the_repl_samples_afresh_until_a_seed_is_given(trained):
+    """Two completions of one prompt differ by default, each naming its seed; after `:seed 42` they match."""
+    proc = cli(trained[1], "stage=generate", f"checkpoint={trained[0]}", "generate.max_new_tokens=30",
+               "generate.temperature=1.0", stdin="이 집\n이 집\n:seed 42\n이 집\n이 집\n:seed null\n:help\n")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    completions = [line for line in lines if line.startswith("이 집")]
+    seeds = [re.fullmatch(r"\(seed (\d+): `:seed \1` repeats it\)", line) for line in lines if line.startswith("(seed")]
+    assert len(completions) == len(seeds) == 4 and all(seeds)
+    assert [m[1] for m in seeds][2:] == ["42", "42"] and seeds[0][1] != seeds[1][1]
+    assert completions[0] != completions[1] and completions[2] == completions[3]
+    assert "seed=null (a fresh seed for each prompt)" in lines and " seed=null " in proc.stdout
+
+
 def test_pipe_commands_and_control_characters(trained):
     proc = cli(trained[1], "stage=generate", f"checkpoint={trained[0]}", "generate.max_new_tokens=10",
                stdin=":temperature abc\n:top_k 20\n:TOP_P none\n:help\n:nope\n:)\n\x1b[31m이 집\x07은\n")
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
-    lines = proc.stdout.splitlines()
+    lines = [line for line in proc.stdout.splitlines() if not line.startswith("(seed ")]  # each completion's seed
     assert "generate.temperature=abc must be a number ≥ 0; temperature stays 0.8" in lines
     assert "top_k=20" in lines and "top_p=null" in lines and "unknown command :nope" in proc.stdout
     assert "settings: temperature=0.8 top_k=20 top_p=null " in proc.stdout
@@ -230,7 +290,7 @@ def test_a_stdin_line_that_is_not_utf8_gets_a_message(trained):
                           input=b"\xff\xfe\n" + "사장님\n".encode(), timeout=300,  # a bad line, then a good one
                           env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})  # as on a ko_KR.UTF-8 terminal
     assert proc.returncode == 0, proc.stderr
-    assert b"not UTF-8 text" in proc.stdout and proc.stdout.splitlines()[-1].startswith("사장님".encode())
+    assert b"not UTF-8 text" in proc.stdout and proc.stdout.splitlines()[-2].startswith("사장님".encode())
 
 
 def test_a_bad_output_path_is_one_line_before_any_work(trained, tmp_path):

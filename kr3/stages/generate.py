@@ -10,6 +10,7 @@ from pathlib import Path
 
 from kr3 import api, hardware, ratings, settings
 from kr3.atomic import replacing
+from kr3.config import command_overrides, override_key
 from kr3.console import progress
 from kr3.errors import UserError
 from kr3.repl import answer, repl
@@ -36,6 +37,8 @@ def run(cfg):
         return batch(cfg, m)
     if g.prompt is not None:
         return answer(m, g, str(g.prompt), sys.stdout)
+    if not any(override_key(o) == "generate.seed" for o in command_overrides() or []):
+        g.seed = None  # the REPL samples afresh each time unless a seed is given (`:seed N` pins one)
     return repl(m, g, sys.stdin, sys.stdout)
 
 

@@ -10,7 +10,7 @@ import torch
 
 from kr3 import checkpoint, distributed, hardware, optim, prepared, pretrained, resume, settings
 from kr3.batches import Batches
-from kr3.config import override_key
+from kr3.config import command_overrides, override_key
 from kr3.model import GPT, GPTConfig
 from kr3.trainer import Trainer, check_rating_loss, check_samples, total_steps
 
@@ -71,10 +71,3 @@ def command_line() -> str:
     kept = [o for o in command_overrides() or ["stage=train"]
             if override_key(o) not in ("hydra.run.dir", "trainer.resume")]
     return shlex.join(["python", "run.py", *kept])
-
-
-def command_overrides() -> list[str] | None:
-    """The overrides typed on the command line, or None when the config was built in Python."""
-    from hydra.core.hydra_config import HydraConfig
-
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
