@@ -154,17 +154,35 @@ def test_ctrl_c_stops_a_completion_and_the_repl_goes_on(trained):
 
 
 def test_the_repl_samples_afresh_until_a_seed_is_given(trained):
-    """Two completions of one prompt differ by default, each naming its seed; after `:seed 42` they match."""
-    proc = cli(trained[1], "stage=generate", f"checkpoint={trained[0]}", "generate.max_new_tokens=30",
-               "generate.temperature=1.0", stdin="이 집\n이 집\n:seed 42\n이 집\n이 집\n:seed null\n:help\n")
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
-    completions = [line for line in lines if line.startswith("이 집")]
-    seeds = [re.fullmatch(r"\(seed (\d+): `:seed \1` repeats it\)", line) for line in lines if line.startswith("(seed")]
-    assert len(completions) == len(seeds) == 4 and all(seeds)
-    assert [m[1] for m in seeds][2:] == ["42", "42"] and seeds[0][1] != seeds[1][1]
-    assert completions[0] != completions[1] and completions[2] == completions[3]
-    assert "seed=null (a fresh seed for each prompt)" in lines and " seed=null " in proc.stdout
+    """On a terminal, two completions of one prompt differ by default, each naming its seed; after `:seed 42` they
+    match; `:seed null` returns to fresh seeds."""
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(sys.executable, [str(ROOT / "run.py"), f"paths.root_dir={trained[1]}", "stage=generate",
+                                           f"checkpoint={trained[0]}", "generate.max_new_tokens=30",
+                                           "generate.temperature=1.0"], encoding="utf-8", timeout=120,
+                          env={**os.environ, "PROMPT_TOOLKIT_NO_CPR": "1"})
+    child.expect("Ctrl-D quits")
+
+    def complete() -> tuple[str, str]:
+        child.expect(">")
+        child.send("이 집\r")
+        child.expect(r"\r\n(?:\x1b\[[0-9;?]*[A-Za-z])*(이 집[^\r\n]*)\r\n\(seed (\d+): `:seed \2` repeats it\)")
+        return child.match[1], child.match[2]
+
+    def say(command: str, answer: str) -> None:
+        child.expect(">")
+        child.send(command + "\r")
+        child.expect(re.escape(answer))
+
+    (first, seed1), (second, seed2) = complete(), complete()
+    say(":seed 42", "seed=42")
+    (third, seed3), (fourth, seed4) = complete(), complete()
+    say(":seed null", "seed=null (a fresh seed for each prompt)")
+    assert seed1 != seed2 and first != second
+    assert seed3 == seed4 == "42" and third == fourth
+    child.expect(">")
+    child.sendeof()
+    child.expect(pexpect.EOF)
 
 
 def test_pipe_commands_and_control_characters(trained):
