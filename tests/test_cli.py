@@ -32,7 +32,8 @@ def assert_one_line_error(proc, pattern):
 
 def test_unknown_stage(tmp_path):
     proc = run_cli(tmp_path, "stage=bogus")
-    assert_one_line_error(proc, r"stage=bogus is not a stage — use one of: prepare, train, generate, evaluate")
+    assert_one_line_error(proc, r"stage=bogus is not an option of stage/ — use one of: evaluate, export, generate, ")
+    assert not (tmp_path / "outputs").exists()
 
 
 def test_missing_data_path(tmp_path):
@@ -102,7 +103,7 @@ def test_a_seed_of_any_size_is_one_line_and_a_stray_world_size_is_no_launch(tmp_
     assert_one_line_error(proc, rf"seed={10**400} must be an integer ≥ 0 and ≤ 9223372036854775807")
     # WORLD_SIZE=1 without torchrun (some clusters export it): not a process group to join
     proc = run_cli(tmp_path, "stage=bogus", env={**os.environ, "WORLD_SIZE": "1"})
-    assert_one_line_error(proc, r"stage=bogus is not a stage")
+    assert_one_line_error(proc, r"stage=bogus is not an option of stage/")
 
 
 @pytest.mark.parametrize("removal", ["~trainer", "~data.clean.min_chars", "~trainer.lr=1e-3"])
@@ -114,15 +115,15 @@ def test_removing_a_setting_is_one_line(tmp_path, removal):
 
 
 def test_hydra_syntax_still_passes_the_key_check(tmp_path):
-    """hydra.* keys, sweeps over keys and groups, experiments and ++ on real keys reach the stage (a bogus one, to stop
-    there)."""
+    """hydra.* keys, sweeps over keys and groups, experiments and ++ on real keys reach the stage (a report of no
+    folder, to stop there)."""
     proc = run_cli(tmp_path, "-m", f"hydra.sweep.dir={tmp_path}/sweep", "hydra/job_logging=disabled", "experiment=smoke",
                    "model=tiny,base", "model.n_layers=1", "trainer.lr=1e-3,3e-4", "++trainer.batch_size=4",
-                   "generate.prompt=맛있는 집", "stage=bogus")
+                   "generate.prompt=맛있는 집", "stage=report", f"report.dir={tmp_path}/none")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(
         "error: 4 of 4 jobs failed — #0 (model=tiny trainer.lr=0.001), #1 (model=tiny trainer.lr=0.0003), #2 (model=base "
-        "trainer.lr=0.001), #3 (model=base trainer.lr=0.0003): stage=bogus is not a stage — use one of: prepare, train, ")
+        "trainer.lr=0.001), #3 (model=base trainer.lr=0.0003): report.dir=") and "is not a folder" in proc.stderr
     assert (tmp_path / "sweep").is_dir()
 
 
@@ -141,10 +142,21 @@ def test_help_lists_stages_groups_and_examples(tmp_path):
     assert 'eval "$(kr3 -sc install=bash)"' in out
 
 
-def test_tab_completion_answers(tmp_path):
-    env = {**os.environ, "COMP_LINE": "python run.py model=", "COMP_POINT": "20"}
+@pytest.mark.parametrize("line, expected", [
+    ("python run.py model=", ["model=base", "model=pretrained", "model=small", "model=tiny"]),
+    ("python run.py stage=", sorted(f"stage={stage}" for stage in STAGES)),
+    ("python run.py stage=t", ["stage=train"]),
+    ("kr3 -m stage=train trainer.l", ["trainer.log_interval=", "trainer.lr="]),
+])
+def test_tab_completion_answers(tmp_path, line, expected):
+    """What bash's Tab offers (conf/stage/ makes the stages a group, so Hydra completes them)."""
+    env = {**os.environ, "COMP_LINE": line, "COMP_POINT": str(len(line))}
     proc = run_cli(tmp_path, "-sc", "query=bash", env=env)
-    assert proc.returncode == 0 and "model=tiny" in proc.stdout.split(), proc.stderr
+    assert proc.returncode == 0 and proc.stdout.split() == expected, proc.stderr
+
+
+def test_every_stage_has_its_config_and_module():
+    assert sorted(p.stem for p in (ROOT / "conf" / "stage").glob("*.yaml")) == sorted(STAGES)
 
 
 def test_installed_command_uses_its_packaged_config(tmp_path):
