@@ -3,6 +3,9 @@
 import difflib
 import os
 import re
+import shlex
+import shutil
+import sys
 import time
 from datetime import datetime
 from functools import cache
@@ -171,3 +174,43 @@ def command_overrides() -> list[str] | None:
     from hydra.core.hydra_config import HydraConfig
 
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
+
+
+def started_as() -> str:
+    """The command that started this process, for a hint to paste: `uv run python run.py`, `kr3`, `.venv/bin/python
+    run.py`, `torchrun --standalone --nproc_per_node=2 --no-python kr3`, …"""
+    script = sys.argv[0] if Path(sys.argv[0]).name in ("run.py", "kr3") else "kr3"  # else a notebook, a test, …
+    console = not script.endswith(".py")  # the installed `kr3` command
+    program = tool_command(Path(script).name) if console else [*python_command(), script]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "TORCHELASTIC_RUN_ID" in os.environ:
+        return shlex.join([*tool_command("torchrun"), *torchrun_options(), *(["--no-python"] if console else []),
+                           program[-1]])
+    return shlex.join(program)
+
+
+def torchrun_options() -> list[str]:
+    world = int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if local == world:
+        return ["--standalone", f"--nproc_per_node={local}"]
+    return [f"--nnodes={world // local}", f"--nproc_per_node={local}", "--rdzv_backend=c10d",
+            f"--rdzv_endpoint={os.environ.get('MASTER_ADDR', 'HOST')}:{os.environ.get('MASTER_PORT', 'PORT')}"]
+
+
+def python_command() -> list[str]:
+    """This Python as it can be typed: through uv under `uv run`, `python` when that is this one, else its path (a
+    virtual environment not activated)."""
+    if "UV_RUN_RECURSION_DEPTH" in os.environ:
+        return ["uv", "run", "python"]
+    on_path = shutil.which("python")
+    return ["python"] if on_path and Path(on_path).absolute() == Path(sys.executable).absolute() else [sys.executable]
+
+
+def tool_command(name: str) -> list[str]:
+    """A console script of this environment (`kr3`, `wandb`, `torchrun`) as it can be typed: through uv under `uv
+    run`, by name when PATH finds this environment's, else by path."""
+    if "UV_RUN_RECURSION_DEPTH" in os.environ:
+        return ["uv", "run", name]
+    beside = Path(sys.executable).parent / name
+    found = shutil.which(name)
+    return [name if not beside.exists() or (found and Path(found).absolute() == beside.absolute()) else str(beside)]

@@ -22,6 +22,7 @@ from kr3 import data as kdata
 from kr3 import ratings, settings
 from kr3 import tokenizer as ktok
 from kr3.atomic import disk_full_as_user_error, replacing_folder
+from kr3.config import started_as
 from kr3.console import progress, table
 from kr3.errors import UserError
 from kr3.tracking import pid_alive
@@ -69,7 +70,7 @@ def prepared_dir(cfg) -> Path:
 def read_meta(directory: str | Path) -> dict:
     path = Path(directory) / META
     if not path.exists():
-        raise UserError(f"no prepared data in {directory} — run `python run.py stage=prepare` with the same data/tokenizer")
+        raise UserError(f"no prepared data in {directory} — run `{started_as()} stage=prepare` with the same data/tokenizer")
     meta = json.loads(path.read_text())
     if meta.get("format_version") != FORMAT_VERSION:
         raise UserError(

@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from kr3 import gpt2, hub
+from kr3.config import started_as
 from kr3.errors import UserError, first_line
 from kr3.model import GPT, GPTConfig
 
@@ -94,7 +95,7 @@ def check_tokenizer(tokenizer, folder: Path, name: str) -> None:
     if any(ours.get(piece) != i for piece, i in vocab.items()):
         raise UserError(f"the data was prepared with a {tokenizer.kind} tokenizer of {tokenizer.vocab_size:,} tokens, not "
                         f"{name}'s, so its token ids mean other pieces to this model — leave the tokenizer settings out: "
-                        f"model=pretrained prepares the data with the model's own tokenizer (python run.py stage=train "
+                        f"model=pretrained prepares the data with the model's own tokenizer ({started_as()} stage=train "
                         f"model=pretrained model.name_or_path={name} data=...)")
 
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import socket
 import time
 from pathlib import Path
 
 from kr3 import settings
 from kr3.atomic import append_whole, replacing
+from kr3.config import tool_command
 from kr3.errors import UserError, lookup
 
 log = logging.getLogger(__name__)
@@ -78,7 +80,7 @@ class WandbSink(Sink):
         files = Path(self.run.dir).parent
         self.run.finish()
         if self.mode == "offline":  # W&B's own hint is silenced with the rest of its output
-            log.info(f"W&B run saved offline; upload it with: wandb sync {files}")
+            log.info(f"W&B run saved offline; upload it with: {shlex.join([*tool_command('wandb'), 'sync', str(files)])}")
 
 
 def sweep_name() -> str | None:

@@ -155,6 +155,34 @@ def test_tab_completion_answers(tmp_path, line, expected):
     assert proc.returncode == 0 and proc.stdout.split() == expected, proc.stderr
 
 
+@pytest.mark.parametrize("argv0, env, on_path, expected", [
+    ("run.py", {"UV_RUN_RECURSION_DEPTH": "1"}, False, "uv run python run.py"),
+    ("run.py", {}, True, "python run.py"),
+    ("run.py", {}, False, "{python} run.py"),  # a virtual environment not activated: its Python by path
+    ("{bin}/kr3", {}, True, "kr3"),
+    ("{bin}/kr3", {"UV_RUN_RECURSION_DEPTH": "1"}, True, "uv run kr3"),
+    ("{bin}/kr3", {}, False, "{bin}/kr3"),
+    ("{bin}/kr3", {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "1"}, True,
+     "torchrun --standalone --nproc_per_node=2 --no-python kr3"),
+    ("run.py", {"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "1", "MASTER_ADDR": "n1",
+                "MASTER_PORT": "29500", "UV_RUN_RECURSION_DEPTH": "1"}, False,
+     "uv run torchrun --nnodes=2 --nproc_per_node=2 --rdzv_backend=c10d --rdzv_endpoint=n1:29500 run.py"),
+    ("/usr/lib/python3/dist-packages/ipykernel_launcher.py", {}, True, "kr3"),  # a notebook: the installed command
+])
+def test_hints_name_the_command_as_it_was_started(monkeypatch, argv0, env, on_path, expected):
+    """Resume, W&B and 'run this first' hints paste: `uv run …`, `kr3`, torchrun's options, this Python's path."""
+    from kr3 import config
+
+    bin_dir = os.path.dirname(sys.executable)
+    for key in ("UV_RUN_RECURSION_DEPTH", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(sys, "argv", [argv0.format(bin=bin_dir)])
+    monkeypatch.setattr(shutil, "which", lambda name: os.path.join(bin_dir, name) if on_path else None)
+    assert config.started_as() == expected.format(python=sys.executable, bin=bin_dir)
+
+
 def test_every_stage_has_its_config_and_module():
     assert sorted(p.stem for p in (ROOT / "conf" / "stage").glob("*.yaml")) == sorted(STAGES)
 

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from kr3 import report, settings
+from kr3.config import started_as
 from kr3.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,6 @@ def folder(given: str | None, log_dir: Path) -> Path:
     sweeps = sorted((p for p in (log_dir / "multirun").glob("*/*") if p.is_dir()), reverse=True)
     newest = next((s for s in sweeps if report.find_jobs(s)), None)
     if newest is None:
-        raise UserError(f"no multirun of stage=train under {log_dir / 'multirun'} — run a sweep (python run.py -m "
+        raise UserError(f"no multirun of stage=train under {log_dir / 'multirun'} — run a sweep ({started_as()} -m "
                         "stage=train ...) or give report.dir=")
     return newest

@@ -10,7 +10,7 @@ import torch
 
 from kr3 import checkpoint, distributed, hardware, optim, prepared, pretrained, resume, settings
 from kr3.batches import Batches
-from kr3.config import command_overrides, override_key
+from kr3.config import command_overrides, override_key, started_as
 from kr3.model import GPT, GPTConfig
 from kr3.trainer import Trainer, check_rating_loss, check_samples, total_steps
 
@@ -67,7 +67,8 @@ def build_model(cfg, data: prepared.PreparedData, resumed: resume.Resumed | None
 
 
 def command_line() -> str:
-    """`python run.py` with this command's overrides, less those that continuing it sets."""
+    """This command as it was started (`uv run python run.py`, `kr3`, `torchrun …`) with its overrides, less those
+    that continuing it sets."""
     kept = [o for o in command_overrides() or ["stage=train"]
             if override_key(o) not in ("hydra.run.dir", "trainer.resume")]
-    return shlex.join(["python", "run.py", *kept])
+    return f"{started_as()} {shlex.join(kept)}"
