@@ -65,6 +65,75 @@ def test_a_completion_has_openai_s_shape(client, model):
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
 
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {"promt": "hi"}, "promt"),
+    ("/v1/completions", {"prompt": PROMPT, "max_token": 2, "temprature": 0}, "max_token"),
+    ("/v1/completions", {"prompt": PROMPT, "stream": True, "stream_options": {"include_usag": True}}, "include_usag"),
+    ("/v1/next_tokens", {"prompt": PROMPT, "kk": 3}, "kk"),
+    ("/v1/completions", {"messages": [{"role": "user", "content": PROMPT}]}, "messages"),
+])
+def test_a_misspelt_field_is_refused_by_name(client, path, body, param):
+    """As OpenAI's API does: 400 naming the field, the nearest one, and what the endpoint takes (kr3's own fields
+    apart)."""
+    response = client.post(path, json=body)
+    assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+    message = response.json()["error"]["message"]
+    assert message.startswith(f"Unrecognized request argument supplied: {param} — "
+                              f"{'it is /v1/chat/completions' if param == 'messages' else 'did you mean '}")
+    if path == "/v1/completions" and param in ("promt", "max_token"):
+        assert "takes prompt, model, max_tokens, " in message and message.endswith(
+            "; kr3's own: top_k, repetition_penalty, rating, guidance)")
+
+
+CHAT = [{"role": "system", "content": "You are a food critic."}, {"role": "user", "content": "아무 말"},
+        {"role": "assistant", "content": "네"}, {"role": "user", "content": [{"type": "text", "text": PROMPT}]}]
+
+
+def test_a_chat_completes_the_last_user_message(client, model):
+    """/v1/chat/completions for clients that speak only chat: the last user message is the prompt, the reply the
+    assistant's message, in OpenAI's chat shape (whole and streamed)."""
+    response = client.post("/v1/chat/completions", json={"messages": CHAT, "max_completion_tokens": 12, "seed": 3})
+    assert response.status_code == 200, response.text
+    reply = response.json()
+    assert reply["object"] == "chat.completion" and reply["id"].startswith("chatcmpl-")
+    [choice] = reply["choices"]
+    assert choice["message"] == {"role": "assistant", "content": model.complete(PROMPT, max_new_tokens=12, seed=3)}
+    assert choice["finish_reason"] in ("stop", "length") and 0 < reply["usage"]["completion_tokens"] <= 12
+    body = {"messages": CHAT, "max_tokens": 12, "seed": 3, "n": 2, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with client.stream("POST", "/v1/chat/completions", json=body) as streamed:
+        assert streamed.status_code == 200
+        got = events(streamed.iter_lines())
+    assert got[-1] == "[DONE]" and got[-2]["choices"] == [] and got[-2]["usage"]["completion_tokens"] > 0
+    chunks = got[:-2]
+    assert all(c["object"] == "chat.completion.chunk" and len(c["choices"]) == 1 for c in chunks)
+    for index in (0, 1):
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == index]
+        assert mine[0]["delta"] == {"role": "assistant", "content": ""} and mine[-1]["finish_reason"] in ("stop", "length")
+        text = "".join(c["delta"].get("content", "") for c in mine)
+        assert text == model.complete(PROMPT, max_new_tokens=12, seed=3, num_samples=2)[index]
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"messages": [{"role": "system", "content": "hi"}]}, 400, 'messages: no message of role "user"'),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
+     "messages: kr3 reads text only"),
+    ({"messages": CHAT, "tools": [{"type": "function"}]}, 400, "tools=[{\"type\": \"function\"}] is not supported"),
+    ({"messages": CHAT, "max_completion_tokens": 9999}, 400, "max_tokens: 9999 is above this server's limit"),
+    ({"messages": CHAT, "temprature": 1}, 400, "Unrecognized request argument supplied: temprature"),
+    ({"prompt": PROMPT}, 400, "Unrecognized request argument supplied: prompt — it is /v1/completions's; "
+                              "/v1/chat/completions reads messages"),
+    ({}, 400, "messages: Field required"),
+])
+def test_a_bad_chat_request_is_one_line(client, body, status, message):
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == status and response.json()["error"]["message"].startswith(message), response.text
+
+
+def test_openai_parameters_kr3_does_not_use_are_accepted_when_off(client):
+    assert complete(client, max_tokens=2, user="someone", echo=False, logprobs=None)["usage"]["completion_tokens"] <= 2
+
+
 def test_usage_counts_each_prompt_once_as_the_model_is_given_it(client, model):
     """n samples of a prompt share it; a prompt longer than the context counts what the model kept of it."""
     long = "맛있는 짜장면 " * 400
@@ -396,13 +465,24 @@ def test_the_openai_client_works_unchanged(model, live_server):
     client = openai.OpenAI(base_url=f"{base}/v1", api_key="sk-local", max_retries=0)
     assert [m.id for m in client.models.list()] == ["kr3"]
     reply = client.completions.create(model="kr3", prompt=PROMPT, max_tokens=10, seed=2, temperature=0.7, top_p=0.9)
-    assert reply.choices[0].text == model.complete(PROMPT, max_new_tokens=10, seed=2, temperature=0.7, top_p=0.9)
+    reply_text = model.complete(PROMPT, max_new_tokens=10, seed=2, temperature=0.7, top_p=0.9)
+    assert reply.choices[0].text == reply_text
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
     pieces = list(client.completions.create(model="kr3", prompt=PROMPT, max_tokens=10, seed=2, temperature=0.7,
                                             top_p=0.9, stream=True))
     assert "".join(p.choices[0].text for p in pieces) == reply.choices[0].text
     with pytest.raises(openai.BadRequestError, match="temperature: -1 must be a number ≥ 0"):
         client.completions.create(model="kr3", prompt=PROMPT, temperature=-1)
+    with pytest.raises(openai.BadRequestError, match="Unrecognized request argument supplied: promt — did you mean prompt"):
+        client.completions.create(model="kr3", prompt=PROMPT, extra_body={"promt": "hi"})
+    reply = client.completions.create(model="kr3", prompt=PROMPT, max_tokens=3, extra_body={"top_k": 5, "rating": None})
+    assert reply.usage.completion_tokens <= 3  # kr3's own fields pass through extra_body
+    chat = client.chat.completions.create(model="kr3", messages=[{"role": "user", "content": PROMPT}], max_tokens=10,
+                                          seed=2, temperature=0.7, top_p=0.9)
+    assert chat.choices[0].message.content == reply_text and chat.choices[0].message.role == "assistant"
+    pieces = list(client.chat.completions.create(model="kr3", messages=[{"role": "user", "content": PROMPT}],
+                                                 max_tokens=10, seed=2, temperature=0.7, top_p=0.9, stream=True))
+    assert "".join(p.choices[0].delta.content or "" for p in pieces) == reply_text
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
 

@@ -1,5 +1,6 @@
 """kr3 over HTTP: an ASGI app (FastAPI) around one `kr3.Model` — OpenAI's completions API (`POST /v1/completions`,
-whole or streamed as server-sent events; `GET /v1/models`), the next-token probabilities (`POST /v1/next_tokens`)
+and `/v1/chat/completions` completing the last user message; whole or streamed as server-sent events; `GET
+/v1/models`), the next-token probabilities (`POST /v1/next_tokens`)
 and a page at `/` (kr3/static: plain HTML, CSS and JS). stage=serve runs it under uvicorn.
 
 Requests are queued, not batched: one thread makes every model call, one token of one completion at a time, in the

@@ -1,14 +1,12 @@
-"""The ASGI app (FastAPI) around one `kr3.Model`: `POST /v1/completions` (whole or streamed), `GET /v1/models`,
-`POST /v1/next_tokens`, `/health` and the page at `/` (kr3/static); its limits, its API key check and its body limit."""
+"""The ASGI app (FastAPI) around one `kr3.Model`: `POST /v1/completions` and `/v1/chat/completions` (whole or
+streamed), `GET /v1/models`, `POST /v1/next_tokens`, `/health` and the page at `/` (kr3/static); its limits, its API
+key check and its body limit."""
 
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import secrets
-import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, fields
@@ -25,13 +23,13 @@ from kr3.errors import UserError
 from kr3.sampling import END_OF_REVIEW
 from kr3.serve.protocol import (
     ERROR_HANDLERS,
-    UNSUPPORTED,
     ApiError,
+    ChatRequest,
     Completion,
     CompletionRequest,
     NextTokensRequest,
+    Sampling,
     Usage,
-    choice,
     failure,
     finish_reason,
     sse,
@@ -76,30 +74,26 @@ def check_rating(m: Model, rating: str | int | None) -> str | int | None:
     return rating
 
 
-def check_completion(req: CompletionRequest, m: Model, limits: Limits, name: str) -> Completion:
-    """The request as a Completion, or the ApiError that says what is wrong with it."""
-    for key, value in (req.model_extra or {}).items():
-        if key in UNSUPPORTED and value not in UNSUPPORTED[key]:
-            raise ApiError(400, f"{key}={json.dumps(value)} is not supported by kr3 — leave it out", key)
-    prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-    n = req.n or 1
+def check_completion(req: Sampling, m: Model, limits: Limits, name: str) -> Completion:
+    """A completion or chat request as a Completion, or the ApiError that says what is wrong with it."""
+    prompts, n = req.prompts(), req.n or 1
     bounds = (("prompt", len(prompts), limits.max_prompts, "max_prompts"), ("n", n, limits.max_n, "max_n"),
-              ("max_tokens", req.max_tokens or 0, limits.max_tokens, "max_tokens"))
+              ("max_tokens", req.new_tokens() or 0, limits.max_tokens, "max_tokens"))
     for param, value, bound, key in bounds:
         if value > bound:
             raise ApiError(400, f"{param}: {value} is above this server's limit of {bound} (serve.{key})", param)
     if not prompts:
         raise ApiError(400, "prompt: the list is empty — give a string or a list of strings", "prompt")
-    return Completion(prompts, n, request_options(req, m, limits), name, f"cmpl-{uuid.uuid4().hex}", int(time.time()))
+    return Completion(prompts, n, request_options(req, m, limits), name, chat=isinstance(req, ChatRequest))
 
 
-def request_options(req: CompletionRequest, m: Model, limits: Limits) -> dict:
+def request_options(req: Sampling, m: Model, limits: Limits) -> dict:
     """The request's sampling parameters as kr3 decoding options over the server's defaults, checked."""
     given = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k,
              "repetition_penalty": req.repetition_penalty, "stop": req.stop, "rating": check_rating(m, req.rating),
              "guidance": req.guidance}
     default_tokens = min(m.defaults["max_new_tokens"], limits.max_tokens)
-    options = {"max_new_tokens": default_tokens if req.max_tokens is None else req.max_tokens,
+    options = {"max_new_tokens": default_tokens if req.new_tokens() is None else req.new_tokens(),
                "seed": secrets.randbelow(2**31) if req.seed is None else req.seed, "num_samples": 1,
                **{k: v for k, v in given.items() if v is not None}}
     return decoding_options(options, m.defaults)  # a UserError left: 400 (user_error)
@@ -112,6 +106,13 @@ class Server:
         self.m, self.limits, self.name = m, limits, name
         self.thread = ModelThread(limits.max_active)
 
+    async def answer(self, req: Sampling, request: Request):
+        """A completion or chat request's response: whole, or streamed as server-sent events."""
+        job = check_completion(req, self.m, self.limits, self.name)
+        if req.stream:
+            return self.stream(job, bool(req.stream_options and req.stream_options.include_usage))
+        return await self.complete(request, job)
+
     async def complete(self, request: Request, job: Completion) -> dict:
         """A whole completion response; stops when the client leaves (its error response is never read)."""
         self.thread.admit()
@@ -120,13 +121,13 @@ class Server:
             for index, prompt, sample in job.choices():
                 generation = self.m.stream_with_stats(prompt, sample, **job.options)  # a generator: runs on the model thread
                 *_, stats = [item async for item in self.thread.iterate(generation, request.is_disconnected)]
-                choices.append(choice(index, stats["completion"], finish_reason(stats, job.options)))
+                choices.append(job.whole(index, stats["completion"], finish_reason(stats, job.options)))
                 usage.add(stats, sample)
         except Disconnected:
             raise ApiError(400, "the client closed the connection") from None
         finally:
             self.thread.release()
-        return job.chunk(choices, usage.body())
+        return job.body(choices, usage.body())
 
     def stream(self, job: Completion, include_usage: bool) -> EventStream:
         self.thread.admit()
@@ -138,12 +139,14 @@ class Server:
         usage = Usage()
         try:
             for index, prompt, sample in job.choices():
+                if opening := job.opening(index):
+                    yield sse(opening)
                 async for item in self.thread.iterate(self.m.stream_with_stats(prompt, sample, **job.options)):
                     if isinstance(item, str):
-                        yield sse(job.chunk([choice(index, item, None)]))
+                        yield sse(job.piece(index, item))
                     else:
                         usage.add(item, sample)
-                        yield sse(job.chunk([choice(index, "", finish_reason(item, job.options))]))
+                        yield sse(job.piece(index, "", finish_reason(item, job.options)))
         except Disconnected:
             return
         except Exception as e:  # the response has begun: the error goes into the stream, the traceback to the log
@@ -151,7 +154,7 @@ class Server:
             yield sse(failure(e).body())
             return
         if include_usage:
-            yield sse(job.chunk([], usage.body()))
+            yield sse(job.body([], usage.body(), streamed=True))
         yield sse("[DONE]")
 
     async def next_tokens(self, req: NextTokensRequest) -> dict:
@@ -225,10 +228,11 @@ def v1_routes(server: Server, api_key: str | None) -> APIRouter:
 
     @router.post("/completions")
     async def completions(req: CompletionRequest, request: Request):
-        job = check_completion(req, server.m, server.limits, server.name)
-        if req.stream:
-            return server.stream(job, bool(req.stream_options and req.stream_options.include_usage))
-        return await server.complete(request, job)
+        return await server.answer(req, request)
+
+    @router.post("/chat/completions")
+    async def chat_completions(req: ChatRequest, request: Request):
+        return await server.answer(req, request)
 
     @router.post("/next_tokens")
     async def next_tokens(req: NextTokensRequest) -> dict:

@@ -1,19 +1,22 @@
-"""OpenAI's completions protocol as kr3 speaks it: the request models (types only: the decoding options' ranges are
-kr3.settings.Decoding's), a completion's response and its server-sent events, usage, and every error as OpenAI's JSON
-error body, in one line."""
+"""OpenAI's completions and chat completions protocol as kr3 speaks it: the request models (types only: the decoding
+options' ranges are kr3.settings.Decoding's), a completion's response and its server-sent events, usage, and every
+error as OpenAI's JSON error body, in one line."""
 
 from __future__ import annotations
 
 import json
 import logging
+import time
+import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Annotated
+from dataclasses import dataclass, field
+from difflib import get_close_matches
+from typing import Annotated, ClassVar
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from starlette.exceptions import HTTPException
 
 from kr3.config import as_list
@@ -23,11 +26,6 @@ from kr3.settings import OutOfRange
 log = logging.getLogger(__name__)
 
 MAX_STOPS, MAX_STOP_CHARS = 4, 100  # OpenAI's 4 stop strings; short, since each is checked at every token
-
-
-# OpenAI parameters kr3 does not do: accepted at the values that mean "off" (clients send them), refused otherwise
-UNSUPPORTED = {"echo": (None, False), "logprobs": (None,), "best_of": (None, 1), "suffix": (None, ""),
-               "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0)}
 
 
 class ApiError(HTTPException):
@@ -47,7 +45,46 @@ class ApiError(HTTPException):
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
-class StreamOptions(BaseModel):
+class Strict(BaseModel):
+    """A request body whose misspelt field is refused (400 naming it, as OpenAI does), not silently dropped: its
+    fields, the OpenAI parameters kr3 does not do (`OFF`: accepted at the values that mean "off", which clients
+    send), those it ignores, and nothing else."""
+
+    ENDPOINT: ClassVar[str] = ""
+    OWN: ClassVar[tuple[str, ...]] = ()  # kr3's own fields, beside OpenAI's
+    OFF: ClassVar[dict[str, tuple]] = {}
+    IGNORED: ClassVar[frozenset[str]] = frozenset()
+
+    @model_validator(mode="before")
+    @classmethod
+    def known_fields(cls, data):
+        known = {*cls.model_fields, *cls.OFF, *cls.IGNORED}
+        unknown = [key for key in data if key not in known] if isinstance(data, dict) else []
+        if unknown:
+            raise ApiError(400, cls.unrecognized(unknown[0]), unknown[0])  # not wrapped: pydantic passes it on
+        for key, value in (data.items() if isinstance(data, dict) else ()):
+            if key in cls.OFF and value not in cls.OFF[key]:
+                raise ApiError(400, f"{key}={json.dumps(value)} is not supported by kr3 — leave it out", key)
+        return data
+
+    @classmethod
+    def unrecognized(cls, key: str) -> str:
+        if key in ELSEWHERE and ELSEWHERE[key] != cls.ENDPOINT:
+            return f"Unrecognized request argument supplied: {key} — it is {ELSEWHERE[key]}'s; {cls.ENDPOINT} reads " \
+                   f"{next(iter(cls.model_fields.keys() & ELSEWHERE.keys()))}"
+        near = get_close_matches(key, [*cls.model_fields, *cls.OFF], n=1)
+        declared_here = vars(cls).get("__annotations__", {})  # prompt or messages first
+        openai = sorted((k for k in cls.model_fields if k not in cls.OWN), key=lambda k: k not in declared_here)
+        own = f"; kr3's own: {', '.join(cls.OWN)}" if cls.OWN else ""
+        return (f"Unrecognized request argument supplied: {key}{f' — did you mean {near[0]}?' if near else ''} "
+                f"({cls.ENDPOINT} takes {', '.join(openai)}{own})")
+
+
+ELSEWHERE = {"prompt": "/v1/completions", "messages": "/v1/chat/completions"}  # a body sent to the other endpoint
+
+
+class StreamOptions(Strict):
+    ENDPOINT = "stream_options"
     model_config = ConfigDict(strict=True)
     include_usage: bool = False
 
@@ -60,17 +97,18 @@ def rating_name_or_number(value):
 
 
 Rating = Annotated[str | int | None, BeforeValidator(rating_name_or_number)]
+OFF_PENALTIES = {"logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0)}
 
 
-class CompletionRequest(BaseModel):
-    """OpenAI's completion request; `top_k`, `repetition_penalty`, `rating` and `guidance` are kr3's own. Unset sampling values
-    take the server's defaults (stage=serve's `generate.*`); an unset seed is a random one."""
+class Sampling(Strict):
+    """What OpenAI's completion and chat requests share: the sampling fields, and kr3's own `top_k`,
+    `repetition_penalty`, `rating` and `guidance`. Unset values take the server's defaults (stage=serve's
+    `generate.*`); an unset seed is a random one. Their ranges are kr3.settings.Decoding's, checked once there."""
 
-    # OpenAI's other parameters: see UNSUPPORTED; strict: "5" is no number (OpenAI refuses it too)
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
+    OWN = ("top_k", "repetition_penalty", "rating", "guidance")
+    IGNORED = frozenset({"user"})  # names the caller, for OpenAI's abuse monitoring
+    model_config = ConfigDict(allow_inf_nan=False, strict=True)  # strict: "5" is no number (OpenAI refuses it too)
     model: str | None = None
-    prompt: str | list[str] = ""
-    # the decoding options' ranges are kr3.settings.Decoding's, checked once there (and refused as OutOfRange)
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -84,13 +122,6 @@ class CompletionRequest(BaseModel):
     rating: Rating = None
     guidance: float | None = None
 
-    @field_validator("prompt", mode="before")
-    @classmethod
-    def text_prompts(cls, value):
-        if isinstance(value, str) or (isinstance(value, list) and all(isinstance(p, str) for p in value)):
-            return value
-        raise ValueError("must be a string or a list of strings (prompts of token ids are not supported)")
-
     @field_validator("stop", mode="before")
     @classmethod
     def few_short_stops(cls, value):
@@ -101,8 +132,69 @@ class CompletionRequest(BaseModel):
             raise ValueError(f"has {len(stops)} strings; at most {MAX_STOPS} are allowed")
         return value
 
+    def new_tokens(self) -> int | None:
+        return self.max_tokens
 
-class NextTokensRequest(BaseModel):
+
+class CompletionRequest(Sampling):
+    """OpenAI's completion request: one prompt or a list of them."""
+
+    ENDPOINT = "/v1/completions"
+    OFF = {"echo": (None, False), "logprobs": (None,), "best_of": (None, 1), "suffix": (None, ""), **OFF_PENALTIES}
+    prompt: str | list[str] = ""
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def text_prompts(cls, value):
+        if isinstance(value, str) or (isinstance(value, list) and all(isinstance(p, str) for p in value)):
+            return value
+        raise ValueError("must be a string or a list of strings (prompts of token ids are not supported)")
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else self.prompt
+
+
+class ChatMessage(BaseModel):
+    """A message of a chat; its other fields (name, tool calls, …) are not read."""
+
+    model_config = ConfigDict(strict=True)
+    role: str
+    content: str | list[dict] | None = None
+
+    def text(self) -> str:
+        """The content, or its text parts joined (clients may send [{"type": "text", "text": …}])."""
+        if not isinstance(self.content, list):
+            return self.content or ""
+        if any(part.get("type") != "text" or not isinstance(part.get("text"), str) for part in self.content):
+            raise ApiError(400, "messages: kr3 reads text only — give content as a string or as parts of type "
+                                "\"text\"", "messages")
+        return "".join(part["text"] for part in self.content)
+
+
+class ChatRequest(Sampling):
+    """OpenAI's chat request, for clients that speak only chat. kr3 is a review model, not a chat model: the last
+    user message is the start of a review, which the assistant's reply completes; system, assistant and earlier
+    messages are not read."""
+
+    ENDPOINT = "/v1/chat/completions"
+    OFF = {"logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []), "tool_choice": (None, "none"),
+           "response_format": (None, {"type": "text"}), **OFF_PENALTIES}
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
+
+    def prompts(self) -> list[str]:
+        users = [message for message in self.messages if message.role == "user"]
+        if not users:
+            raise ApiError(400, "messages: no message of role \"user\" — kr3 completes the last user message as the "
+                                "start of a review", "messages")
+        return [users[-1].text()]
+
+    def new_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class NextTokensRequest(Strict):
+    ENDPOINT = "/v1/next_tokens"
     model_config = ConfigDict(allow_inf_nan=False, strict=True)
     model: str | None = None
     prompt: str = ""
@@ -113,14 +205,16 @@ class NextTokensRequest(BaseModel):
 
 @dataclass
 class Completion:
-    """One /v1/completions request, checked: its prompts, decoding options and what its responses carry."""
+    """One completion or chat request, checked: its prompts, decoding options and the shapes of what its responses
+    carry (OpenAI's text completion, or its chat completion)."""
 
     prompts: list[str]
     n: int
     options: dict  # kr3 decoding options, rating included
     model: str
-    id: str
-    created: int
+    chat: bool
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: int = field(default_factory=lambda: int(time.time()))
 
     def choices(self) -> Iterator[tuple[int, str, int]]:
         """(index, prompt, sample): OpenAI numbers the n choices of each prompt in turn."""
@@ -128,14 +222,31 @@ class Completion:
             for sample in range(self.n):
                 yield p * self.n + sample, prompt, sample
 
-    def chunk(self, choices: list[dict], usage: dict | None = None) -> dict:
-        body = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": choices}
+    def body(self, choices: list[dict], usage: dict | None = None, streamed: bool = False) -> dict:
+        kind = ("chat.completion.chunk" if streamed else "chat.completion") if self.chat else "text_completion"
+        body = {"id": f"{'chatcmpl' if self.chat else 'cmpl'}-{self.id}", "object": kind, "created": self.created,
+                "model": self.model, "choices": choices}
         return {**body, "usage": usage} if usage is not None else body
 
+    def whole(self, index: int, text: str, finish_reason: str) -> dict:
+        if self.chat:
+            return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                    "finish_reason": finish_reason}
+        return {"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}
 
-def choice(index: int, text: str, finish_reason: str | None) -> dict:
-    return {"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}
+    def piece(self, index: int, text: str, finish_reason: str | None = None) -> dict:
+        """A streamed event of one choice: its next text, or (finish_reason given) its end."""
+        if self.chat:
+            delta = {"content": text} if text else {}
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        else:
+            choice = {"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}
+        return self.body([choice], streamed=True)
+
+    def opening(self, index: int) -> dict | None:
+        """A chat stream opens each choice with the assistant's role, as OpenAI's does."""
+        choice = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        return self.body([choice], streamed=True) if self.chat else None
 
 
 def finish_reason(stats: dict, options: dict) -> str:
