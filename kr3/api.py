@@ -10,6 +10,7 @@ command line gets.
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from functools import cache
 from pathlib import Path
@@ -23,7 +24,7 @@ from kr3 import checkpoint as kckpt
 from kr3 import hardware, pretrained, ratings
 from kr3.config import ROOT, default_block
 from kr3.errors import UserError
-from kr3.sampling import DECODING, Completer, check_decoding, cleaned, decoding
+from kr3.sampling import DECODING, Completer, check_decoding, cleaned, cut_note, decoding
 from kr3.scoring import metrics, token_loss
 from kr3.settings import check_range
 
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
     from kr3.checkpoint import Checkpoint
     from kr3.model import GPT
     from kr3.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 class Options(TypedDict, total=False):
@@ -102,6 +105,9 @@ class Model:
         """`num_samples` completions with their timing: prompt, sample, completion, prompt_tokens, tokens, seconds,
         first_token_s, tokens_per_s (stage=generate's JSONL rows)."""
         completer = self._completer(options)
+        ids, total = completer.prompt_ids(prompt)
+        if len(ids) < total:
+            log.warning(cut_note(total, len(ids)))
         return [completer.complete(prompt, sample) for sample in range(int(completer.g.num_samples))]
 
     def stream(self, prompt: str, sample: int = 0, **options: Unpack[Options]) -> Iterator[str]:
@@ -134,6 +140,12 @@ class Model:
         data.condition=rating; None otherwise."""
         condition = self.checkpoint.condition
         return list(condition.names.values()) if condition else None
+
+    def given(self, prompt: str, rating: str | int | None = None) -> tuple[str, int, int]:
+        """What the model is given of `prompt` (in a review of `rating`): its text — cleaned, and only its last tokens
+        when it is longer than the context leaves room for — their count, and the prompt's."""
+        ids, total = self._completer({"rating": rating}).prompt_ids(prompt)
+        return self.tokenizer.decode(ids) if len(ids) < total else self.cleaned(prompt), len(ids), total
 
     def cleaned(self, prompt: str) -> str:
         """`prompt` as the model is given it: normalized like the training data (NFC, control characters, spaces)."""

@@ -5,6 +5,7 @@ after its completion) until `:seed N` pins one; Ctrl-C stops a completion and re
 
 from __future__ import annotations
 
+import logging
 import re
 import secrets
 
@@ -14,8 +15,10 @@ from prompt_toolkit.output import create_output
 
 from kr3 import api, ratings
 from kr3.errors import UserError
-from kr3.sampling import DECODING, END_OF_REVIEW, decoding
+from kr3.sampling import DECODING, END_OF_REVIEW, cut_note, decoding
 from kr3.settings import Generate, check_value
+
+log = logging.getLogger(__name__)
 
 EXIT_WORDS = {"exit", "quit"}
 # generate.<key>s that `:<key> VALUE` changes (their ranges: kr3.settings.Generate's)
@@ -31,13 +34,18 @@ def visible(text: str) -> str:
 
 
 def answer(m: api.Model, g, prompt: str, out, say_seed: bool = False) -> None:
-    """Complete `prompt` on the terminal with settings `g`: it is echoed as the model is given it (cleaned),
-    completions streamed. `g.seed` None (the REPL's default): a fresh seed, which `say_seed` prints after it."""
+    """Complete `prompt` on the terminal with settings `g`: it is echoed as the model is given it (cleaned; a prompt
+    longer than the context: said first, on its own line, then its part kept), completions streamed. `g.seed` None
+    (the REPL's default): a fresh seed, which `say_seed` prints after it."""
     if g.show_next:
         out.write(next_token_table(m.next_tokens(prompt, int(g.show_next), rating=g.rating, guidance=g.guidance)))
+    given, kept, total = m.given(prompt, g.rating)
+    if kept < total:
+        out.flush()
+        log.warning(cut_note(total, kept))
     options = {**decoding(g), "seed": secrets.randbelow(2**31) if g.seed is None else g.seed}
     for sample in range(int(g.num_samples)):
-        out.write(visible(m.cleaned(prompt)))
+        out.write(visible(given))
         for piece in m.stream(prompt, sample, **options):
             out.write(visible(piece))
             out.flush()

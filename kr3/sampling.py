@@ -3,7 +3,6 @@ a completion through the KV cache, stop strings, and the K most likely next toke
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Mapping
 from dataclasses import fields
@@ -16,7 +15,6 @@ from kr3.errors import UserError
 from kr3.model import GPT, KVCache
 from kr3.settings import Decoding, plain
 
-log = logging.getLogger(__name__)
 END_OF_REVIEW = "<end of review>"  # next_tokens' text for the end-of-review (EOS) token
 DECODING = tuple(f.name for f in fields(Decoding))  # every decoding option; their defaults: the `generate:` block
 
@@ -98,6 +96,10 @@ def pick(logits, seen, temperature, top_k, top_p, repetition_penalty, generator)
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
+def cut_note(total: int, kept: int) -> str:
+    return f"the prompt has {total} tokens; the model is given its last {kept} (model.block_size)"
+
+
 class Completer:
     """A loaded model + tokenizer + decoding settings; completes one prompt at a time. With `control` (a rating's
     control token) the prompt is given as a review of that rating: [end of review, control, prompt…], as the
@@ -115,18 +117,17 @@ class Completer:
         others = [c for c in self.banned if c != control] if g.guidance != 1 else []
         self.heads = [[]] if control is None else [[tokenizer.eos_id, c] for c in (control, *others)]
 
-    def encode_prompt(self, prompt: str) -> list[int]:
+    def prompt_ids(self, prompt: str) -> tuple[list[int], int]:
+        """The prompt's token ids as the model is given them — cleaned, and only its last ones when it is longer
+        than the context leaves room for — and how many it has in all (callers say it was cut: `cut_note`)."""
         ids = self.tok.encode(cleaned(prompt, self.clean_cfg))
         room = self.model.cfg.block_size - 1 - len(self.heads[0])
-        if len(ids) > room:
-            log.warning(f"the prompt has {len(ids)} tokens; keeping its last {room} (model.block_size)")
-            ids = ids[-room:]
-        return ids
+        return ids[-room:] if len(ids) > room else ids, len(ids)
 
     def stream(self, prompt: str, sample: int = 0):
         """Yield pieces of completion text as they are decoded; the last item is a stats dict."""
         g = self.g
-        ids = self.encode_prompt(prompt)
+        ids, _ = self.prompt_ids(prompt)
         generator = torch.Generator().manual_seed((int(g.seed) + sample) % 2**63)
         start = time.perf_counter()
         prefix = self.tok.decode(ids)
@@ -160,7 +161,7 @@ class Completer:
 
     def next_tokens(self, prompt: str, k: int) -> list[tuple[str, float]]:
         """The k most likely next tokens after the prompt as (text, probability), most likely first."""
-        ids = self.encode_prompt(prompt)
+        ids, _ = self.prompt_ids(prompt)
         with torch.no_grad():
             rows = [[*h, *ids] or [self.tok.eos_id] for h in self.heads]
             logits = next_logits(self.model, rows, self.g.guidance)

@@ -8,6 +8,7 @@ import textwrap
 import pytest
 import torch
 
+import kr3
 from kr3 import checkpoint
 from kr3.config import ROOT, compose
 from kr3.sampling import Completer, sample_tokens
@@ -58,8 +59,10 @@ def test_same_seed_same_sample(trained):
 def test_long_and_odd_prompts(trained, caplog):
     model, tok, state = loaded(trained[0])
     c = Completer(model, tok, gen_cfg(trained[1], "generate.max_new_tokens=8"), state.config["data"]["clean"])
-    c.complete("맛있어요 " * 100)
-    assert "keeping its last 63" in caplog.text
+    ids, total = c.prompt_ids("맛있어요 " * 100)
+    assert len(ids) == 63 and total > 63 and ids == tok.encode(("맛있어요 " * 100).strip())[-63:]
+    kr3.load(trained[0], device="cpu").complete("맛있어요 " * 100, max_new_tokens=2)
+    assert "the prompt has" in caplog.text and "the model is given its last 63 (model.block_size)" in caplog.text
     for odd in ["🍜🍜 龍 \x07\x1b[31m", "ㅋㅋㅋㅋ", "a"]:
         assert isinstance(c.complete(odd)["completion"], str)
     assert abs(sum(p for _, p in c.next_tokens("이 집", 500)) - 1) < 1e-3
@@ -74,6 +77,22 @@ def test_next_tokens_are_text(trained):
     assert texts.count(END_OF_REVIEW) == 1 and not any("▁" in t or t == "</s>" for t in texts)
     spaced = next(i for i in range(tok.vocab_size) if tok.id_to_piece(i).startswith("▁") and len(tok.id_to_piece(i)) > 1)
     assert c.token_text(tok.encode("이 집"), spaced) == " " + tok.id_to_piece(spaced)[1:]  # its space kept
+
+
+def test_a_long_prompt_is_said_before_its_completion_and_echoed_as_kept(trained):
+    """On a terminal (stdout and stderr one stream): the note on a line of its own, then the part of the prompt the
+    model was given, then its completion."""
+    pexpect = pytest.importorskip("pexpect")
+    prompt = " ".join(f"{i}번째 맛있어요" for i in range(60))
+    child = pexpect.spawn(sys.executable, [str(ROOT / "run.py"), f"paths.root_dir={trained[1]}", "stage=generate",
+                                           f"checkpoint={trained[0]}", "generate.max_new_tokens=5",
+                                           f"generate.prompt={prompt}"], encoding="utf-8", timeout=120)
+    child.expect(pexpect.EOF)
+    lines = child.before.replace("\r\n", "\n").splitlines()
+    note = next(i for i, line in enumerate(lines) if "the model is given its last 63 (model.block_size)" in line)
+    echo = lines[note + 1]
+    assert echo.startswith(kr3.load(trained[0], device="cpu").given(prompt)[0]) and not echo.startswith("0번째")
+    assert "59번째 맛있어요" in echo
 
 
 def test_pipe_and_exit(trained):
@@ -205,7 +224,7 @@ def test_terminal_output_escapes_control_characters_and_names_next_tokens(tmp_pa
     from kr3.sampling import END_OF_REVIEW
 
     model = types.SimpleNamespace(
-        cleaned=lambda p: p,  # strip_control=false
+        given=lambda p, rating=None: (p, 3, 3),  # strip_control=false, a short prompt
         next_tokens=lambda p, k, rating=None, guidance=None: [(" 좋은", 0.5), (END_OF_REVIEW, 0.25), ("\x1b", 0.125)],
         stream=lambda p, s, **options: iter(["\x1b[31m맛", "\x07\n"]))
     out = io.StringIO()
