@@ -13,6 +13,13 @@ def progress(iterable=None, desc: str = "", total: int | None = None, unit: str 
                 dynamic_ncols=True, mininterval=0.5, leave=False, **kw)
 
 
+def logs_above_bars():
+    """While it lasts, log lines go above the progress bars on the terminal, not into the bar's line."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm()
+
+
 def table(rows: list[tuple[str, object]], title: str = "") -> str:
     """Two-column plain-text table for end-of-stage summaries."""
     width = max(len(k) for k, _ in rows)

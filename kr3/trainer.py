@@ -20,7 +20,7 @@ from kr3 import tokenizer as ktok
 from kr3.batches import Batches
 from kr3.checkpoint import Checkpoint, DataRecord, Schedule, TokenizerRecord
 from kr3.config import as_list
-from kr3.console import progress, table
+from kr3.console import logs_above_bars, progress, table
 from kr3.errors import Diverged, UserError
 from kr3.prepared import PreparedData
 from kr3.profiling import StepProfiler
@@ -198,10 +198,16 @@ class Trainer:
             ("device", f"{self.device} × {distributed.world_size()} process(es){' (DDP)' if self.ddp else ''}, "
                        f"{str(self.dtype).replace('torch.', '')}"
                        f"{', compiled' if self.t.compile else ''}, {torch.get_num_threads()} threads"),
-            ("steps", f"{self.step} → {self.total} ({self.batches.steps_per_epoch} per epoch, "
+            ("steps", f"{self.step} → {self.last_step()} ({self.batches.steps_per_epoch} per epoch, "
                       f"{self.tokens_per_step:,} tokens each)"),
             ("run folder", str(self.run_dir)),
         ], "train")
+
+    def last_step(self) -> str:
+        if not self.budget_s:
+            return str(self.total)
+        return (f"as many as trainer.max_time={self.t.max_time} allows: chosen after {self.calibrated_at - self.step} "
+                "timed steps")
 
     def fit(self) -> dict:
         """Train to the last step, evaluate on val, save; on Ctrl-C or SIGTERM save the step reached."""
@@ -212,15 +218,17 @@ class Trainer:
             (self.run_dir / RESULT).unlink(missing_ok=True)  # running again: no longer how it ended
             stamp_process(self.run_dir)
         self.model.train()
-        bar = progress(total=self.total, initial=self.step, desc="train", unit="step", enabled=self.main)
+        bar = progress(total=None if self.budget_s else self.total, initial=self.step, desc="train", unit="step",
+                       enabled=self.main)  # under max_time: no total until the run has chosen it
         self._start_window()
         interrupts = Interrupts()
         try:
-            while self.step < self.total:
-                self.profiler.at(self.step)
-                self._train_step(interrupts)
-                bar.update(1)
-                self._after_step(bar)
+            with logs_above_bars():
+                while self.step < self.total:
+                    self.profiler.at(self.step)
+                    self._train_step(interrupts)
+                    bar.update(1)
+                    self._after_step(bar)
             bar.close()  # before the final evaluation's own bar
             self._announce_final_evaluation()
             val = self._evaluate_and_log(final=True)

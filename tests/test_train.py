@@ -155,6 +155,39 @@ def test_max_time_fixes_max_steps_and_resume_keeps_it(corpus, tmp_path, caplog):
     assert again == val and f"finished at step {chosen}" in caplog.text  # no new budget: the chosen schedule
 
 
+def screen(output: str) -> list[str]:
+    """The lines a terminal shows for `output`: a carriage return goes back to the line's start and later characters
+    overwrite earlier ones (escape sequences dropped)."""
+    lines, col = [[]], 0
+    for ch in re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output):
+        if ch == "\n":
+            lines.append([])
+            col = 0
+        elif ch == "\r":
+            col = 0
+        else:
+            line = lines[-1]
+            line[col:col + 1] = [ch]
+            col += 1
+    return ["".join(line).rstrip() for line in lines]
+
+
+def test_max_time_says_it_chooses_the_steps_on_lines_of_their_own(corpus, tmp_path):
+    """On a terminal: the header says max_time will choose the steps, and the choice is a log line of its own, not
+    written into the progress bar's line."""
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(sys.executable, [str(ROOT / "run.py"), *base(corpus, tmp_path), "stage=train",
+                                           "trainer.max_time=4s", "trainer.max_steps=null", "trainer.eval_interval=0",
+                                           f"hydra.run.dir={tmp_path / 'run'}"], encoding="utf-8", timeout=180,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    child.expect(pexpect.EOF)
+    shown = screen(child.before)
+    assert any(re.search(r"^steps\s+0 → as many as trainer.max_time=4s allows: chosen after \d+ timed steps", line)
+               for line in shown), "\n".join(shown)
+    [choice] = [line for line in shown if "so max_steps=" in line]
+    assert re.match(r"^\[[-0-9 :,]+\]\[kr3\.trainer\]\[INFO\] - trainer.max_time=4s: ", choice), choice
+
+
 @pytest.mark.parametrize("eval_interval, total", [(0, 24), (10, 22)])
 def test_max_time_spends_the_budget_left_at_the_measured_speed(monkeypatch, eval_interval, total):
     """A 4 s budget, 1.5 s gone at step 5, 0.125 s per step since step 1 (1,000 tokens a step): the final
