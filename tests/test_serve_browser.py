@@ -39,6 +39,24 @@ def browser(tmp_path):
     chrome.quit()
 
 
+# how text is drawn in the page's font once its fonts have loaded: a glyph's pixels, or those of the box drawn for a
+# character no font has (private use code points)
+INK = """
+const [text, missing, done] = arguments;
+document.fonts.ready.then(() => {
+  const ink = (t) => {
+    const canvas = document.createElement("canvas");
+    canvas.width = 120; canvas.height = 60;
+    const c = canvas.getContext("2d");
+    c.font = `40px ${getComputedStyle(document.body).fontFamily}`;
+    c.fillText(t, 5, 45);
+    return canvas.toDataURL();
+  };
+  done([ink(text), ink(missing)]);
+});
+"""
+
+
 def test_the_page_completes_a_korean_review_and_charts_the_next_token(browser, served_run, live_server, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -62,6 +80,8 @@ def test_the_page_completes_a_korean_review_and_charts_the_next_token(browser, s
     assert "error" not in browser.find_element(By.ID, "status").get_attribute("class")
     browser.save_screenshot(str(tmp_path / "serve.png"))
     assert (tmp_path / "serve.png").stat().st_size > 10_000
+    glyph, box = browser.execute_async_script(INK, "짜장", "\ue000\ue001")
+    assert glyph != box, "Hangul is drawn as the missing-glyph box: no font on the page has it"
     errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
     assert not errors, errors
 
