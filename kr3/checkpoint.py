@@ -79,6 +79,7 @@ class Checkpoint:
     wandb_run_id: str | None = None
     torch_version: str = ""
     base: dict | None = None  # the pretrained model it started from: name_or_path, folder, sha256 per file, license
+    wall_s: float = 0.0  # seconds the run trained to reach this step, summed over its parts (resumes)
 
     def to_dict(self) -> dict:
         return {"format_version": FORMAT_VERSION, **{f.name: as_saved(getattr(self, f.name)) for f in fields(self)}}

@@ -20,6 +20,10 @@ from kr3.tracking import METRICS, PROCESS, RESULT, process_alive, pyplot, read_m
 
 RUNNING_WITHIN_S = 300  # a job without result.json whose process cannot be checked (another host) and that logged this
 # recently is taken to be running
+NOTE = ("val_bpc and val_loss: the final evaluation, on all of val (at most trainer.final_eval_tokens); best_val_bpc "
+        "(at best_step): the lowest periodic evaluation, on val's first trainer.eval_tokens tokens only — other tokens, "
+        "so it can be below val_bpc without the model having been better then. tokens_per_s: the median of the logged "
+        "windows; wall_s: the training time, a resumed run's parts summed.")
 COLUMNS = ["job", "state", "val_bpc", "val_loss", "best_val_bpc", "best_step", "steps", "tokens_per_s", "wall_s", "error"]
 
 
@@ -48,6 +52,28 @@ def overrides(job: Path) -> dict[str, str]:
     return {k: v for k, v in pairs if not within(k, "hydra") and k != "stage"}
 
 
+def settings_of(job: Path, keys: list[str]) -> dict[str, str | None]:
+    """Each of `keys` in this job: as its command gave it, else what it ran with — its group's option
+    (hydra.runtime.choices) or its config's value — so a setting the job left alone shows its default, not NaN."""
+    given = overrides(job)
+    hydra_file, config_file = job / ".hydra" / "hydra.yaml", job / ".hydra" / "config.yaml"
+    choices = (yaml.safe_load(hydra_file.read_text()) or {}).get("hydra", {}).get("runtime", {}).get("choices", {}) \
+        if hydra_file.exists() else {}
+    config = yaml.safe_load(config_file.read_text()) or {} if config_file.exists() else {}
+    return {k: given.get(k) or choices.get(k) or as_text(dotted(config, k)) for k in keys}
+
+
+def dotted(config: dict, key: str):
+    for part in key.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
+
+
+def as_text(value) -> str | None:
+    return None if value is None or isinstance(value, dict) else yaml.safe_dump(value, default_flow_style=True).strip(
+        ).removesuffix("...").strip()
+
+
 def job_label(job: Path, root: Path) -> str:
     """The job column: its folder under `root` (`root`'s own name when the report is of one run)."""
     return str(job.relative_to(root)) if job != root else job.name
@@ -67,7 +93,7 @@ def job_row(job: Path, root: Path) -> dict:
         "val_bpc": final.get("bpc", math.nan), "val_loss": final.get("loss", math.nan),
         "best_val_bpc": best["val/bpc"] if best else math.nan, "best_step": best["step"] if best else None,
         "steps": max((r["step"] for r in train), default=0),
-        "tokens_per_s": statistics.median(r["train/tokens_per_s"] for r in train) if train else math.nan,
+        "tokens_per_s": round(statistics.median(r["train/tokens_per_s"] for r in train)) if train else None,
         "wall_s": result.get("wall_s", math.nan), "error": result.get("error", ""),
     }
 
@@ -88,9 +114,9 @@ def table(jobs: list[Path], root: Path) -> tuple[pd.DataFrame, list[str]]:
         raise UserError(f"no training runs under {root} — give report.dir=<a multirun folder, a run folder or outputs/>")
     found = [overrides(j) for j in jobs]
     swept = sorted({k for o in found for k in o if len({o.get(k) for o in found}) > 1})
-    df = pd.DataFrame([{**job_row(j, root), **{k: o.get(k) for k in swept}} for j, o in zip(jobs, found)])
+    df = pd.DataFrame([{**job_row(j, root), **settings_of(j, swept)} for j in jobs])
     df = df[["job", *swept, *COLUMNS[1:]]].sort_values("val_bpc", na_position="last", kind="stable")
-    df["best_step"] = df["best_step"].astype("Int64")
+    df[["best_step", "tokens_per_s"]] = df[["best_step", "tokens_per_s"]].astype("Int64")
     df.insert(1, "best", ["★" if i == 0 and not math.isnan(v) else "" for i, v in enumerate(df["val_bpc"])])
     return df.reset_index(drop=True), swept
 
@@ -99,7 +125,7 @@ def write(df: pd.DataFrame, swept: list[str], jobs: list[Path], root: Path) -> l
     """report.md, report.csv, curves.png and bpc_vs_<param>.png into `root`; the paths written."""
     written = [root / "report.md", root / "report.csv"]
     with replacing(written[0]) as tmp:
-        tmp.write_text(f"# Runs under {root}\n\n{df.round(4).to_markdown(index=False, disable_numparse=True)}\n")
+        tmp.write_text(f"# Runs under {root}\n\n{df.round(4).to_markdown(index=False, disable_numparse=True)}\n\n{NOTE}\n")
     with replacing(written[1]) as tmp:
         df.to_csv(tmp, index=False)
     labels = {job_label(j, root): j for j in jobs}

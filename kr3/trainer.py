@@ -179,6 +179,7 @@ class Trainer:
         self.calibrated_at = self.step + max(2, min(CALIBRATION_STEPS, self.t.warmup_steps))
         self.first_step = self.first_step_done = None  # when this process finished its first step
         self.profiler = StepProfiler(self.t.profile, self.run_dir / "profile", enabled=self.main)
+        self.wall_before = resumed.ckpt.wall_s if resumed else 0.0  # the parts of the run before this one
         if resumed:
             resume.set_rng_state(resumed.ckpt.rng)  # last: measuring the peak above draws random numbers
 
@@ -426,7 +427,7 @@ class Trainer:
         """result.json: how the run ended, for `stage=report` (a run with none failed or is running)."""
         if self.main:
             write_result(self.run_dir, {"state": state, "step": self.step, "val": val, "tokens_per_s": self.tokens_per_s,
-                                        "wall_s": round(time.perf_counter() - self.started, 1),
+                                        "wall_s": self.wall_s(),
                                         **({"error": error} if error else {})})
 
     def _save_on_interrupt(self) -> None:
@@ -450,5 +451,9 @@ class Trainer:
                             meta["splits"], meta["eos_id"], meta["dtype"], self.condition),
             tokenizer=TokenizerRecord(str(self.data.tokenizer_dir), meta["tokenizer"], ktok.to_files(self.data.tokenizer_dir)),
             config=settings.plain(self.cfg), wandb_run_id=self.tracker.run_id,
-            torch_version=str(torch.__version__), base=self.base,
+            torch_version=str(torch.__version__), base=self.base, wall_s=self.wall_s(),
         )
+
+    def wall_s(self) -> float:
+        """Seconds the run has trained, its earlier parts included."""
+        return round(self.wall_before + time.perf_counter() - self.started, 1)

@@ -54,9 +54,21 @@ def test_report_rows_come_from_each_jobs_files(sweep, capsys):
     one = df.iloc[0]
     assert (one["trainer.lr"], one["val_bpc"], one["val_loss"], one["steps"], one["wall_s"]) == ("0.0003", 3.5, 5.0, 30, 11.0)
     assert (one["best_val_bpc"], one["best_step"]) == (3.6, 20)  # periodic only: the last row is the final
-    assert df.iloc[1]["tokens_per_s"] == pytest.approx(1015.5)  # the median of its logged windows
+    assert df.iloc[1]["tokens_per_s"] == 1016  # the median of its logged windows (1015.5), rounded
     interrupted = df.iloc[2]
     assert (interrupted["best_val_bpc"], interrupted["best_step"], interrupted["steps"]) == (4.6, 10, 15)
+
+
+def test_a_setting_a_job_left_alone_shows_what_it_ran_with(tmp_path):
+    """Not NaN: a key's value from the job's config, a group's option from Hydra's choices."""
+    fake_job(tmp_path / "0", ["trainer.lr=1e-3", "model=base"], [(10, 4.0)], [(1, 9.0, 800)])
+    fake_job(tmp_path / "1", [], [(10, 4.2)], [(1, 9.0, 800)])
+    (tmp_path / "1" / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"stage": "train", "trainer": {"lr": 3e-4}}))
+    (tmp_path / "1" / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": {
+        "model": "small"}}}}))
+    df, swept = report.table(report.find_jobs(tmp_path), tmp_path)
+    assert swept == ["model", "trainer.lr"]
+    assert df.set_index("job").loc["1", ["model", "trainer.lr"]].tolist() == ["small", "0.0003"]
 
 
 def test_report_stage_writes_tables_and_pictures(sweep, tmp_path):
@@ -67,7 +79,8 @@ def test_report_stage_writes_tables_and_pictures(sweep, tmp_path):
     csv = pd.read_csv(sweep / "report.csv")
     assert list(csv["job"]) == [1, 0, 2, 3] and csv["val_bpc"].iloc[0] == 3.5
     md = (sweep / "report.md").read_text()
-    assert "| job" in md and "★" in md and "0.0003" in md
+    assert "| job" in md and "★" in md and "0.0003" in md and report.NOTE in md
+    assert "| 1016 " in md and "1015.5" not in md  # tokens per second as a whole number
     for name in ("curves.png", "bpc_vs_trainer.lr.png"):
         assert (sweep / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

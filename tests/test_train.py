@@ -356,6 +356,8 @@ def test_resume_takes_optimizer_settings_from_the_config(corpus, tmp_path):
     groups = checkpoint.load(checkpoint.step_path(run_dir, 5)).optimizer["param_groups"]
     assert [g["weight_decay"] for g in groups] == [0.0, 0.0, 0.0] and all(g["betas"] == (0.8, 0.9) for g in groups)
     assert checkpoint.load(checkpoint.step_path(run_dir, 4)).optimizer["param_groups"][0]["weight_decay"] == 0.1
+    first, whole = checkpoint.load(checkpoint.step_path(run_dir, 4)).wall_s, json.loads((run_dir / "result.json").read_text())
+    assert 0 < first < whole["wall_s"] and whole["step"] == 5  # the resumed run's time counts both parts
 
 
 def test_training_anew_in_a_folder_holding_a_run_is_refused(corpus, tmp_path):

@@ -18,7 +18,7 @@ def run(cfg) -> Path:
     jobs = report.find_jobs(root)
     df, swept = report.table(jobs, root)
     written = report.write(df, swept, jobs, root)
-    log.info(f"\n{df.to_string(index=False, float_format=lambda v: f'{v:.4f}')}")
+    log.info(f"\n{df.to_string(index=False, float_format=lambda v: f'{v:.4f}')}\n{report.NOTE}")
     log.info("wrote " + ", ".join(p.name for p in written) + f" into {root}")
     return root
 
