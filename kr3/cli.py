@@ -34,6 +34,7 @@ register()  # here, not in main(): submitit's job processes import this module, 
 
 # stage -> module whose run(cfg) does it; imported lazily so `stage=prepare` never imports torch
 JOB_FILES = ".hydra"  # a run folder's copy of its config, Hydra's config and its overrides (save_job_files)
+SHOWN_ONLY = {"generate"}  # stages whose work is on the terminal: a run folder with nothing else in it is not kept
 STAGES = {name: f"kr3.stages.{name}" for name in ("prepare", "train", "generate", "evaluate", "export", "serve", "report")}
 
 
@@ -48,7 +49,10 @@ def run_stage(cfg: DictConfig):
         save_job_files(cfg)
         if cfg.stage not in STAGES:
             raise UserError(f"stage={cfg.stage} is not a stage — use one of: {', '.join(STAGES)}")
-        return objective(importlib.import_module(STAGES[cfg.stage]).run(cfg))
+        result = importlib.import_module(STAGES[cfg.stage]).run(cfg)
+        if cfg.stage in SHOWN_ONLY:
+            discard_empty_run_folder()
+        return objective(result)
     except MissingMandatoryValue as e:
         stop(f"{e.full_key} is required — add {e.full_key}=... to the command")
     except UserError as e:
@@ -104,7 +108,8 @@ def objective(result):
 
 
 def discard_empty_run_folder():
-    """A command that failed before doing any work leaves no run folder: one holding only Hydra's own files."""
+    """A command that failed before doing any work, or showed its work only on the terminal (the REPL, one prompt),
+    leaves no run folder: one holding only Hydra's own files."""
     folder = Path(HydraConfig.get().runtime.output_dir)
     if folder.is_dir() and {p.name for p in folder.iterdir()} <= {JOB_FILES, f"{HydraConfig.get().job.name}.log"}:
         shutil.rmtree(folder, ignore_errors=True)
@@ -138,4 +143,8 @@ def main():
 
         distributed.init()
         atexit.register(distributed.teardown)
-    run_stage()
+    try:
+        run_stage()
+    except BrokenPipeError:  # `kr3 --help | head -2`: the reader has gone, and wants nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush fails silently too
+        sys.exit(1)

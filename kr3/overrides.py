@@ -7,13 +7,14 @@ and commands that bring their own config (-cn, -cd, …) are left to Hydra."""
 from __future__ import annotations
 
 import argparse
+import shlex
 import types
 import typing
 from dataclasses import fields, is_dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
-from kr3.config import CONFIG_DIR, check_key, compose, config_keys
+from kr3.config import CONFIG_DIR, check_key, compose, config_keys, started_as
 from kr3.errors import UserError
 
 # Hydra's command-line flags (hydra.main's parser) that take a value; those after which Hydra, not kr3, reads the rest
@@ -42,6 +43,8 @@ def check(argv: list[str]) -> None:
     if any(getattr(args, name) for name in HYDRA_READS):
         return
     overrides = [o for line in args.overrides for o in parsed(line) if not o.is_hydra_override()]
+    if not args.multirun:
+        check_no_sweep(overrides, argv)
     groups = {o.key_or_group: group_choices(o) for o in overrides if (CONFIG_DIR / o.key_or_group).is_dir()}
     keys = [o for o in overrides if o.key_or_group not in groups]
     variants = composed(groups) if keys else []  # none: the config does not compose, and Hydra will say why
@@ -52,6 +55,15 @@ def check(argv: list[str]) -> None:
         check_type(o, next(v for v, known in zip(variants, keysets) if o.key_or_group in known))
     for o in overrides:
         check_removal(o)
+
+
+def check_no_sweep(overrides: list, argv: list[str]) -> None:
+    """A sweep (`trainer.lr=1e-3,3e-4`) without -m: Hydra's answer is five lines; kr3's is the command with -m."""
+    for o in overrides:
+        if o.is_sweep_override():
+            key = o.get_key_element()
+            raise UserError(f"{o.input_line} is a sweep — add -m to run one job per value: {started_as()} -m "
+                            f"{shlex.join(argv)} (one value: a list {key}=[a,b], a string with commas {key}='a,b')")
 
 
 def check_removal(override) -> None:

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 EXIT_WORDS = {"exit", "quit"}
 # generate.<key>s that `:<key> VALUE` changes (their ranges: kr3.settings.Generate's)
 SETTINGS = (*(k for k in DECODING if k not in ("stop", "rating")), "show_next")
+RATED = ("rating", "guidance")  # settings of a rating-conditioned checkpoint only
 COMMAND = re.compile(r":([A-Za-z_]+)\s*(.*)")  # `:` and a letter: a prompt like ":)" stays a prompt
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
@@ -58,8 +59,13 @@ def answer(m: api.Model, g, prompt: str, out, say_seed: bool = False) -> None:
 
 def next_token_table(choices: list[tuple[str, float]]) -> str:
     """show_next's lines: a header, then each token's probability and text, quoted so its spaces show."""
-    rows = [f"  {p:6.1%}  {text if text == END_OF_REVIEW else quoted(text)}" for text, p in choices]
+    rows = [f"  {percent(p):>8}  {text if text == END_OF_REVIEW else quoted(text)}" for text, p in choices]
     return "\n".join(["most likely next tokens (text in quotes, so its spaces show):", *rows]) + "\n"
+
+
+def percent(p: float) -> str:
+    """A probability as a percentage, with two significant digits below 0.1 % (a weak model's are small, not 0.0 %)."""
+    return f"{p:.1%}" if p >= 0.001 else f"{p * 100:.2g}%"
 
 
 def quoted(text: str) -> str:
@@ -124,13 +130,15 @@ def command(g, text: str, m: api.Model) -> str:
     """Run a `:command` line — `:help`, `:rating NAME`, or `:<setting> VALUE` checked like generate.<setting> —
     and say what it did."""
     name, arg = COMMAND.fullmatch(text).groups()
-    name = name.lower()
+    name, known = name.lower(), commands(m)
     if name == "help":
-        return help_text(g)
+        return help_text(g, known)
+    if name in RATED and name not in known:
+        return f":{name} steers a rating, and this checkpoint was trained without them (data.condition=rating has them)"
+    if name not in known:
+        return f"unknown command :{name} — use one of: :help, {', '.join(':' + k for k in known)}, exit"
     if name == "rating":
         return rating_command(g, arg, m)
-    if name not in SETTINGS:
-        return f"unknown command :{name} — use one of: :help, {', '.join(':' + k for k in SETTINGS)}, exit"
     if not arg:
         return f"{name}={value_text(getattr(g, name))} (`:{name} VALUE` changes it)"
     value = parse_value(arg)
@@ -156,10 +164,16 @@ def rating_command(g, arg: str, m: api.Model) -> str:
     return f"rating={value_text(value)}"
 
 
-def help_text(g) -> str:
-    commands = ", ".join(f":{k} VALUE" for k in (*SETTINGS, "rating"))
-    settings = " ".join(f"{k}={value_text(getattr(g, k))}" for k in (*SETTINGS, "rating"))
-    return f"commands: :help, {commands}; exit, quit or Ctrl-D ends\nsettings: {settings}"
+def commands(m: api.Model) -> tuple[str, ...]:
+    """The settings `:` changes for this checkpoint: the rating ones only where it was trained with ratings."""
+    rated = m.checkpoint.condition is not None
+    return tuple(k for k in (*SETTINGS, "rating") if rated or k not in RATED)
+
+
+def help_text(g, known: tuple[str, ...]) -> str:
+    listed = ", ".join(f":{k} VALUE" for k in known)
+    settings = " ".join(f"{k}={value_text(getattr(g, k))}" for k in known)
+    return f"commands: :help, {listed}; exit, quit or Ctrl-D ends\nsettings: {settings}"
 
 
 def parse_value(arg: str):

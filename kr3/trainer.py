@@ -214,6 +214,8 @@ class Trainer:
         """Train to the last step, evaluate on val, save; on Ctrl-C or SIGTERM save the step reached."""
         if self.main:
             log.info("\n" + self.describe())
+        if not self.budget_s:
+            self._warn_if_warmup_outlasts_the_run()
         self.started = time.perf_counter()
         if self.main:
             (self.run_dir / RESULT).unlink(missing_ok=True)  # running again: no longer how it ended
@@ -316,6 +318,13 @@ class Trainer:
         bar.refresh()
         log.info(f"trainer.max_time={self.t.max_time}: {step_s * 1e3:.0f} ms per step here, so max_steps={self.total} "
                  f"(trainer.max_steps={self.total} without max_time repeats this run)")
+        self._warn_if_warmup_outlasts_the_run()
+
+    def _warn_if_warmup_outlasts_the_run(self) -> None:
+        if self.main and self.t.warmup_steps >= self.total:
+            log.warning(f"trainer.warmup_steps={self.t.warmup_steps} is not below the run's {self.total} steps: the "
+                        f"learning rate never reaches trainer.lr={self.t.lr} — lower warmup_steps (in a search space "
+                        "too)")
 
     def _start_window(self) -> None:
         self.window_loss = torch.zeros((), device=self.device)

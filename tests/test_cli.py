@@ -36,6 +36,23 @@ def test_unknown_stage(tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
+def test_a_sweep_without_dash_m_says_to_add_it(tmp_path):
+    proc = run_cli(tmp_path, "stage=train", "trainer.lr=1e-3,3e-4")
+    assert_one_line_error(proc, r"trainer.lr=1e-3,3e-4 is a sweep — add -m to run one job per value: .*run\.py -m "
+                                r"stage=train trainer.lr=1e-3,3e-4 ")
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_help_into_a_reader_that_stops_early_is_quiet(tmp_path):
+    """`kr3 --help | head -2`: no BrokenPipeError traceback (the reader is gone before the help is written)."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), "--help"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, bufsize=0)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
 def test_missing_data_path(tmp_path):
     assert_one_line_error(run_cli(tmp_path, "data=local"), r"data=local needs a file")
 

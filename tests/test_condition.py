@@ -148,11 +148,12 @@ def test_generate_rating_on_the_command_line_and_in_the_repl(conditioned):
                          text=True, env=env, timeout=120)
     assert one.returncode == 0, one.stderr
     assert any(w in one.stdout for w in WORDS[0]), one.stdout
-    repl = subprocess.run(base, input=":rating positive\n이 집 짜장면\n:rating great\nexit\n", capture_output=True,
-                          text=True, env=env, timeout=120)
+    repl = subprocess.run(base, input=":rating positive\n이 집 짜장면\n:rating great\n:foo\n:help\nexit\n",
+                          capture_output=True, text=True, env=env, timeout=120)
     assert repl.returncode == 0, repl.stderr
     assert "rating=positive" in repl.stdout and any(w in repl.stdout for w in WORDS[1])
     assert "rating=great is not a rating" in repl.stdout and "rating stays positive" in repl.stdout
+    assert ":show_next, :rating, exit" in repl.stdout and ":rating VALUE" in repl.stdout  # :foo and :help name it
 
 
 def test_the_repls_guidance_reaches_show_next(conditioned):

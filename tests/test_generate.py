@@ -96,12 +96,15 @@ def test_a_long_prompt_is_said_before_its_completion_and_echoed_as_kept(trained)
 
 
 def test_pipe_and_exit(trained):
+    """Completions from a pipe until `exit`; the REPL keeps no run folder (its work was on the terminal)."""
+    before = set(trained[0].rglob("generate/*"))
     proc = cli(trained[1], "stage=generate", f"checkpoint={trained[0]}", "generate.max_new_tokens=10",
                stdin="이 집 짜장면은\n\n사장님\nexit\n이건 읽지 않아요\n")
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stdout.splitlines() if not line.startswith("(seed ")]
     assert lines[-2].startswith("이 집 짜장면은") and lines[-1].startswith("사장님")
     assert proc.stdout.count("(seed ") == 2  # each completion says its fresh seed
+    assert set(trained[0].rglob("generate/*")) == before
     assert "이건" not in proc.stdout
 
 
@@ -206,11 +209,15 @@ def test_the_repl_samples_afresh_until_a_seed_is_given(trained):
 
 def test_pipe_commands_and_control_characters(trained):
     proc = cli(trained[1], "stage=generate", f"checkpoint={trained[0]}", "generate.max_new_tokens=10",
-               stdin=":temperature abc\n:top_k 20\n:TOP_P none\n:help\n:nope\n:)\n\x1b[31m이 집\x07은\n")
+               stdin=":temperature abc\n:top_k 20\n:TOP_P none\n:help\n:nope\n:rating positive\n:)\n\x1b[31m이 집\x07은\n")
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     lines = [line for line in proc.stdout.splitlines() if not line.startswith("(seed ")]  # each completion's seed
     assert "generate.temperature=abc must be a number ≥ 0; temperature stays 0.8" in lines
     assert "top_k=20" in lines and "top_p=null" in lines and "unknown command :nope" in proc.stdout
+    offers = [line for line in lines if line.startswith(("commands:", "unknown command"))]
+    assert len(offers) == 2 and not any(":rating" in line for line in offers)  # not offered
+    assert ":rating steers a rating, and this checkpoint was trained without them" in proc.stdout
+    assert "guidance" not in proc.stdout  # nor guidance: the checkpoint has no ratings
     assert "settings: temperature=0.8 top_k=20 top_p=null " in proc.stdout
     assert lines[-2].startswith(":)")  # `:` and no letter: a prompt
     assert lines[-1].startswith("[31m이 집은") and "\x1b" not in proc.stdout  # echoed as the model got it
@@ -225,13 +232,13 @@ def test_terminal_output_escapes_control_characters_and_names_next_tokens(tmp_pa
 
     model = types.SimpleNamespace(
         given=lambda p, rating=None: (p, 3, 3),  # strip_control=false, a short prompt
-        next_tokens=lambda p, k, rating=None, guidance=None: [(" 좋은", 0.5), (END_OF_REVIEW, 0.25), ("\x1b", 0.125)],
+        next_tokens=lambda p, k, rating=None, guidance=None: [(" 좋은", 0.5), (END_OF_REVIEW, 0.25), ("\x1b", 0.000123)],
         stream=lambda p, s, **options: iter(["\x1b[31m맛", "\x07\n"]))
     out = io.StringIO()
     answer(model, gen_cfg(tmp_path, "generate.show_next=3"), "\x1b[2J집", out)
     assert out.getvalue().splitlines() == [
         "most likely next tokens (text in quotes, so its spaces show):",
-        '   50.0%  " 좋은"', "   25.0%  <end of review>", '   12.5%  "\\x1b"',
+        '     50.0%  " 좋은"', "     25.0%  <end of review>", '    0.012%  "\\x1b"',  # small: not 0.0%
         "\\x1b[2J집\\x1b[31m맛\\x07\\x0a",
     ]
 

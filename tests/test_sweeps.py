@@ -88,6 +88,8 @@ def test_failed_and_diverged_trials_are_told_to_optuna_and_the_study_goes_on(tmp
     summary = proc.stderr.strip().splitlines()[-1]
     assert summary.startswith(f"error: {len(failed)} of 4 jobs failed — #")
     assert sorted(re.findall(r"#(\d) \(", summary)) == failed
+    out = proc.stdout + proc.stderr  # the sweep's own lines: its jobs and their errors, not its setup nor Hydra's repeats
+    assert not any(line in out for line in ("Study name:", "A new study created", "Error executing job", "Failed experiment"))
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     finished = [json.loads((j / "result.json").read_text())["val"]["bpc"] for j in jobs if expected[j.name] == "finished"]
     assert best["best_value"] == pytest.approx(min(finished))

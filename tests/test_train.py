@@ -141,6 +141,16 @@ def test_bad_durations_are_user_errors(value):
         parse_duration(value)
 
 
+def test_a_warm_up_that_outlasts_the_run_is_warned_of(corpus, tmp_path, caplog):
+    """The learning rate would never reach trainer.lr (an Optuna space can pick such a warm-up for a short run)."""
+    caplog.set_level("INFO", logger="kr3")
+    train_in_process(corpus, tmp_path, "trainer.max_steps=4", "trainer.warmup_steps=4", "trainer.eval_interval=0")
+    assert "trainer.warmup_steps=4 is not below the run's 4 steps: the learning rate never reaches" in caplog.text
+    caplog.clear()
+    train_in_process(corpus, tmp_path / "b", "trainer.max_steps=4", "trainer.warmup_steps=3", "trainer.eval_interval=0")
+    assert "warmup_steps" not in caplog.text
+
+
 def test_max_time_fixes_max_steps_and_resume_keeps_it(corpus, tmp_path, caplog):
     caplog.set_level("INFO", logger="kr3")
     val, run_dir = train_in_process(corpus, tmp_path, "trainer.max_time=4s", "trainer.max_steps=null",

@@ -6,13 +6,14 @@ Hydra makes sweepers only from the hydra_plugins package, hence this module; con
 from __future__ import annotations
 
 import errno
+import logging
 import shutil
 import sys
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from hydra.core.utils import JobStatus
+from hydra.core.utils import JobReturn, JobStatus
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 from omegaconf import OmegaConf
 
@@ -35,9 +36,10 @@ class FailedJobs:
         returns = self.launcher.launch(job_overrides, initial_job_idx)
         self.launched += [r.overrides for r in returns]
         self.failed += [(initial_job_idx + i, r) for i, r in enumerate(returns) if r.status == JobStatus.FAILED]
-        if not self.forgive:
-            return returns
-        return [replace(r, status=JobStatus.COMPLETED, _return_value=None) if r.status == JobStatus.FAILED else r
+        if self.forgive:
+            return [replace(r, status=JobStatus.COMPLETED, _return_value=None) if r.status == JobStatus.FAILED else r
+                    for r in returns]
+        return [QuietFailure(**{f.name: getattr(r, f.name) for f in fields(r)}) if r.status == JobStatus.FAILED else r
                 for r in returns]
 
     def summary(self) -> str:
@@ -56,6 +58,15 @@ class FailedJobs:
         listed = "; ".join(f"{', '.join(jobs)}: {reason}" for reason, jobs in reasons.items())
         return (f"{len(self.failed)} of {len(self.launched)} jobs failed — {listed} (each job's folder has its run.log "
                 "and result.json)")
+
+
+class QuietFailure(JobReturn):
+    """A failed job's return, whose value raises its error without Hydra's "Error executing job with overrides" line
+    (the job has printed its one line already)."""
+
+    @property
+    def return_value(self):
+        raise self._return_value
 
 
 def sweep_with(failed: FailedJobs, config, arguments: list[str], run) -> None:
@@ -84,12 +95,21 @@ class KR3BasicSweeper(BasicSweeper):
         return returns
 
 
+# the Optuna sweeper's lines that say only what its config says, or what the job's own error line said
+SETUP_LINES = ("Study name: ", "Storage: ", "Sampler: ", "Directions: ", "Failed experiment: ")
+
+
 class KR3OptunaSweeper(OptunaSweeper):
     """Hydra's Optuna sweeper: a failed or diverged trial is told to Optuna as failed and the study goes on to n_trials
     (with max_failure_rate 1, conf/hydra/sweeper/kr3_optuna.yaml); n_trials below 1 and a search-space key that kr3
     does not have are one line before any job."""
 
     def sweep(self, arguments: list[str]) -> None:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in memory …"
+        logging.getLogger("hydra_plugins.hydra_optuna_sweeper._impl").addFilter(lambda r: not r.getMessage().startswith(
+            SETUP_LINES))
         impl = self.sweeper
         if impl.n_trials < 1:
             fail(f"hydra.sweeper.n_trials={impl.n_trials} must be at least 1", 2)
