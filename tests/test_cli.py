@@ -104,7 +104,6 @@ def test_unknown_key_hints(tmp_path):
     ("data.val_ratio=abc", r"data\.val_ratio=abc must be a number \(its default: 0\.05\)"),
     ("data.clean.nfc=maybe", r"data\.clean\.nfc=maybe must be true or false \(its default: true\)"),
     ("trainer.betas=0.9", r"trainer\.betas=0\.9 must be a list of numbers, e\.g\. \[1,2\]"),
-    ("trainer.lr=1e-3,abc", r"trainer\.lr=abc must be a number"),  # each value of a sweep
     ("trainer.lr='1e-3'", r"trainer\.lr='1e-3' must be a number"),  # quoted: text
     ("trainer.betas=[0.9", r"cannot read the override 'trainer\.betas=\[0\.9' \(no viable alternative"),
     ("data.path", r"cannot read the override 'data\.path' \(missing EQUAL"),
@@ -113,6 +112,12 @@ def test_a_value_of_another_kind_or_bad_syntax_is_one_line(tmp_path, override, m
     proc = run_cli(tmp_path, "stage=prepare", override)
     assert_one_line_error(proc, message)
     assert not list(tmp_path.rglob(".hydra")) and not (tmp_path / "data").exists()
+
+
+def test_each_value_of_a_sweep_is_checked_before_any_job(tmp_path):
+    proc = run_cli(tmp_path, "-m", "stage=prepare", "trainer.lr=1e-3,abc")
+    assert_one_line_error(proc, r"trainer\.lr=abc must be a number")
+    assert not (tmp_path / "multirun").exists() and not (tmp_path / "data").exists()
 
 
 def test_a_seed_of_any_size_is_one_line_and_a_stray_world_size_is_no_launch(tmp_path):
@@ -248,6 +253,20 @@ def test_docker_image_is_lean_and_not_root():
     assert syncs and all("--mount=type=cache,target=" in line for line in syncs)
     for source in re.findall(r"^COPY (?!--from)(?:--chown=\S+ )?(.+) \S+$", dockerfile, re.M):
         assert all((ROOT / name).exists() and name not in ignored for name in source.split()), source
+
+
+def test_docker_offers_a_cpu_and_a_gpu_image_that_export_and_serve():
+    dockerfile = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    stages = re.findall(r"^FROM \S+ AS (\S+)$", dockerfile, re.M)
+    assert stages[-1] == "cuda" and "cpu" in stages  # `docker build .` builds the last: the GPU image
+    installs = [line for line in dockerfile.splitlines() if re.search(r"uv (sync|export)", line)]
+    assert installs and all("--extra hf" in line for line in installs)  # stage=export needs transformers
+    cpu = dockerfile.split("AS cpu")[1].split("FROM ")[0]
+    assert "download.pytorch.org/whl/cpu" in cpu and "nvidia" in cpu  # CPU torch, the CUDA wheels filtered out
+    assert re.search(r"^EXPOSE 8000$", dockerfile, re.M)
+    docker = (ROOT / "README.md").read_text().split("## Docker")[1].split("\n## ")[0]
+    assert "mkdir -p data outputs multirun" in docker and "/app/multirun" in docker
+    assert "serve.host=0.0.0.0" in docker and "-p 127.0.0.1:8000:8000" in docker and "--target cpu" in docker
 
 
 def test_prepare_from_the_command_line(tmp_path, corpus_parquet):

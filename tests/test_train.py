@@ -209,7 +209,8 @@ def test_max_time_spends_the_budget_left_at_the_measured_speed(monkeypatch, eval
 
     monkeypatch.setattr(trainer, "time", SimpleNamespace(perf_counter=lambda: 10.5))
     fake = SimpleNamespace(first_step_done=10.0, first_step=1, step=5, started=9.0, budget_s=4.0, tokens_per_step=1000,
-                           passes=1, share_n=2400, final_n=3000, t=SimpleNamespace(eval_interval=eval_interval, max_time="4s"))
+                           passes=1, share_n=2400, final_n=3000, t=SimpleNamespace(eval_interval=eval_interval, max_time="4s"),
+                           _warn_if_warmup_outlasts_the_run=lambda: None)
     bar = SimpleNamespace(total=None, refresh=lambda: None)
     trainer.Trainer._fit_schedule_to_budget(fake, bar)
     assert fake.total == bar.total == total
