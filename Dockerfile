@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# kr3's image, in two flavours of the same code and locked dependencies (README, "Docker"):
+# kr3's image, in two flavours of the same code and locked dependencies (docs/docker.md):
 #   docker build -t kr3 .                   NVIDIA GPUs: torch as uv.lock has it, with its own CUDA runtime (the
 #                                           host needs only an NVIDIA driver >= 580); the CUDA libraries take ~5 GB
 #   docker build --target cpu -t kr3:cpu .  CPUs only: the CPU build of the same torch version, no CUDA libraries

@@ -2,7 +2,8 @@
 process: torch's cross-entropy of the whole (tokens, vocab) logits, and kr3's `linear_cross_entropy`
 (chunked, gradients from the same softmax). Random tokens, 8k vocab; median ms per step of each variant
 over --reps rounds of --steps steps. On CUDA: bf16 autocast, and the peak memory of each variant; on a CPU
-the process's peak RSS, which says something with one --variant per process.
+the process's peak RSS, which says something with one --variant per process. The machine line (bench/harness.py)
+heads the output.
 
 uv run python bench/cross_entropy.py --shape cpu_15min --steps 20 --reps 3
 uv run python bench/cross_entropy.py --shape small --steps 5 --reps 3
@@ -13,16 +14,14 @@ python bench/cross_entropy.py --device cuda --shape small --batch 256 --steps 20
 import argparse
 import resource
 import statistics
-import sys
 import time
-from pathlib import Path
 
+import harness
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import kr3.model as km  # noqa: E402
-from kr3 import hardware  # noqa: E402
+import kr3.model as km
+from kr3 import hardware
 
 # (n_layers, n_heads, d_model, d_ffn, block_size, batch): experiment=cpu_15min's model, and model=small
 SHAPES = {"cpu_15min": (2, 2, 96, 384, 64, 64), "small": (6, 6, 384, 1536, 256, 16)}
@@ -74,6 +73,7 @@ def main():
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     if dev.type == "cpu":
         hardware.keep_freed_memory()  # as the trainer does
+    print(harness.machine_line(), flush=True)
     cfg = km.GPTConfig(vocab_size=8000, n_layers=L, n_heads=H, d_model=D, d_ffn=FF, block_size=T)
     print(f"{a.shape}: {L} layers, d_model {D}, {B} × {T} tokens per step, {dev}, {dtype}, "
           f"{torch.get_num_threads()} threads", flush=True)

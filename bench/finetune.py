@@ -6,26 +6,19 @@ on one H100.
 
     uv run python bench/finetune.py [--steps 8] [--batch 8] [--reviews 40000]
 
-Needs ../shared. The epoch's tokens are counted on a sample of `--reviews` reviews and scaled to all 675,798.
+Needs ../shared. Prints the machine line (bench/harness.py), then the figures as JSON. The epoch's tokens are counted
+on a sample of `--reviews` reviews and scaled to all 675,798.
 """
 
 import argparse
 import json
-import os
-import resource
 import shutil
-import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-SHARED = ROOT.parent / "shared"
-NSMC = SHARED / "data" / "nsmc_reviews.parquet"
-KOGPT2 = SHARED / "tokenizers" / "kogpt2-v1"
+import harness
+
+KOGPT2 = harness.SHARED / "tokenizers" / "kogpt2-v1"
 KOGPT2_BASE = {"vocab_size": 51200, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12}  # skt/kogpt2-base-v2
 H100_BF16_DENSE = 989e12  # FLOP/s, the peak kr3's MFU table uses
 MFU = 0.40  # an assumed fraction of that peak for a 125M model at block 256 (not measured here)
@@ -44,7 +37,7 @@ def sample(reviews: int, out: Path) -> tuple[Path, float]:
     """A random sample of the NSMC stand-in as a parquet file, and the share of all reviews it is."""
     import pandas as pd
 
-    df = pd.read_parquet(NSMC)
+    df = pd.read_parquet(harness.require_nsmc())
     df.sample(n=reviews, random_state=0).to_parquet(out)
     return out, reviews / len(df)
 
@@ -55,24 +48,19 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--reviews", type=int, default=40000)
     args = ap.parse_args()
+    print(harness.machine_line(), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         random_kogpt2(tmp / "kogpt2-shaped")
         data, share = sample(args.reviews, tmp / "sample.parquet")
-        run = tmp / "run"
-        started = time.perf_counter()
-        proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "stage=train", "experiment=finetune",
-                               f"model.name_or_path={tmp / 'kogpt2-shaped'}", "data=local", f"data.path={data}",
-                               f"paths.root_dir={tmp}", f"hydra.run.dir={run}", "logger=none", "trainer.sample_prompts=[]",
-                               f"trainer.max_steps={args.steps}", f"trainer.batch_size={args.batch}", "trainer.log_interval=1",
-                               "trainer.eval_interval=0", "trainer.final_eval_tokens=2048", "trainer.ckpt_interval=0"],
-                              capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
-        wall = time.perf_counter() - started
-        if proc.returncode:
-            sys.exit(proc.stderr[-3000:])
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        tps = statistics.median(r["train/tokens_per_s"] for r in rows if "train/tokens_per_s" in r and r["step"] > 2)
-        peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+        run = harness.run_kr3(
+            "stage=train", "experiment=finetune", f"model.name_or_path={tmp / 'kogpt2-shaped'}", *harness.local_data(data),
+            f"paths.root_dir={tmp}", "logger=none", "trainer.sample_prompts=[]", f"trainer.max_steps={args.steps}",
+            f"trainer.batch_size={args.batch}", "trainer.log_interval=1", "trainer.eval_interval=0",
+            "trainer.final_eval_tokens=2048", "trainer.ckpt_interval=0", run_dir=tmp / "run", env={"WANDB_MODE": "disabled"})
+        tps = harness.train_speed(run.dir, skip=2, drop_last=False)["tokens_per_s"]  # steps 3.. (log_interval 1)
+        peak_gib = run.peak_rss_mib / 1024
+        wall = run.wall_s
         meta = json.loads(next((tmp / "data").glob("local-*/meta.json")).read_text())
         tokens = sum(s["tokens"] for s in meta["splits"].values()) / share
     from kr3.model import GPT, GPTConfig  # FLOPs per token of that shape, as the trainer counts them for MFU

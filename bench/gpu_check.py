@@ -4,13 +4,14 @@
     python bench/gpu_check.py --shapes small      # after a fix: model=small alone (its data already prepared)
     uv run python bench/gpu_check.py --device cpu   # a dry run of the whole script here first (tiny shapes)
 
-It needs no Hub and no ../shared: a synthetic corpus (bench/gpu.py's Zipf words of Hangul syllables) is
+It needs no Hub and no ../shared: a synthetic corpus (`harness.synthetic_corpus`: Zipf words of Hangul syllables) is
 written, prepared with the default SentencePiece tokenizer, and trained on. What it runs, bf16:
   - the bare step (forward, backward, clipping, fused AdamW on random tokens; no trainer), with kr3's
     chunked loss and with torch's cross-entropy on the full logits, eager and compiled;
   - `run.py stage=train` for model=small (batch 256 × 256) and model=base (batch 64 × 512, dropout 0), eager
     and compiled; small eager again under `trainer.profile` and under `torchrun --nproc_per_node=1`;
-then prints one table (tokens/s, trainer/bare ratio, MFU, peak memory) and the trainer's top CUDA and CPU ops.
+then prints one table (tokens/s, trainer/bare ratio, MFU, peak memory), headed by the machine (bench/harness.py), and
+the trainer's top CUDA and CPU ops.
 
 A GPU machine with torch but without kr3's other dependencies (the lent H200: Python 3.12, no package index):
 carry them as wheels in the checkout's .whl/ (the versions uv.lock pins; all pure Python):
@@ -24,16 +25,13 @@ there, before this script:
 
 import argparse
 import importlib
-import json
 import shutil
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+import harness  # puts this checkout on sys.path where kr3 is not installed (the wheels above carry no kr3)
+
 NEEDED = ["hydra", "omegaconf", "datasets", "sentencepiece", "tokenizers", "pandas", "pyarrow", "tqdm", "matplotlib",
           "filelock"]  # what prepare and train import
 SHAPES = {  # name: (model overrides, batch, block)
@@ -116,33 +114,17 @@ def trainer(name: str, out: Path, data: list[str], extra: list[str], steps: int,
     """A real `run.py stage=train` job; its speed from metrics.jsonl (median after the first logged window)."""
     run_dir = out / name.replace(" ", "-")
     shutil.rmtree(run_dir, ignore_errors=True)  # a second run of this script trains anew (kr3 refuses a used folder)
-    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"] if torchrun else []
-    args = [*data, "stage=train", "logger=none", "trainer.precision=bf16", f"trainer.device={device}",
-            f"trainer.max_steps={steps}", "trainer.log_interval=5", "trainer.eval_interval=0",
-            "trainer.final_eval_tokens=16384", "trainer.sample_prompts=null", "trainer.ckpt_interval=0",
-            *extra, f"hydra.run.dir={run_dir}"]
-    log = out / f"{run_dir.name}.log"
-    with open(log, "w") as f:
-        code = subprocess.run([sys.executable, *launcher, str(ROOT / "run.py"), *args], stdout=f,
-                              stderr=subprocess.STDOUT).returncode
-    if code:
-        sys.exit(f"{name} failed ({code}):\n" + log.read_text()[-3000:])
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in rows if "train/tokens_per_s" in r]
-    train = train[1:-1] or train
-    return {"tokens_per_s": statistics.median(r["train/tokens_per_s"] for r in train),
-            "mfu": statistics.median(r.get("train/mfu", float("nan")) for r in train),
-            "mem_gib": max(r.get("train/peak_mem_gib", float("nan")) for r in train), "dir": run_dir}
+    harness.run_kr3(*data, "stage=train", "logger=none", "trainer.precision=bf16", f"trainer.device={device}",
+                    f"trainer.max_steps={steps}", "trainer.log_interval=5", "trainer.eval_interval=0",
+                    "trainer.final_eval_tokens=16384", "trainer.sample_prompts=null", "trainer.ckpt_interval=0", *extra,
+                    run_dir=run_dir, log=out / f"{run_dir.name}.log", nproc=1 if torchrun else 0)
+    return {**harness.train_speed(run_dir, skip=1), "dir": run_dir}
 
 
 def prepare(out: Path, device: str) -> list[str]:
-    from gpu import corpus
-
-    src = out / "corpus.parquet"
-    corpus(src, 300_000 if device == "cuda" else 20_000)
-    data = ["data=local", f"data.path={src}", f"paths.data_dir={out / 'data'}", f"tokenizer.vocab_size={VOCAB[device]}"]
-    subprocess.run([sys.executable, str(ROOT / "run.py"), "stage=prepare", *data, f"hydra.run.dir={out / 'prepare'}"],
-                   check=True, stdout=subprocess.DEVNULL)
+    src = harness.synthetic_corpus(out / "corpus.parquet", 300_000 if device == "cuda" else 20_000)
+    data = harness.local_data(src, out / "data", VOCAB[device])
+    harness.run_kr3("stage=prepare", *data, run_dir=out / "prepare", log=out / "prepare.log")
     return data
 
 
@@ -150,20 +132,17 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--steps", type=int, default=None, help="timed steps per job (default 40 on cuda, 4 on cpu)")
-    ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "gpu-check")
+    ap.add_argument("--out", type=Path, default=harness.ROOT / "outputs" / "gpu-check")
     ap.add_argument("--shapes", default="small,base", help="of small,base; torchrun and the profile run with small")
     a = ap.parse_args()
     check_imports()
-    import torch
-
     steps = a.steps or (40 if a.device == "cuda" else 4)
     wanted = a.shapes.split(",")
     if not set(wanted) <= set(SHAPES):
         sys.exit(f"--shapes {a.shapes}: choose from {','.join(SHAPES)}")
     shapes = {k: v for k, v in (SHAPES if a.device == "cuda" else DRY).items() if k in wanted}
     a.out.mkdir(parents=True, exist_ok=True)
-    print(f"torch {torch.__version__}, {torch.cuda.get_device_name() if a.device == 'cuda' else 'CPU dry run'}",
-          flush=True)
+    print(harness.machine_line() + ("" if a.device == "cuda" else " (a CPU dry run)"), flush=True)
     data = prepare(a.out, a.device)
     # the trainer jobs first, while this process has run no torch op (no thread pool of its own competing)
     jobs = {}
@@ -193,10 +172,9 @@ def main():
 
 
 def report(rows, top_ops: Path | None) -> None:
-    print("\n| job | tokens/s | vs bare (kr3 loss) | MFU | peak GPU memory (GiB) |\n|---|---|---|---|---|")
-    for name, r, bare in rows:
-        print(f"| {name} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / bare['tokens_per_s']:.2f} | "
-              f"{r['mfu']:.1%} | {r['mem_gib']:.1f} |")
+    harness.print_table(["job", "tokens/s", "vs bare (kr3 loss)", "MFU", "peak GPU memory (GiB)"],
+                        [[name, f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s'] / bare['tokens_per_s']:.2f}",
+                          f"{r['mfu']:.1%}", f"{r['mem_gib']:.1f}"] for name, r, bare in rows])
     if top_ops:
         print(f"\nthe trainer's top ops ({top_ops}):\n{top_ops.read_text()}")
 

@@ -1,40 +1,25 @@
 """Does the trainer's input path slow a CUDA step? The model=small shape (batch 256, bf16 autocast, eager)
 timed on: random tokens already on the GPU, real tokens already on the GPU, `kr3.batches.Batches` windows
-copied each step, and the same from pinned memory. Writes and prepares a synthetic corpus (bench/gpu.py).
+copied each step, and the same from pinned memory. Writes and prepares a synthetic corpus
+(`harness.synthetic_corpus`, in /tmp/p); the machine line (bench/harness.py) heads the times.
 
     python bench/gpu_input_path.py
 """
 
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+import harness
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-from gpu import corpus  # noqa: E402
-
-from kr3.batches import Batches  # noqa: E402
-from kr3.model import GPT, GPTConfig  # noqa: E402
+from kr3.batches import Batches
+from kr3.model import GPT, GPTConfig
 
 out = Path("/tmp/p")
 out.mkdir(exist_ok=True)
-corpus(out / "c.parquet", 200_000)
-subprocess.run(
-    [
-        sys.executable,
-        str(ROOT / "run.py"),
-        "stage=prepare",
-        "data=local",
-        f"data.path={out}/c.parquet",
-        f"paths.data_dir={out}/data",
-    ],
-    check=True,
-    capture_output=True,
-)
+harness.run_kr3("stage=prepare", *harness.local_data(harness.synthetic_corpus(out / "c.parquet", 200_000), out / "data"))
 d = next((out / "data").glob("*/meta.json")).parent
+print(harness.machine_line(), flush=True)
 dev = "cuda"
 B = 256
 cfg = GPTConfig(vocab_size=8000, n_layers=6, n_heads=6, d_model=384, d_ffn=1536, block_size=256)

@@ -1,21 +1,21 @@
 """Step time of the bare model on a CUDA GPU (no trainer): forward, backward, clipping and fused AdamW in
 bf16 autocast, eager and compiled, for the model=small and model=base shapes on random tokens; then a
-torch.profiler table of three base steps. A yardstick for `run.py stage=train` (bench/gpu.py).
+torch.profiler table of three base steps, after the machine line (bench/harness.py). A yardstick for
+`run.py stage=train` (bench/gpu.py).
 
     python bench/gpu_model_step.py
 """
 
-import sys
 import time
-from pathlib import Path
 
+import harness
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kr3.model import GPT, GPTConfig  # noqa: E402
+from kr3.model import GPT, GPTConfig
 
 dev = "cuda"
+print(harness.machine_line(), flush=True)
 
 
 def bench(cfg, B, compile_=False, label=""):

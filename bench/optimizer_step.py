@@ -1,7 +1,7 @@
 """Time one optimizer step of the experiment=cpu_15min model: torch's AdamW (optimizer=adamw), kr3's MuonAdamW
 (optimizer=muon), and torch.optim.Muon on the same matrices beside torch's AdamW. Random gradients; median of
---steps steps, one thread. torch's Muon runs its Newton–Schulz iteration in bf16: to see what that costs on a
-CPU without native bf16, run it again under ONEDNN_MAX_CPU_ISA=AVX2.
+--steps steps, one thread; the machine line (bench/harness.py) first. torch's Muon runs its Newton–Schulz iteration
+in bf16: to see what that costs on a CPU without native bf16, run it again under ONEDNN_MAX_CPU_ISA=AVX2.
 
 uv run python bench/optimizer_step.py --steps 20
 ONEDNN_MAX_CPU_ISA=AVX2 uv run python bench/optimizer_step.py --steps 20
@@ -9,16 +9,14 @@ ONEDNN_MAX_CPU_ISA=AVX2 uv run python bench/optimizer_step.py --steps 20
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
+import harness
 import torch
 from omegaconf import OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kr3 import optim  # noqa: E402
-from kr3.model import GPT, GPTConfig  # noqa: E402
+from kr3 import optim
+from kr3.model import GPT, GPTConfig
 
 
 class TorchMuonAdamW:
@@ -61,6 +59,7 @@ def main():
         "kr3 MuonAdamW (optimizer=muon)": optim.build(model, OmegaConf.create({**t, "optimizer": "muon"}), cpu),
         "torch.optim.Muon + torch AdamW": TorchMuonAdamW(model.param_groups(0.1, 30.0, muon_lr_scale=5.0), 1e-2, 0.05),
     }
+    print(harness.machine_line())
     print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}")
     for name, opt in opts.items():
         print(f"{name:32s} {median_ms(opt, args.steps):7.1f} ms/step")

@@ -2,7 +2,8 @@
 loop of kr3's GPT on the prepared nsmc data (random windows, AdamW, warmup then cosine over the time
 budget), with the optimizer groups of `GPT.param_groups` (the token table at `--emb` × the learning rate, no
 weight decay there). Prints one JSON line: steps, tokens/s, final train loss, val loss and bpc on the first
-131,072 val tokens.
+131,072 val tokens, after a line naming the machine (bench/harness.py). Needs ../shared: the prepared nsmc data is
+made first when there is none.
 
     uv run python bench/quality_probe.py --minutes 3 --L 2 --H 2 --d 128 --ffn 512 --block 64 --batch 64 --lr 1e-2 --emb 30
 """
@@ -10,18 +11,14 @@ weight decay there). Prints one JSON line: steps, tokens/s, final train loss, va
 import argparse
 import json
 import math
-import sys
 import time
-from pathlib import Path
 
+import harness
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import nsmc_data_dir  # noqa: E402
-
-from kr3.model import GPT, GPTConfig  # noqa: E402
-from kr3.scoring import token_loss  # noqa: E402
+from kr3.model import GPT, GPTConfig
+from kr3.scoring import token_loss
 
 p = argparse.ArgumentParser()
 defaults = dict(L=4, H=4, d=256, ffn=1024, block=128, batch=32, lr=3e-3, emb=1.0, wd=0.1, minutes=3.0, warm=50, minr=0.1,
@@ -31,7 +28,8 @@ for k, v in defaults.items():
 a = p.parse_args()
 torch.manual_seed(0)
 torch.set_num_threads(2)
-d = nsmc_data_dir()
+d = harness.nsmc_data_dir()
+print(harness.machine_line(), flush=True)
 meta = json.loads((d / "meta.json").read_text())
 tr = np.memmap(d / "train.bin", dtype=np.uint16, mode="r")
 va = np.memmap(d / "val.bin", dtype=np.uint16, mode="r")

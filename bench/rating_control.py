@@ -6,24 +6,22 @@ completions (judged by that baseline).
 
 RUN_FOLDER: a run trained with data.condition=rating (e.g. experiment=cpu_15min data.condition=rating). The
 classifier's accuracy is what `stage=evaluate` writes into eval.json (run here on the checkpoint's val split);
-the baseline reads the same splits again with the checkpoint's data settings (kr3.data: load, clean, split).
+the baseline reads the same splits again with the checkpoint's data settings (kr3.data: load, clean, split). The
+classifier table is headed by the machine (bench/harness.py).
 """
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
+import harness
 import numpy as np
 from omegaconf import OmegaConf
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from kr3 import checkpoint, load  # noqa: E402
-from kr3 import data as kdata  # noqa: E402
+from kr3 import checkpoint, load
+from kr3 import data as kdata
 
 # neutral openings for movie reviews (the shared corpus is NSMC's): no sentiment of their own
 OPENINGS = ["이 영화는", "배우들 연기는", "스토리가", "오랜만에 본", "감독의 전작보다", "주인공이", "결말은", "처음 30분은",
@@ -52,8 +50,7 @@ def baseline(splits: dict, classes: list[int]):
 
 def evaluate(run: Path) -> dict:
     out = run / "evaluate" / "bench-rating"
-    subprocess.run([sys.executable, str(ROOT / "run.py"), "stage=evaluate", f"checkpoint={run}", "evaluate.precision=fp32",
-                    f"hydra.run.dir={out}"], check=True, capture_output=True)
+    harness.run_kr3("stage=evaluate", f"checkpoint={run}", "evaluate.precision=fp32", run_dir=out)
     return json.loads((out / "eval.json").read_text())
 
 
@@ -87,12 +84,12 @@ def main():
     ours = evaluate(a.checkpoint)
     print(f"val bpc {ours['bpc']:.4f} (control tokens scored too), {ours['rated_bpc']:.4f} (rated reviews, control "
           f"tokens not scored); per rating: {json.dumps(ours['per_rating'], ensure_ascii=False)}")
-    print("| classifier | binary (0/1) | three ratings |\n|---|---|---|")
-    print(f"| majority class | {binary_major:.1%} | {three_major:.1%} |")
-    print(f"| TF-IDF char 1–3-grams + logistic regression | {binary_acc:.1%} | {three_acc:.1%} |")
     cls = ours["classifier"]
-    print(f"| kr3, P(review | rating) · P(rating) | {cls['binary (0/1)']['accuracy']:.1%} | "
-          f"{cls['three ratings']['accuracy']:.1%} |")
+    harness.print_table(["classifier", "binary (0/1)", "three ratings"], [
+        ["majority class", f"{binary_major:.1%}", f"{three_major:.1%}"],
+        ["TF-IDF char 1–3-grams + logistic regression", f"{binary_acc:.1%}", f"{three_acc:.1%}"],
+        ["kr3, P(review | rating) · P(rating)", f"{cls['binary (0/1)']['accuracy']:.1%}",
+         f"{cls['three ratings']['accuracy']:.1%}"]])
     print(f"(val reviews: {n_binary:,} binary, {n_three:,} all)")
     for guidance in map(float, a.guidance.split(",")):
         steer = control(a.checkpoint, vec, clf, a.openings, a.samples, guidance)

@@ -6,7 +6,8 @@ the server is stopped. Reports requests/s, completion tokens/s, time to first to
     uv run python bench/serve_load.py [--checkpoint PATH] [--clients 32] [--seconds 30] [--single-seconds 10]
 
 Without --checkpoint it trains one first: `--model` (tiny: seconds; small: model=small, the shape of the
-generation-latency benchmark) for `--steps` steps on bench/gpu.py's synthetic Korean corpus, in `--out`.
+generation-latency benchmark) for `--steps` steps on `harness.synthetic_corpus`'s synthetic Korean corpus, in `--out`.
+The table is headed by the machine (bench/harness.py).
 """
 
 import argparse
@@ -21,24 +22,20 @@ import sys
 import time
 from pathlib import Path
 
+import harness
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 PROMPTS = ["이 집 짜장면은", "분위기가 좋고", "사장님이 친절해서", "가격 대비", "웨이팅이 길었지만", "", "국물이", "다시는"]
 
 
 def trained(out: Path, model: str, steps: int) -> Path:
     """A checkpoint of `model` trained for `steps` steps on a synthetic corpus (reused when already there)."""
-    from gpu import corpus, run
-
     run_dir = out / f"run-{model}-{steps}"
     if not (run_dir / "checkpoints").is_dir():
-        src = out / "corpus.parquet"
-        corpus(src, 20_000)
-        run([f"paths.root_dir={out}", "stage=train", "data=local", f"data.path={src}", "tokenizer.vocab_size=4000",
-             "experiment=smoke", f"model={model}", f"trainer.max_steps={steps}", "trainer.eval_interval=0",
-             "trainer.final_eval_tokens=4096", f"hydra.run.dir={run_dir}"], out / "train.log")
+        src = harness.synthetic_corpus(out / "corpus.parquet", 20_000)
+        harness.run_kr3(f"paths.root_dir={out}", "stage=train", *harness.local_data(src, vocab_size=4000),
+                        "experiment=smoke", f"model={model}", f"trainer.max_steps={steps}", "trainer.eval_interval=0",
+                        "trainer.final_eval_tokens=4096", run_dir=run_dir, log=out / "train.log")
     return run_dir
 
 
@@ -51,8 +48,8 @@ def free_port() -> int:
 
 def start_server(checkpoint: Path, out: Path, port: int, extra: list[str]) -> subprocess.Popen:
     log = open(out / "serve.log", "w")
-    return subprocess.Popen([sys.executable, str(ROOT / "run.py"), "stage=serve", f"checkpoint={checkpoint}",
-                             f"serve.port={port}", f"paths.root_dir={out}", "serve.max_active=256", *extra],
+    return subprocess.Popen(harness.kr3_command("stage=serve", f"checkpoint={checkpoint}", f"serve.port={port}",
+                                                f"paths.root_dir={out}", "serve.max_active=256", *extra),
                             stdout=log, stderr=subprocess.STDOUT,
                             env={k: v for k, v in os.environ.items() if k != "KR3_API_KEY"})
 
@@ -122,14 +119,14 @@ def summary(results: list[dict], clients: int, wall: float) -> dict:
             "error_kinds": sorted({r["error"] for r in results if "error" in r})}
 
 
-def table(rows: list[dict]) -> str:
-    lines = ["| clients | requests | requests/s | tokens/s | tokens/request | TTFT p50 | TTFT p99 | latency p50 | "
-             "latency p99 | errors |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['clients']} | {r['requests']} | {r['req_per_s']:.1f} | {r['tokens_per_s']:,.0f} | "
-                     f"{r['tokens_per_request']:.1f} | {r['ttft_p50'] * 1e3:.0f} ms | {r['ttft_p99'] * 1e3:.0f} ms | "
-                     f"{r['latency_p50'] * 1e3:.0f} ms | {r['latency_p99'] * 1e3:.0f} ms | {r['errors']} |")
-    return "\n".join(lines)
+COLUMNS = ["clients", "requests", "requests/s", "tokens/s", "tokens/request", "TTFT p50", "TTFT p99", "latency p50",
+           "latency p99", "errors"]
+
+
+def table_rows(rows: list[dict]) -> list[list]:
+    return [[r["clients"], r["requests"], f"{r['req_per_s']:.1f}", f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_request']:.1f}",
+             f"{r['ttft_p50'] * 1e3:.0f} ms", f"{r['ttft_p99'] * 1e3:.0f} ms", f"{r['latency_p50'] * 1e3:.0f} ms",
+             f"{r['latency_p99'] * 1e3:.0f} ms", r["errors"]] for r in rows]
 
 
 def main():
@@ -157,9 +154,9 @@ def main():
         server.send_signal(signal.SIGINT)
         server.wait(timeout=30)
     load_avg = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"checkpoint {checkpoint}, precision {a.precision}, max_tokens {a.max_tokens}, {os.cpu_count()} CPUs, "
-          f"load average {load_avg} (1, 5, 15 min) at the end: other work on the machine shows here")
-    print(table(rows))
+    harness.print_table(COLUMNS, table_rows(rows),
+                        f"checkpoint {checkpoint}, precision {a.precision}, max_tokens {a.max_tokens}, {os.cpu_count()} CPUs, "
+                        f"load average {load_avg} (1, 5, 15 min) at the end: other work on the machine shows here")
     for row in rows:
         if row["errors"]:
             print(f"{row['clients']} clients: errors {row['error_kinds']}")

@@ -264,7 +264,7 @@ def test_docker_offers_a_cpu_and_a_gpu_image_that_export_and_serve():
     cpu = dockerfile.split("AS cpu")[1].split("FROM ")[0]
     assert "download.pytorch.org/whl/cpu" in cpu and "nvidia" in cpu  # CPU torch, the CUDA wheels filtered out
     assert re.search(r"^EXPOSE 8000$", dockerfile, re.M)
-    docker = (ROOT / "README.md").read_text().split("## Docker")[1].split("\n## ")[0]
+    docker = (ROOT / "docs" / "docker.md").read_text()
     assert "mkdir -p data outputs multirun" in docker and "/app/multirun" in docker
     assert "serve.host=0.0.0.0" in docker and "-p 127.0.0.1:8000:8000" in docker and "--target cpu" in docker
 
