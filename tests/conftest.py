@@ -134,6 +134,17 @@ def kogpt2() -> Path:
     return _shared("tokenizers/kogpt2-v1")
 
 
+# Tiers: `pytest -m "not e2e"` is the fast one (unit tests, under a minute); e2e tests start processes, servers, torchrun
+# or the browser, read the 676k reviews of ../shared, or use a model trained beyond a few steps — these fixtures':
+TRAINED_BEYOND_A_FEW_STEPS = {"trained", "served_run", "rated_run", "conditioned", "nsmc"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if TRAINED_BEYOND_A_FEW_STEPS & set(item.fixturenames) or item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.e2e)
+
+
 def pytest_report_header(config):
     import torch
 

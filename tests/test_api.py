@@ -22,6 +22,7 @@ def m(trained):
     return load(trained[0], device="cpu", precision="fp32")
 
 
+@pytest.mark.e2e
 def test_import_kr3_is_light_and_load_is_there():
     code = "import sys, kr3; assert 'torch' not in sys.modules; from kr3 import Model, load; print(load.__module__)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -32,6 +33,7 @@ def test_import_kr3_is_light_and_load_is_there():
         kr3.lod  # noqa: B018
 
 
+@pytest.mark.e2e
 def test_load_takes_a_run_a_file_or_latest(trained):
     from kr3 import load
 

@@ -30,12 +30,14 @@ def assert_one_line_error(proc, pattern):
     assert len(errors) == 1 and re.search(pattern, errors[0]), proc.stderr
 
 
+@pytest.mark.e2e
 def test_unknown_stage(tmp_path):
     proc = run_cli(tmp_path, "stage=bogus")
     assert_one_line_error(proc, r"stage=bogus is not an option of stage/ — use one of: evaluate, export, generate, ")
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.e2e
 def test_a_sweep_without_dash_m_says_to_add_it(tmp_path):
     proc = run_cli(tmp_path, "stage=train", "trainer.lr=1e-3,3e-4")
     assert_one_line_error(proc, r"trainer.lr=1e-3,3e-4 is a sweep — add -m to run one job per value: .*run\.py -m "
@@ -43,6 +45,7 @@ def test_a_sweep_without_dash_m_says_to_add_it(tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.e2e
 def test_help_into_a_reader_that_stops_early_is_quiet(tmp_path):
     """`kr3 --help | head -2`: no BrokenPipeError traceback (the reader is gone before the help is written)."""
     proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), "--help"], stdout=subprocess.PIPE,
@@ -53,10 +56,12 @@ def test_help_into_a_reader_that_stops_early_is_quiet(tmp_path):
     assert "Traceback" not in err and "BrokenPipe" not in err, err
 
 
+@pytest.mark.e2e
 def test_missing_data_path(tmp_path):
     assert_one_line_error(run_cli(tmp_path, "data=local"), r"data=local needs a file")
 
 
+@pytest.mark.e2e
 def test_missing_file(tmp_path):
     proc = run_cli(tmp_path, "data=local", f"data.path={tmp_path / 'nope.parquet'}")
     assert_one_line_error(proc, r"does not exist")
@@ -64,6 +69,7 @@ def test_missing_file(tmp_path):
     assert not list(tmp_path.rglob(".hydra")), "a command that failed before any work left a run folder"
 
 
+@pytest.mark.e2e
 def test_bad_group_override_lists_options(tmp_path):
     proc = run_cli(tmp_path, "data=nope")
     assert_one_line_error(proc, r"^error: data=nope is not an option of data/ — use one of: kr3, local$")
@@ -72,6 +78,7 @@ def test_bad_group_override_lists_options(tmp_path):
     assert not (tmp_path / "multirun").exists()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("override", ["trainer.lrr=1", "+trainer.lrr=1", "++trainer.lrr=1", "~trainer.lrr"])
 def test_unknown_key_names_the_nearest(tmp_path, override):
     """Hydra answers `trainer.lrr=1` with a hint to add `+`, and `+trainer.lrr=1` trains with the typo ignored."""
@@ -80,6 +87,7 @@ def test_unknown_key_names_the_nearest(tmp_path, override):
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "data").exists()
 
 
+@pytest.mark.e2e
 def test_unknown_key_hints(tmp_path):
     """A key in the wrong section, a key of the chosen experiment's model, and one like nothing known."""
     assert_one_line_error(run_cli(tmp_path, "lr=1"), r"^error: lr is not a kr3 setting — did you mean trainer\.lr\?$")
@@ -95,6 +103,7 @@ def test_unknown_key_hints(tmp_path):
     assert_one_line_error(run_cli(tmp_path, "+trainer.lr=1"), r"trainer\.lr is already in the config — set it without the \+")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("override, message", [
     ("model.n_layers=abc", r"model\.n_layers=abc must be an integer \(its default: 6\)"),
     ("generate.temperature=abc", r"generate\.temperature=abc must be a number ≥ 0 \(its default: 0\.8\)"),
@@ -114,12 +123,14 @@ def test_a_value_of_another_kind_or_bad_syntax_is_one_line(tmp_path, override, m
     assert not list(tmp_path.rglob(".hydra")) and not (tmp_path / "data").exists()
 
 
+@pytest.mark.e2e
 def test_each_value_of_a_sweep_is_checked_before_any_job(tmp_path):
     proc = run_cli(tmp_path, "-m", "stage=prepare", "trainer.lr=1e-3,abc")
     assert_one_line_error(proc, r"trainer\.lr=abc must be a number")
     assert not (tmp_path / "multirun").exists() and not (tmp_path / "data").exists()
 
 
+@pytest.mark.e2e
 def test_a_seed_of_any_size_is_one_line_and_a_stray_world_size_is_no_launch(tmp_path):
     proc = run_cli(tmp_path, "stage=report", f"seed={10**400}")
     assert_one_line_error(proc, rf"seed={10**400} must be an integer ≥ 0 and ≤ 9223372036854775807")
@@ -128,6 +139,7 @@ def test_a_seed_of_any_size_is_one_line_and_a_stray_world_size_is_no_launch(tmp_
     assert_one_line_error(proc, r"stage=bogus is not an option of stage/")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("removal", ["~trainer", "~data.clean.min_chars", "~trainer.lr=1e-3"])
 def test_removing_a_setting_is_one_line(tmp_path, removal):
     """kr3 reads every setting (kr3.settings types them all): removing one is refused, before any folder."""
@@ -136,6 +148,7 @@ def test_removing_a_setting_is_one_line(tmp_path, removal):
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.e2e
 def test_hydra_syntax_still_passes_the_key_check(tmp_path):
     """hydra.* keys, sweeps over keys and groups, experiments and ++ on real keys reach the stage (a report of no
     folder, to stop there)."""
@@ -149,6 +162,7 @@ def test_hydra_syntax_still_passes_the_key_check(tmp_path):
     assert (tmp_path / "sweep").is_dir()
 
 
+@pytest.mark.e2e
 def test_help_lists_stages_groups_and_examples(tmp_path):
     proc = run_cli(tmp_path, "--help")
     assert proc.returncode == 0, proc.stderr
@@ -164,6 +178,7 @@ def test_help_lists_stages_groups_and_examples(tmp_path):
     assert 'eval "$(kr3 -sc install=bash)"' in out
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("line, expected", [
     ("python run.py model=", ["model=base", "model=pretrained", "model=small", "model=tiny"]),
     ("python run.py stage=", sorted(f"stage={stage}" for stage in STAGES)),
@@ -209,6 +224,7 @@ def test_every_stage_has_its_config_and_module():
     assert sorted(p.stem for p in (ROOT / "conf" / "stage").glob("*.yaml")) == sorted(STAGES)
 
 
+@pytest.mark.e2e
 def test_installed_command_uses_its_packaged_config(tmp_path):
     """`pip install .` gives a `kr3` command carrying conf/ as kr3/conf, with data/ and outputs/ under the folder it
     runs in: the wheel built and installed into a fresh venv (its dependencies from this one), run in an empty folder."""
@@ -269,6 +285,7 @@ def test_docker_offers_a_cpu_and_a_gpu_image_that_export_and_serve():
     assert "serve.host=0.0.0.0" in docker and "-p 127.0.0.1:8000:8000" in docker and "--target cpu" in docker
 
 
+@pytest.mark.e2e
 def test_prepare_from_the_command_line(tmp_path, corpus_parquet):
     proc = run_cli(tmp_path, "stage=prepare", "data=local", f"data.path={corpus_parquet}", "tokenizer.vocab_size=400")
     assert proc.returncode == 0, proc.stderr

@@ -35,6 +35,7 @@ def conditioned(tmp_path_factory, train_tiny):
     return run, root
 
 
+@pytest.mark.e2e
 def test_the_conditioned_model_classifies_ratings(conditioned):
     run_dir, _ = conditioned
     model, tok, ckpt = checkpoint.load_model(run_dir, "cpu")
@@ -133,6 +134,7 @@ def test_rating_on_an_unconditioned_checkpoint_is_one_line(trained):
         m.complete("이 집", rating="negative")
 
 
+@pytest.mark.e2e
 def test_generate_rating_on_the_command_line_and_in_the_repl(conditioned):
     import os
     import subprocess
@@ -207,6 +209,7 @@ def test_control_tokens_are_never_text(conditioned):
         assert not any(control in t for t in texts + offered), (texts, offered)
 
 
+@pytest.mark.e2e
 def test_a_rating_for_an_unconditioned_checkpoint_stops_before_any_output(trained, tmp_path):
     import os
     import shutil
@@ -290,6 +293,7 @@ def test_the_rating_loss_asks_the_device_for_nothing():
     assert rating_loss.training_losses(model, model.head.weight, x, y, none, torch.zeros(3))[1].item() == 0
 
 
+@pytest.mark.e2e
 def test_training_with_the_rating_loss_logs_it_and_learns_the_ratings(tmp_path, train_tiny):
     run = train_tiny(tmp_path, rated_reviews(600), "tokenizer.vocab_size=400", "data.condition=rating",
                      "trainer.max_steps=60", "trainer.lr=3e-3", "trainer.batch_size=16", "trainer.rating_loss=0.1")

@@ -90,9 +90,18 @@ def test_the_pages_have_commands_and_each_mark_names_a_need():
         assert command.needs or not re.search(r"#\s*needs?\b", command.line, re.I), f"{command}: write `# needs: WHAT`"
 
 
+COMPOSED = {}
+
+
+@pytest.mark.e2e  # fifty compositions of the config: ten seconds, so with the commands' runs
 @pytest.mark.parametrize("command", [c for c in COMMANDS if any(kr3_arguments(w) for w in parts(c.line))], ids=str)
-def test_every_documented_command_names_settings_that_exist(command):
-    """The check every command line gets before it runs: keys, options, types and ranges (marked ones too)."""
+def test_every_documented_command_names_settings_that_exist(command, monkeypatch):
+    """The check every command line gets before it runs: keys, options, types and ranges (marked ones too). The
+    pages choose the same few groups again and again: each composition is made once here."""
+    def compose_once(chosen=()):
+        return COMPOSED.setdefault(tuple(chosen), config.compose(chosen))
+
+    monkeypatch.setattr(overrides, "compose", compose_once)
     for words in parts(command.line):
         arguments = kr3_arguments(words)
         if arguments:
@@ -100,16 +109,13 @@ def test_every_documented_command_names_settings_that_exist(command):
 
 
 def setting_names() -> set[str]:
-    """Every dotted key of every option of every config group."""
-    names = set()
-    for group in (ROOT / "conf").iterdir():
-        options = [p.stem for p in group.glob("*.yaml")] if group.is_dir() and group.name != "hydra" else []
-        for option in options or [None]:
-            try:
-                cfg = config.compose([f"{group.name}={option}"] if option else [])
-            except Exception:  # an option that needs another (experiment=finetune's model): its keys come with that
-                continue
-            names |= config.config_keys(config.OmegaConf.to_container(cfg))
+    """Every dotted key of the config and of every option of its groups, as the YAML files write them."""
+    names = config.config_keys(config.OmegaConf.to_container(config.compose()))
+    for option in (ROOT / "conf").glob("*/*.yaml"):
+        group, text = option.parent.name, option.read_text(encoding="utf-8")
+        if group != "hydra" and "@package _global_" not in text:
+            keys = config.config_keys(config.OmegaConf.to_container(config.OmegaConf.create(text)))
+            names |= {f"{group}.{key}" for key in keys}
     return names
 
 

@@ -38,6 +38,7 @@ def val_reviews(m, n: int) -> list[list[int]]:
     return [val[a + 1 : b].tolist() for a, b in zip([-1, *ends[:-1]], ends)]
 
 
+@pytest.mark.e2e
 def test_transformers_computes_kr3s_logits(exported):
     hf_dir, m = exported
     hf, info = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, output_loading_info=True)

@@ -98,6 +98,7 @@ PREPARE_ONCE_READY = textwrap.dedent("""
 """)
 
 
+@pytest.mark.e2e
 def test_two_prepares_at_once_build_once(tmp_path, corpus_parquet, local_cfg):
     procs = [subprocess.Popen([sys.executable, "-c", PREPARE_ONCE_READY, str(tmp_path), str(corpus_parquet), str(i)],
                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
@@ -112,6 +113,7 @@ def test_two_prepares_at_once_build_once(tmp_path, corpus_parquet, local_cfg):
     assert not leftovers(out.parent)
 
 
+@pytest.mark.e2e
 def test_a_full_disk_while_training_is_one_line_and_tears_no_metrics_row(tmp_path, train_tiny, monkeypatch,
                                                                           make_reviews):
     """The disk fills in the middle of a metrics row (a short write, then ENOSPC): the row is cut back off, the run
@@ -137,6 +139,7 @@ def test_a_full_disk_while_training_is_one_line_and_tears_no_metrics_row(tmp_pat
     assert text.endswith("\n") and [json.loads(line)["step"] for line in text.splitlines()] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.e2e
 def test_a_torn_metrics_line_is_cut_off_when_the_run_resumes(tmp_path, train_tiny, make_reviews, caplog):
     rows = make_reviews(1500, seed=1)
     run = train_tiny(tmp_path, rows, "tokenizer.vocab_size=400", "trainer.max_steps=4")
@@ -222,6 +225,7 @@ FULL_DISK_FOR = textwrap.dedent("""
 """)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("where, args", [
     ("/.hydra/", ["stage=train"]),
     ("multirun.yaml", ["-m", "stage=train", "trainer.lr=1e-3,3e-3"]),

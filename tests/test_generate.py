@@ -79,6 +79,7 @@ def test_next_tokens_are_text(trained):
     assert c.token_text(tok.encode("이 집"), spaced) == " " + tok.id_to_piece(spaced)[1:]  # its space kept
 
 
+@pytest.mark.e2e
 def test_a_long_prompt_is_said_before_its_completion_and_echoed_as_kept(trained):
     """On a terminal (stdout and stderr one stream): the note on a line of its own, then the part of the prompt the
     model was given, then its completion."""
@@ -95,6 +96,7 @@ def test_a_long_prompt_is_said_before_its_completion_and_echoed_as_kept(trained)
     assert "59번째 맛있어요" in echo
 
 
+@pytest.mark.e2e
 def test_pipe_and_exit(trained):
     """Completions from a pipe until `exit`; the REPL keeps no run folder (its work was on the terminal)."""
     before = set(trained[0].rglob("generate/*"))
@@ -108,6 +110,7 @@ def test_pipe_and_exit(trained):
     assert "이건" not in proc.stdout
 
 
+@pytest.mark.e2e
 def test_terminal_session(trained):
     """prompt_toolkit on a terminal: ↑ recalls, Backspace removes one whole Hangul syllable, `:` commands work."""
     pexpect = pytest.importorskip("pexpect")
@@ -147,6 +150,7 @@ SLOW_STREAM = textwrap.dedent("""
 """)
 
 
+@pytest.mark.e2e
 def test_ctrl_c_stops_a_completion_and_the_repl_goes_on(trained):
     """Ctrl-C during a completion returns to the prompt, history and settings kept; Ctrl-D quits."""
     pexpect = pytest.importorskip("pexpect")
@@ -175,6 +179,7 @@ def test_ctrl_c_stops_a_completion_and_the_repl_goes_on(trained):
     assert child.exitstatus == 0
 
 
+@pytest.mark.e2e
 def test_the_repl_samples_afresh_until_a_seed_is_given(trained):
     """On a terminal, two completions of one prompt differ by default, each naming its seed; after `:seed 42` they
     match; `:seed null` returns to fresh seeds."""
@@ -207,6 +212,7 @@ def test_the_repl_samples_afresh_until_a_seed_is_given(trained):
     child.expect(pexpect.EOF)
 
 
+@pytest.mark.e2e
 def test_pipe_commands_and_control_characters(trained):
     proc = cli(trained[1], "stage=generate", f"checkpoint={trained[0]}", "generate.max_new_tokens=10",
                stdin=":temperature abc\n:top_k 20\n:TOP_P none\n:help\n:nope\n:rating positive\n:)\n\x1b[31m이 집\x07은\n")
@@ -243,6 +249,7 @@ def test_terminal_output_escapes_control_characters_and_names_next_tokens(tmp_pa
     ]
 
 
+@pytest.mark.e2e
 def test_one_shot_show_next_and_batch(trained, tmp_path):
     # the prompt as typed in a shell: unquoted for Hydra (run.py quotes it)
     proc = cli(trained[1], "stage=generate", f"checkpoint={trained[0] / 'checkpoints' / 'best.pt'}",
@@ -296,6 +303,7 @@ def test_stop_strings_are_never_shown(monkeypatch, stop, completion):
     assert "".join(pieces) == stats["completion"] == completion
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("args, message", [
     (["generate.prompt=' '"], "generate.prompt is empty"),
     (["generate.temperature=-1"], "generate.temperature=-1 must be a number ≥ 0"),
@@ -328,6 +336,7 @@ def test_bad_decoding_values(tmp_path, override, message):
     check_generate(gen_cfg(tmp_path, "generate.top_k=0", "generate.top_p=1", "generate.temperature=0"))  # all allowed
 
 
+@pytest.mark.e2e
 def test_a_stdin_line_that_is_not_utf8_gets_a_message(trained):
     proc = subprocess.run([sys.executable, str(ROOT / "run.py"), f"paths.root_dir={trained[1]}", "stage=generate",
                            f"checkpoint={trained[0]}", "generate.max_new_tokens=4"], capture_output=True,
@@ -337,6 +346,7 @@ def test_a_stdin_line_that_is_not_utf8_gets_a_message(trained):
     assert b"not UTF-8 text" in proc.stdout and proc.stdout.splitlines()[-2].startswith("사장님".encode())
 
 
+@pytest.mark.e2e
 def test_a_bad_output_path_is_one_line_before_any_work(trained, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("이 집\n")
@@ -363,6 +373,7 @@ def test_sampling_survives_a_tiny_temperature_and_refuses_nan_scores():
         next(sample_tokens(diverged, [1, 2], 4, eos_id=0))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("edit, words", [
     (lambda s: s["model_config"].update(foo=1), "unexpected keyword argument 'foo'"),
     (lambda s: s["model"].pop("head.weight"), "Error(s) in loading state_dict"),
@@ -377,6 +388,7 @@ def test_a_checkpoint_edited_after_training_is_one_line(trained, tmp_path, edit,
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and words in proc.stderr, proc.stderr
 
 
+@pytest.mark.e2e
 def test_corrupt_checkpoint_is_one_line(trained, tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(checkpoint.list_steps(trained[0])[-1].read_bytes()[:1000])
@@ -384,6 +396,7 @@ def test_corrupt_checkpoint_is_one_line(trained, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "is corrupt or not a kr3 checkpoint" in proc.stderr
 
 
+@pytest.mark.e2e
 def test_evaluate_matches_trainer_and_reads_files(trained, tmp_path, make_reviews):
     from kr3.stages import evaluate
 
@@ -400,6 +413,7 @@ def test_evaluate_matches_trainer_and_reads_files(trained, tmp_path, make_review
     assert on_file["tokens"] == 300 and 0 < on_file["bpc"] < 10
 
 
+@pytest.mark.e2e
 def test_evaluate_writes_beside_the_checkpoint_and_names_the_file_it_read(trained):
     run_dir, root = trained
     before = set(run_dir.glob("evaluate/*/eval.json"))  # other tests evaluate the shared checkpoint too

@@ -111,6 +111,7 @@ def test_inconsistent_sizes(kw, msg):
         tiny(**kw)
 
 
+@pytest.mark.e2e
 def test_keep_freed_memory_stops_refaulting_large_tensors():
     """After keep_freed_memory, a freed 64 MiB tensor's pages are reused: allocating it again costs (almost)
     no page faults, where glibc's default hands it back to the OS and faults in all 16k pages again.

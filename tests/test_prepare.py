@@ -75,6 +75,7 @@ def test_a_local_dataset_folder_as_hub_id_is_watched_too(tmp_path, corpus_parque
     assert prepared.source_stamp(cfg) != before
 
 
+@pytest.mark.e2e
 def test_different_config_gets_a_different_folder(local_cfg):
     a = prepared.prepared_dir(local_cfg())
     assert prepared.prepared_dir(local_cfg("data.val_ratio=0.1")) != a
@@ -82,6 +83,7 @@ def test_different_config_gets_a_different_folder(local_cfg):
     assert prepared.prepared_dir(local_cfg("prepare.force=true")) == a
 
 
+@pytest.mark.e2e
 def test_killed_prepare_leaves_nothing_half_written(local_cfg, monkeypatch):
     cfg = local_cfg()
     out = prepared.ensure(cfg)

@@ -108,6 +108,7 @@ def unchanged(tmp_path_factory, corpus, base):
     return val, run
 
 
+@pytest.mark.e2e
 def test_greedy_completions_are_transformers_and_export_gives_them_back(unchanged, base, tmp_path):
     from kr3 import export, load
 
@@ -159,6 +160,7 @@ def test_evaluate_and_the_server_name_the_base(unchanged, base, tmp_path):
     assert card["kr3"]["base_model"]["name_or_path"] == str(base) and "folder" not in card["kr3"]["base_model"]
 
 
+@pytest.mark.e2e
 def test_fine_tuning_lowers_the_val_loss_and_the_checkpoint_names_its_base(unchanged, corpus, base, tmp_path, caplog):
     caplog.set_level("INFO", logger="kr3")
     before, _ = unchanged
@@ -177,6 +179,7 @@ def test_fine_tuning_lowers_the_val_loss_and_the_checkpoint_names_its_base(uncha
                      caplog.text)
 
 
+@pytest.mark.e2e
 def test_a_fine_tune_resumes_exactly(corpus, base, tmp_path):
     common = ["trainer.max_steps=8", "trainer.ckpt_interval=4", "trainer.eval_interval=0", "trainer.lr=3e-3",
               "trainer.log_interval=1"]  # dropout 0.1 (the model's): the RNG state must come back too
@@ -189,6 +192,7 @@ def test_a_fine_tune_resumes_exactly(corpus, base, tmp_path):
     assert checkpoint.load(checkpoint.step_path(resumed, 8)).base == checkpoint.load(checkpoint.step_path(ref, 8)).base
 
 
+@pytest.mark.e2e
 def test_two_processes_fine_tune_as_one(corpus, base, tmp_path):
     """2 ranks × batch 4 (gloo) follow the losses of 1 process × batch 8; each rank reads the pretrained weights."""
     common = ["trainer.max_steps=6", "trainer.eval_interval=0", "trainer.lr=3e-3", "trainer.log_interval=1",
@@ -207,6 +211,7 @@ def test_two_processes_fine_tune_as_one(corpus, base, tmp_path):
     assert "cpu × 2 process(es) (DDP)" in (run / "run.log").read_text()
 
 
+@pytest.mark.e2e
 def test_rating_control_tokens_become_new_rows_that_train(corpus, base, tmp_path):
     tok = PretrainedTokenizer(base)
     model, _ = imported(base, tok.vocab_size + 3, controls=(tok.vocab_size, tok.vocab_size + 1, tok.vocab_size + 2))
@@ -241,6 +246,7 @@ def test_data_prepared_with_another_tokenizer_is_refused(corpus, base, tmp_path)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.e2e
 def test_other_architectures_are_one_line(base, tmp_path):
     for model_type, arch in [("gpt_neox", "GPTNeoXForCausalLM"), ("llama", "LlamaForCausalLM"), ("gptj", "GPTJForCausalLM")]:
         other = tmp_path / model_type
@@ -292,6 +298,7 @@ def test_broken_or_unsafe_weights_are_one_line_and_run_nothing(base, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.e2e
 def test_a_pytorch_pickle_and_sharded_safetensors_read_the_same(base, tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -334,6 +341,7 @@ def test_a_hub_id_reads_the_hub_cache(base, tmp_path, monkeypatch):
         pretrained.find("someone/other", str(tmp_path / "cache"))
 
 
+@pytest.mark.e2e
 def test_kogpt2s_real_tokenizer(kogpt2, corpus, tmp_path):
     """A tiny random model of KoGPT2's vocabulary with its real tokenizer: prepared, fine-tuned a few steps, evaluated."""
     folder = tmp_path / "kogpt2-shaped"
@@ -363,6 +371,7 @@ def test_rows_without_a_token_are_never_sampled_nor_offered(unchanged):
     assert len(ids) == 300 and max(ids) < vocab
 
 
+@pytest.mark.e2e
 def test_configs_of_older_transformers_read_the_same(base, tmp_path):
     """No model_type (before configs named it), GPT2Config's other names (hidden_size, n_ctx, …); weights of
     other shapes than config.json's are one line."""

@@ -71,6 +71,7 @@ def test_a_setting_a_job_left_alone_shows_what_it_ran_with(tmp_path):
     assert df.set_index("job").loc["1", ["model", "trainer.lr"]].tolist() == ["small", "0.0003"]
 
 
+@pytest.mark.e2e
 def test_report_stage_writes_tables_and_pictures(sweep, tmp_path):
     older = sweep.parent / "09-59-59"
     fake_job(older / "0", ["trainer.lr=0.1"], [(10, 5.0)], [(1, 9.0, 800)], {"state": "finished", "step": 10})
@@ -85,6 +86,7 @@ def test_report_stage_writes_tables_and_pictures(sweep, tmp_path):
         assert (sweep / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.e2e
 def test_report_errors(tmp_path):
     with pytest.raises(UserError, match="no multirun of stage=train under"):
         report_stage.run(compose(["stage=report"], tmp_path))
@@ -141,6 +143,7 @@ def dead_pid() -> int:
     return proc.pid
 
 
+@pytest.mark.e2e
 def test_a_real_sweep_with_a_failing_job_then_its_report(tmp_path, make_reviews, write_parquet):
     """`-m … model.n_heads=2,3,4`: the job that cannot be built fails alone (its result.json says why), the others run,
     the command ends with one line naming it; stage=report (the newest multirun by default) shows all three."""

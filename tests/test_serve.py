@@ -52,6 +52,7 @@ def stream(client, **body) -> list:
         return events(response.iter_lines())
 
 
+@pytest.mark.e2e
 def test_a_completion_has_openai_s_shape(client, model):
     reply = complete(client, max_tokens=12, seed=3)
     assert reply["object"] == "text_completion" and reply["model"] == "kr3" and reply["id"].startswith("cmpl-")
@@ -340,6 +341,7 @@ def rated_model(rated_run):
     return kr3.load(rated_run, device="cpu", precision="fp32")
 
 
+@pytest.mark.e2e
 def test_a_rating_conditioned_checkpoint_takes_a_rating(rated_model):
     client = TestClient(serve.app(rated_model))
     ratings = client.get("/v1/models").json()["data"][0]["kr3"]["ratings"]
@@ -392,6 +394,7 @@ def test_a_client_that_leaves_stops_its_generation(model, live_server, monkeypat
     assert httpx.get(f"{base}/health").json()["active"] == 0
 
 
+@pytest.mark.e2e
 def test_a_client_that_leaves_a_whole_completion_stops_it_too(model, live_server, monkeypatch):
     endless = Endless()
     monkeypatch.setattr(model, "stream_with_stats", endless)
@@ -415,6 +418,7 @@ def test_requests_beyond_max_active_get_429(model, live_server, monkeypatch):
     assert httpx.post(f"{base}/v1/next_tokens", json={"prompt": PROMPT}, timeout=10).status_code == 200
 
 
+@pytest.mark.e2e
 def test_concurrent_clients_share_the_model_and_get_their_own_completions(model, live_server):
     base = live_server(serve.app(model))
 
@@ -461,6 +465,7 @@ def test_the_servers_connections_have_nagle_off():
     assert asyncio.run(accepted_nodelay())
 
 
+@pytest.mark.e2e
 def test_the_openai_client_works_unchanged(model, live_server):
     openai = pytest.importorskip("openai", reason="the openai package is a dev dependency: uv sync installs it")
     base = live_server(serve.app(model, api_key="sk-local"))
@@ -496,6 +501,7 @@ def run_py(root, *args, **popen) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **popen)
 
 
+@pytest.mark.e2e
 def test_stage_serve_serves_until_interrupted(served_run, tmp_path):
     proc = run_py(tmp_path, f"checkpoint={served_run}", "serve.port=0", "serve.api_key=sk-never-written",
                   "serve.device=cpu", "serve.precision=fp32")  # the seeded draw the same on every machine
@@ -542,6 +548,7 @@ def test_the_key_comes_from_serve_api_key_else_kr3_api_key(monkeypatch):
         serve.api_key(OmegaConf.create({"api_key": None}))
 
 
+@pytest.mark.e2e
 def test_a_port_in_use_is_one_line(served_run, tmp_path):
     taken = serve.listen("127.0.0.1", 0)
     port = taken.getsockname()[1]

@@ -8,6 +8,9 @@ import pytest
 import kr3
 from kr3 import serve
 
+pytestmark = pytest.mark.e2e
+
+
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 DRIVERS = ("chromedriver",)
 CHROME_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

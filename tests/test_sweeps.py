@@ -44,6 +44,7 @@ def readme_search_command() -> list[str]:
     return shlex.split(line, comments=True)[2:]
 
 
+@pytest.mark.e2e
 def test_optuna_search_as_the_readme_writes_it_minimizes_the_final_bpc(tmp_path, corpus):
     """Its report's best row is the study's best."""
     args = readme_search_command()
@@ -61,6 +62,7 @@ def test_optuna_search_as_the_readme_writes_it_minimizes_the_final_bpc(tmp_path,
     assert df["val_bpc"].iloc[0] == pytest.approx(best["best_value"]) and "trainer.lr" in swept
 
 
+@pytest.mark.e2e
 def test_failed_and_diverged_trials_are_told_to_optuna_and_the_study_goes_on(tmp_path, corpus):
     """A trial that cannot be built (3 heads of d_model 64) and one that diverges (lr 1e30) each fail alone; the study
     runs its n_trials, its best is a finished trial, and the command ends with one line naming the failed ones."""
@@ -105,6 +107,7 @@ def copied_search_space():
     path.unlink()
 
 
+@pytest.mark.e2e
 def test_bad_search_settings_are_one_line_before_any_trial(tmp_path, corpus, copied_search_space):
     cases = {
         ("hydra.sweeper.n_trials=0",): "error: hydra.sweeper.n_trials=0 must be at least 1",
@@ -125,6 +128,7 @@ def test_bad_search_settings_are_one_line_before_any_trial(tmp_path, corpus, cop
     assert not (tmp_path / "multirun").exists()
 
 
+@pytest.mark.e2e
 def test_submitit_jobs_each_run_ddp_in_their_own_folder(tmp_path, corpus):
     """hydra/launcher=submitit_local: Slurm's launcher without Slurm. Two jobs, two tasks each (gloo)."""
     proc = run(tmp_path, corpus, "-m", "stage=train", "hydra/launcher=submitit_local",
@@ -156,6 +160,7 @@ BUGGY_PREPARE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.e2e
 def test_a_bug_in_one_job_is_that_jobs_failure_with_its_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-c", BUGGY_PREPARE, "-m", "stage=prepare", "seed=1,2,3",
                            f"paths.root_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=ENV)
@@ -181,6 +186,7 @@ def test_a_search_space_over_a_config_group_is_no_unknown_key():
     assert e.value.code == 2
 
 
+@pytest.mark.e2e
 def test_under_torchrun_the_first_failed_job_ends_the_sweep(tmp_path):
     """Every rank runs the sweep: a rank going on alone past a failed job would pair its collectives with another
     job's, so there the sweep stops (torchrun stops the other ranks)."""

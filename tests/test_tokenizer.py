@@ -31,6 +31,7 @@ def test_sentencepiece_round_trip_and_reload(tmp_path, texts):
     assert (again.vocab_size, again.eos_id) == (400, 2)
 
 
+@pytest.mark.e2e
 def test_sentencepiece_is_deterministic_across_processes(tmp_path, make_reviews):
     """Sampling included (input_sentence_size < corpus): a new process must train the same model."""
     (tmp_path / "texts.json").write_text(json.dumps([t for _, t in make_reviews(800)]))

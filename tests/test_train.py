@@ -86,6 +86,7 @@ def test_batches_split_the_global_batch_across_ranks(tmp_path, monkeypatch):
     assert len(set(seen.tolist())) == len(seen)  # an epoch never repeats a window
 
 
+@pytest.mark.e2e
 def test_compiled_training_matches_eager(corpus, tmp_path):
     """trainer.compile=true traces the model and its chunked loss (an autograd.Function) into the same math."""
     common = ["trainer.max_steps=4", "trainer.eval_interval=0", "trainer.final_eval_tokens=1024"]
@@ -97,6 +98,7 @@ def test_compiled_training_matches_eager(corpus, tmp_path):
     assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-4)
 
 
+@pytest.mark.e2e
 def test_train_end_to_end(corpus, tmp_path):
     val, run_dir = train_in_process(corpus, tmp_path, "trainer.max_steps=40", "trainer.eval_interval=20",
                                     "trainer.ckpt_interval=10", "trainer.keep_last=2")
@@ -113,6 +115,7 @@ def test_train_end_to_end(corpus, tmp_path):
     assert losses(run_dir, "val/loss")[40] == pytest.approx(val["loss"])
 
 
+@pytest.mark.e2e
 def test_profile_traces_the_model_ops(corpus, tmp_path):
     import json
 
@@ -141,6 +144,7 @@ def test_bad_durations_are_user_errors(value):
         parse_duration(value)
 
 
+@pytest.mark.e2e
 def test_a_warm_up_that_outlasts_the_run_is_warned_of(corpus, tmp_path, caplog):
     """The learning rate would never reach trainer.lr (an Optuna space can pick such a warm-up for a short run)."""
     caplog.set_level("INFO", logger="kr3")
@@ -151,6 +155,7 @@ def test_a_warm_up_that_outlasts_the_run_is_warned_of(corpus, tmp_path, caplog):
     assert "warmup_steps" not in caplog.text
 
 
+@pytest.mark.e2e
 def test_max_time_fixes_max_steps_and_resume_keeps_it(corpus, tmp_path, caplog):
     caplog.set_level("INFO", logger="kr3")
     val, run_dir = train_in_process(corpus, tmp_path, "trainer.max_time=4s", "trainer.max_steps=null",
@@ -182,6 +187,7 @@ def screen(output: str) -> list[str]:
     return ["".join(line).rstrip() for line in lines]
 
 
+@pytest.mark.e2e
 def test_max_time_says_it_chooses_the_steps_on_lines_of_their_own(corpus, tmp_path):
     """On a terminal: the header says max_time will choose the steps, and the choice is a log line of its own, not
     written into the progress bar's line."""
@@ -216,6 +222,7 @@ def test_max_time_spends_the_budget_left_at_the_measured_speed(monkeypatch, eval
     assert fake.total == bar.total == total
 
 
+@pytest.mark.e2e
 def test_embedding_lr_moves_only_the_token_table(corpus, tmp_path):
     """trainer.embedding_lr reaches the token table's group: at 0 the table (and tied output layer) keeps its
     initial values while every other matrix trains."""
@@ -229,6 +236,7 @@ def test_embedding_lr_moves_only_the_token_table(corpus, tmp_path):
     assert not torch.equal(state.model["blocks.0.mlp.fc.weight"], init["blocks.0.mlp.fc.weight"])
 
 
+@pytest.mark.e2e
 def test_resume_of_another_optimizer_layout_or_of_weights_only_is_refused(corpus, tmp_path):
     train_in_process(corpus, tmp_path, "trainer.max_steps=3")
     path = checkpoint.list_steps(tmp_path / "run")[-1]
@@ -244,6 +252,7 @@ def test_resume_of_another_optimizer_layout_or_of_weights_only_is_refused(corpus
         train_in_process(corpus, tmp_path / "c", "trainer.max_steps=6", f"trainer.resume={path}")
 
 
+@pytest.mark.e2e
 def test_muon_run_resumes_exactly(corpus, tmp_path):
     """optimizer=muon keeps its momentum and AdamW moments in the checkpoint: resuming from step 4 gives
     the uninterrupted run's losses."""
@@ -265,6 +274,7 @@ LAYOUT_BEFORE_ISSUE_12 = ("format_version", "model_config", "model", "optimizer"
                           "best_val_tokens", "val", "rng", "data", "tokenizer", "config", "wandb_run_id", "torch_version")
 
 
+@pytest.mark.e2e
 def test_checkpoint_in_the_layout_before_issue_12_still_resumes_and_loads(corpus, tmp_path):
     """A plain dict with exactly the keys kr3 wrote before the format had a class, format_version 1 (before its records
     were typed): it loads for generate/evaluate and resumes exactly."""
@@ -283,6 +293,7 @@ def test_checkpoint_in_the_layout_before_issue_12_still_resumes_and_loads(corpus
     np.testing.assert_allclose([b[s] for s in b], [a[s] for s in b], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.e2e
 def test_bf16_training_follows_fp32(corpus, tmp_path):
     """The other tests pin fp32; this one runs bf16 autocast (native on CPUs with AVX512-BF16, emulated and slow
     on AVX2-only ones), which must follow the fp32 run to bf16's precision."""
@@ -295,6 +306,7 @@ def test_bf16_training_follows_fp32(corpus, tmp_path):
     assert bf16["loss"] == pytest.approx(fp32["loss"], rel=2e-2) and bf16["loss"] < b[1] - 0.2
 
 
+@pytest.mark.e2e
 def test_resume_with_other_tokenizer_is_refused(corpus, tmp_path):
     _, run_dir = train_in_process(corpus, tmp_path, "trainer.max_steps=3")
     with pytest.raises(UserError, match="trained on other data or another tokenizer"):
@@ -302,6 +314,7 @@ def test_resume_with_other_tokenizer_is_refused(corpus, tmp_path):
                          f"trainer.resume={run_dir}")
 
 
+@pytest.mark.e2e
 def test_resume_after_sigkill_gives_the_same_losses(corpus, tmp_path):
     common = [*base(corpus, tmp_path), "stage=train", "trainer.max_steps=60", "trainer.ckpt_interval=10",
               "trainer.eval_interval=20", "model.dropout=0.1"]  # dropout: the RNG state must come back too
@@ -335,6 +348,7 @@ def test_resume_after_sigkill_gives_the_same_losses(corpus, tmp_path):
     assert not list(run_dir.rglob("*.tmp-*"))
 
 
+@pytest.mark.e2e
 def test_interrupt_saves_where_it_stopped(corpus, tmp_path):
     """torchrun's SIGTERM, then a second signal (`uv run` and torchrun forward Ctrl-C too): one checkpoint of the
     step reached, whole, exit status 130, and the command that continues the run."""
@@ -360,6 +374,7 @@ def test_interrupt_saves_where_it_stopped(corpus, tmp_path):
     assert checkpoint.load(saved[0]).step == checkpoint.step_of(saved[0]) >= 3
 
 
+@pytest.mark.e2e
 def test_resume_takes_optimizer_settings_from_the_config(corpus, tmp_path):
     _, run_dir = train_in_process(corpus, tmp_path, "trainer.max_steps=4", "trainer.eval_interval=0")
     train_in_process(corpus, tmp_path, "trainer.max_steps=5", "trainer.eval_interval=0", "trainer.resume=auto",
@@ -371,6 +386,7 @@ def test_resume_takes_optimizer_settings_from_the_config(corpus, tmp_path):
     assert 0 < first < whole["wall_s"] and whole["step"] == 5  # the resumed run's time counts both parts
 
 
+@pytest.mark.e2e
 def test_training_anew_in_a_folder_holding_a_run_is_refused(corpus, tmp_path):
     """Its best.pt would be replaced and its checkpoints mixed with the new run's; resume=auto continues it."""
     _, run_dir = train_in_process(corpus, tmp_path, "trainer.max_steps=4", "trainer.eval_interval=0")
@@ -383,6 +399,7 @@ def test_training_anew_in_a_folder_holding_a_run_is_refused(corpus, tmp_path):
     assert checkpoint.step_of(checkpoint.list_steps(run_dir)[-1]) == 6
 
 
+@pytest.mark.e2e
 def test_a_diverged_run_stops_in_one_line_and_saves_no_nan(corpus, tmp_path):
     diverged = r"training diverged by step \d+ \((train loss \S+|weights not finite)\) — lower trainer\.lr"
     with pytest.raises(UserError, match=diverged):
@@ -394,6 +411,7 @@ def test_a_diverged_run_stops_in_one_line_and_saves_no_nan(corpus, tmp_path):
         assert all(torch.isfinite(w).all() for w in checkpoint.load(path).model.values())
 
 
+@pytest.mark.e2e
 def test_a_second_signal_while_saving_on_interrupt_does_not_stop_the_save(corpus, tmp_path, monkeypatch):
     """SIGTERM at step 3, then Ctrl-C in the middle of writing that step's checkpoint: the save goes on, whole."""
     from kr3.trainer import Trainer
@@ -419,6 +437,7 @@ def test_a_second_signal_while_saving_on_interrupt_does_not_stop_the_save(corpus
     assert json.loads((run_dir / "result.json").read_text())["state"] == "interrupted"
 
 
+@pytest.mark.e2e
 def test_weights_that_diverge_between_loss_checks_are_never_saved(corpus, tmp_path, monkeypatch):
     """The logged loss is still finite, the weights are not (NaN after the step): the checkpoint check stops it."""
     from kr3.trainer import Trainer
@@ -440,6 +459,7 @@ def test_weights_that_diverge_between_loss_checks_are_never_saved(corpus, tmp_pa
     assert all(torch.isfinite(w).all() for w in checkpoint.load(checkpoint.list_steps(run_dir)[0]).model.values())
 
 
+@pytest.mark.e2e
 def test_ctrl_c_after_the_weights_diverged_saves_nothing(corpus, tmp_path, monkeypatch, caplog):
     """Ctrl-C usually saves the step reached; not weights that are already NaN (between two loss checks)."""
     from kr3.trainer import Trainer
@@ -458,6 +478,7 @@ def test_ctrl_c_after_the_weights_diverged_saves_nothing(corpus, tmp_path, monke
     assert not checkpoint.list_steps(run_dir) and "NaN or infinite weights (the run diverged): not saved" in caplog.text
 
 
+@pytest.mark.e2e
 def test_a_diverged_job_of_a_sweep_fails_alone(corpus, tmp_path):
     """One job's divergence is that job's failure, not the end of the sweep: the next runs, the last line names it."""
     proc = cli(["-m", *base(corpus, tmp_path), "stage=train", "trainer.max_steps=8", "trainer.eval_interval=0",
@@ -470,6 +491,7 @@ def test_a_diverged_job_of_a_sweep_fails_alone(corpus, tmp_path):
                                                            "diverged by step")
 
 
+@pytest.mark.e2e
 def test_resume_auto_takes_best_pt_when_no_step_checkpoint_is_left(corpus, tmp_path, caplog):
     """A run killed after its first evaluation but before its first step checkpoint holds only best.pt."""
     caplog.set_level("INFO", logger="kr3")
@@ -487,6 +509,7 @@ def test_resume_auto_takes_best_pt_when_no_step_checkpoint_is_left(corpus, tmp_p
     assert checkpoint.step_of(checkpoint.list_steps(run_dir)[-1]) == 6
 
 
+@pytest.mark.e2e
 def test_resume_into_a_folder_with_later_checkpoints_is_refused(corpus, tmp_path):
     _, run_dir = train_in_process(corpus, tmp_path, "trainer.max_steps=6", "trainer.ckpt_interval=2",
                                   "trainer.eval_interval=0")
@@ -514,6 +537,7 @@ def test_bad_trainer_values_are_user_errors(corpus, tmp_path, override, message)
         train_in_process(corpus, tmp_path, *override.split(" "))
 
 
+@pytest.mark.e2e
 def test_the_logged_samples_are_what_generate_completes(corpus, tmp_path, caplog):
     """The trainer's samples decode as the `generate:` block says, from `seed`: the finished run's checkpoint,
     loaded, completes each prompt the same way."""
@@ -526,6 +550,7 @@ def test_the_logged_samples_are_what_generate_completes(corpus, tmp_path, caplog
     assert f"  이 집  짜장면은 → {expected}\n" in caplog.text
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("optimizer, split", [("adamw", ["trainer.batch_size=4"]),
                                               ("muon", ["trainer.batch_size=2", "trainer.grad_accum=2"])])
 def test_two_processes_match_one(corpus, tmp_path, optimizer, split):
@@ -545,6 +570,7 @@ def test_two_processes_match_one(corpus, tmp_path, optimizer, split):
     np.testing.assert_allclose(losses(runs[0], "val/loss")[12], losses(tmp_path / "one", "val/loss")[12], rtol=2e-4)
 
 
+@pytest.mark.e2e
 def test_torchrun_with_one_process_trains_through_ddp(corpus, tmp_path):
     """torchrun --nproc_per_node=1 joins a process group of one and trains through DDP (what a one-GPU torchrun
     measures), step for step as a plain run."""
@@ -571,6 +597,7 @@ def _rank0_int_of(rank: int, port: int, out) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.e2e
 def test_ranks_take_rank0s_step_count():
     """max_time's step count comes from each rank's own clock: every rank must take rank 0's, or one would wait in
     a collective the others never reach."""
@@ -586,6 +613,7 @@ def test_ranks_take_rank0s_step_count():
     assert dict(out) == {0: 100, 1: 100}
 
 
+@pytest.mark.e2e
 def test_two_processes_train_with_the_rating_loss(corpus, tmp_path):
     """The rating loss scores each rank's rows under every rating in one forward pass through DDP: 2 ranks × batch 4
     follow 1 process × 2 micro-steps of 4 (the same rows scored, each micro-batch's mean averaged)."""
@@ -605,6 +633,7 @@ def wandb_ids(run_dir) -> list[str]:
     return [p.name.rsplit("-", 1)[1] for p in (Path(run_dir) / "wandb").glob("offline-run-*")]
 
 
+@pytest.mark.e2e
 def test_multirun_gives_each_job_its_folder_and_wandb_run(corpus, tmp_path, monkeypatch):
     """Each job of a sweep gets its folder and its own W&B run, also when all jobs resume one checkpoint."""
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -626,6 +655,7 @@ def test_multirun_gives_each_job_its_folder_and_wandb_run(corpus, tmp_path, monk
     assert len(re.findall(r"upload it with: (uv run wandb|\S+/wandb|wandb) sync ", out)) == 2  # as it can be typed
 
 
+@pytest.mark.e2e
 def test_resume_in_place_continues_the_wandb_run_elsewhere_starts_one(corpus, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     common = ["logger=wandb", "trainer.eval_interval=0"]
@@ -638,6 +668,7 @@ def test_resume_in_place_continues_the_wandb_run_elsewhere_starts_one(corpus, tm
     assert len(wandb_ids(branch)) == 1 and wandb_ids(branch)[0] not in ids
 
 
+@pytest.mark.e2e
 def test_resume_of_a_finished_run_trains_nothing(corpus, tmp_path, caplog):
     caplog.set_level("INFO", logger="kr3")
     common = ["trainer.eval_interval=0", "trainer.ckpt_interval=2", "trainer.keep_last=0"]
@@ -663,6 +694,7 @@ def test_resume_of_a_finished_run_trains_nothing(corpus, tmp_path, caplog):
     assert "ignored: model.n_layers=3 (checkpoint: 2)" in caplog.text
 
 
+@pytest.mark.e2e
 def test_best_checkpoint_compares_the_same_val_tokens(corpus, tmp_path):
     """Periodic evaluations score whole windows at val's start; the final one scores those again inside its
     pass over all of val (exactly: split at a window boundary, the second part's context is the token
@@ -702,6 +734,7 @@ def test_multirun_under_torchrun(corpus, tmp_path):
     assert [j.name for j in jobs] == ["0", "1"] and all(len(losses(j)) == 3 for j in jobs)
 
 
+@pytest.mark.e2e
 def test_wandb_sweep_command_is_accepted(corpus, tmp_path):
     """Build the command line a W&B agent runs from sweeps/wandb.yaml, then run it (offline)."""
     sweep = yaml.safe_load((ROOT / "sweeps" / "wandb.yaml").read_text())
@@ -736,18 +769,21 @@ def test_every_experiment_builds_a_model_and_an_optimizer(tmp_path, name):
     optim.build(model, cfg.trainer, torch.device("cpu"))
 
 
+@pytest.mark.e2e
 def test_bad_model_override_is_one_line(corpus, tmp_path):
     proc = cli([*base(corpus, tmp_path), "stage=train", "model.n_heads=3"])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "error: model.d_model=64 is not divisible by model.n_heads=3" in proc.stderr
 
 
+@pytest.mark.e2e
 def test_bad_embedding_lr_is_one_line(corpus, tmp_path):
     proc = cli([*base(corpus, tmp_path), "stage=train", "trainer.lr=0", "trainer.embedding_lr=0.3"])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "error: trainer.embedding_lr=0.3 is applied as a multiple of trainer.lr: set trainer.lr > 0" in proc.stderr
 
 
+@pytest.mark.e2e
 def test_ranks_wait_for_rank_zero_beyond_the_collective_timeout(tmp_path):
     """The other ranks wait for rank 0's data preparation on a group of its own: here rank 0 takes longer
     than the default group's timeout (5 s), which a plain barrier would not survive, and rank 1 runs after it;
