@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,10 +158,7 @@ class Project:
         """The examples' placeholders, made real here; servers on loopback only."""
         line = line.replace("/path/to/kr3.parquet", str(self.folder / "kr3.parquet"))
         line = line.replace("serve.host=0.0.0.0", "serve.host=127.0.0.1")
-        if "/path/to/kogpt2" in line:
-            if self.pretrained is None:
-                pytest.skip("../shared/tokenizers/kogpt2-v1 is absent")
-            line = line.replace("/path/to/kogpt2", str(self.pretrained))
+        line = line.replace("/path/to/kogpt2", str(self.pretrained))
         for placeholder, pattern in (("multirun/DATE/TIME/N", "multirun/*/*/*"), ("outputs/2026-11-25/10-00-00", "outputs/*/*"),
                                      ("checkpoint=PATH", "*/*/*")):
             if placeholder in line:
@@ -304,7 +302,9 @@ def test_documented_commands_run_here(tmp_path, monkeypatch, make_reviews, write
     project = Project(folder, monkeypatch, pretrained_like_kogpt2(tmp_path / "kogpt2"))
     try:
         for command in COMMANDS:
-            if command.needs is None and command.line.strip() != MAIN_JOB:
+            if "/path/to/kogpt2" in command.line and project.pretrained is None:
+                warnings.warn(f"not run: {command} (it needs ../shared/tokenizers/kogpt2-v1)", stacklevel=1)
+            elif command.needs is None and command.line.strip() != MAIN_JOB:
                 try:
                     project.run(command)
                 except AssertionError as e:
