@@ -1,8 +1,9 @@
-"""The commands of README.md and docs/: each one a user would copy runs here, in a project folder of its own (a small
-corpus for the downloaded KR3, the paths in the examples substituted, training cut to a few steps), or says what it
-needs that this machine lacks (`# needs: Hub`); every setting the pages name exists."""
+"""The commands and Python blocks of README.md and docs/: each one a user would copy runs here, in a project folder of
+its own (a small corpus for the downloaded KR3, the paths in the examples substituted, training cut to a few steps), or
+says what it needs that this machine lacks (`# needs: Hub`); every setting the pages name exists."""
 
 import io
+import logging
 import os
 import re
 import shlex
@@ -14,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,10 +43,25 @@ class Command:
         return f"{self.page}: {self.line.strip()}"
 
 
-def documented_commands() -> list[Command]:
+@dataclass
+class Snippet:
+    page: str
+    code: str  # a ```python block, whole
+    needs: str | None
+
+    def __str__(self):
+        return f"{self.page}: the Python block {self.code.splitlines()[0]!r}…"
+
+
+def documented_steps() -> list[Command | Snippet]:
+    """The ```bash lines and ```python blocks of every page, in page order."""
     found = []
     for page in PAGES:
-        for block in re.findall(r"^```bash\n(.*?)^```", page.read_text(encoding="utf-8"), re.S | re.M):
+        for kind, block in re.findall(r"^```(bash|python)\n(.*?)^```", page.read_text(encoding="utf-8"), re.S | re.M):
+            if kind == "python":
+                marker = MARKER.search(block.splitlines()[0])
+                found.append(Snippet(page.name, block, marker and marker.group(1)))
+                continue
             for line in block.replace("\\\n", " ").splitlines():
                 if line.strip():
                     marker = MARKER.search(line)
@@ -81,7 +98,8 @@ def kr3_arguments(words: list[str]) -> list[str] | None:
     return None
 
 
-COMMANDS = documented_commands()
+STEPS = documented_steps()
+COMMANDS = [step for step in STEPS if isinstance(step, Command)]
 
 
 def test_the_pages_have_commands_and_each_mark_names_a_need():
@@ -135,6 +153,27 @@ def test_every_setting_the_pages_name_exists():
 
 MAIN_JOB = "uv sync && uv run python run.py stage=train && uv run python run.py stage=generate checkpoint=latest"
 TINY = {"tokenizer.vocab_size": "380"}  # a tokenizer the small corpus can fill
+
+
+@contextmanager
+def as_if_in_a_process_of_its_own():
+    """What a run of run.py leaves in its process, taken back: Hydra's config of the job and its logging setup."""
+    from hydra.core.hydra_config import HydraConfig
+
+    loggers = [logging.getLogger(), *(x for x in logging.Logger.manager.loggerDict.values() if isinstance(x, logging.Logger))]
+    saved = {x: (x.handlers[:], x.level, x.disabled, x.propagate) for x in loggers}
+    raise_exceptions = logging.raiseExceptions
+    try:
+        yield
+    finally:
+        HydraConfig.instance().cfg = None
+        logging.raiseExceptions = raise_exceptions
+        for x in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+            if isinstance(x, logging.Logger):
+                for handler in set(x.handlers) - set(saved.get(x, ([],))[0]):
+                    handler.close()
+                x.handlers[:], level, x.disabled, x.propagate = saved.get(x, ([], logging.NOTSET, False, True))
+                x.setLevel(level)
 
 
 class Project:
@@ -205,7 +244,7 @@ class Project:
         arguments = self.arguments(words)
         if "stage=serve" in arguments:
             return self.serve(arguments, env=env)
-        with self.monkeypatch.context() as m:
+        with self.monkeypatch.context() as m, as_if_in_a_process_of_its_own():
             for name, value in env.items():
                 m.setenv(name, value)
             m.setattr(sys, "argv", ["run.py", *arguments])
@@ -265,10 +304,25 @@ class Project:
         assert server.wait(timeout=60) in (0, 130)
 
     def curl(self, line: str) -> str:
-        """A curl to the docs' server: one serving the newest checkpoint, started for the page's curls."""
+        return self.to_server(line.replace("curl ", "curl --fail-with-body -sS ", 1))
+
+    def to_server(self, text: str) -> str:
+        """The docs' server address, made this project's: one serving the newest checkpoint, started for the page's
+        requests."""
         if self.server is None:
             self.server = self.serve(self.arguments(["run.py", "stage=serve", "checkpoint=latest"]), keep=True)
-        return line.replace("curl ", "curl --fail-with-body -sS ", 1).replace("http://127.0.0.1:8000/", self.server[1])
+        return text.replace("http://127.0.0.1:8000/", self.server[1]).replace("http://127.0.0.1:8000", self.server[1][:-1])
+
+    def run_snippet(self, snippet: Snippet):
+        """A Python block, run here as in a notebook opened in the project folder."""
+        import kr3.api
+
+        code = self.substituted(snippet.code)
+        if "http://127.0.0.1:8000" in code:
+            code = self.to_server(code)
+        with self.monkeypatch.context() as m:
+            m.setattr(kr3.api, "ROOT", self.folder)  # `latest`: the newest run of this project folder
+            exec(compile(code, snippet.page, "exec"), {"__name__": "__docs__"})
 
     def close(self):
         if self.server:
@@ -301,13 +355,16 @@ def test_documented_commands_run_here(tmp_path, monkeypatch, make_reviews, write
     monkeypatch.chdir(folder)
     project = Project(folder, monkeypatch, pretrained_like_kogpt2(tmp_path / "kogpt2"))
     try:
-        for command in COMMANDS:
-            if "/path/to/kogpt2" in command.line and project.pretrained is None:
-                warnings.warn(f"not run: {command} (it needs ../shared/tokenizers/kogpt2-v1)", stacklevel=1)
-            elif command.needs is None and command.line.strip() != MAIN_JOB:
+        for step in STEPS:
+            if isinstance(step, Snippet):
+                if step.needs is None:
+                    project.run_snippet(step)
+            elif "/path/to/kogpt2" in step.line and project.pretrained is None:
+                warnings.warn(f"not run: {step} (it needs ../shared/tokenizers/kogpt2-v1)", stacklevel=1)
+            elif step.needs is None and step.line.strip() != MAIN_JOB:
                 try:
-                    project.run(command)
+                    project.run(step)
                 except AssertionError as e:
-                    raise AssertionError(f"{command}\n{e}") from None
+                    raise AssertionError(f"{step}\n{e}") from None
     finally:
         project.close()
