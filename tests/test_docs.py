@@ -188,7 +188,8 @@ class Project:
     def run(self, command: Command):
         line = self.substituted(command.line)
         simple = [w for w in parts(line) if w and " ".join(w) not in THIS_SUITE]
-        if "|" in line or any(kr3_arguments(w) is None for w in simple):
+        started_by_another = any(w[0] == "torchrun" for w in simple)  # its processes, not this one, run kr3
+        if "|" in line or started_by_another or any(kr3_arguments(w) is None for w in simple):
             return self.in_bash(line)
         for words in simple:
             self.in_process(words)
