@@ -188,26 +188,21 @@ def plain_loop(steps: int, shape: dict = SMALL, batch: int = 16) -> dict:
 
 # --- the machine and the results table -------------------------------------------------------------------------------
 
-def cpu() -> tuple[str, list[str]]:
-    """The CPU's model name and its flags (lscpu's, else /proc/cpuinfo's)."""
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        keys = ("Model name", "Flags")
-    except (OSError, subprocess.CalledProcessError):
-        text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-        keys = ("model name", "flags")
-    fields = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-    return fields.get(keys[0]) or platform.processor() or "unknown CPU", fields.get(keys[1], "").split()
+def cpu_model() -> str:
+    """The CPU's model name, as /proc/cpuinfo gives it."""
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.partition(":")[2].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
+             if line.startswith("model name")]
+    return names[0] if names else platform.processor() or "unknown CPU"
 
 
 def machine() -> dict:
     """What a figure depends on: CPU model, its relevant flags, cores, GPU, torch version and threads, the date."""
     import torch
 
-    model, flags = cpu()
+    from kr3.hardware import cpu_flags
+
+    model, flags = cpu_model(), cpu_flags()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {"cpu": model, "cpus": os.cpu_count(), "flags": [f for f in CPU_FLAGS if f in flags],
             "no_flags": [f for f in CPU_FLAGS if f not in flags], "gpu": gpu, "torch": torch.__version__,

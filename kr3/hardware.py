@@ -31,15 +31,17 @@ CUDA_PEAK = {
 def cpu_has_fast_bf16() -> bool:
     """bf16 matmuls beat fp32 on CPUs with AVX512-BF16 or AMX; without them oneDNN emulates (much slower)."""
     cap = torch.backends.cpu.get_cpu_capability()
-    return "AMX" in cap or "AVX512_BF16" in cap or ("AVX512" in cap and _has_flag("avx512_bf16"))
+    return "AMX" in cap or "AVX512_BF16" in cap or ("AVX512" in cap and "avx512_bf16" in cpu_flags())
 
 
-def _has_flag(flag: str) -> bool:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (/proc/cpuinfo); none where it is not there to read."""
     try:
         with open("/proc/cpuinfo") as f:
-            return flag in f.read()
+            line = next((line for line in f if line.startswith("flags")), "")
     except OSError:
-        return False
+        return set()
+    return set(line.partition(":")[2].split())
 
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc mallopt parameters

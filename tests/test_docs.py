@@ -89,13 +89,20 @@ def parts(line: str) -> list[list[str]]:
     return commands
 
 
-def kr3_arguments(words: list[str]) -> list[str] | None:
-    """What a kr3 command line gives `run.py` (or the `kr3` script): None for another program."""
+def program_at(words: list[str]) -> int | None:
+    """Where kr3 itself (`run.py` after python, or the `kr3` script) is among a command's words: None for another
+    program."""
     for i, word in enumerate(words):
         program = word in ("run.py", "kr3") or word.endswith("/run.py")
         if program and (i == 0 or words[i - 1] in ("python", "--no-python", "run")):
-            return words[i + 1:]
+            return i
     return None
+
+
+def kr3_arguments(words: list[str]) -> list[str] | None:
+    """What a kr3 command line gives `run.py` (or the `kr3` script): None for another program."""
+    at = program_at(words)
+    return None if at is None else words[at + 1:]
 
 
 STEPS = documented_steps()
@@ -104,9 +111,10 @@ COMMANDS = [step for step in STEPS if isinstance(step, Command)]
 
 def test_the_pages_have_commands_and_each_mark_names_a_need():
     assert len(COMMANDS) > 50 and {c.page for c in COMMANDS} >= {"README.md", "training.md", "serving.md"}
-    for command in COMMANDS:
-        assert command.needs is None or command.needs in NEEDS, f"{command}: `# needs:` takes one of {sorted(NEEDS)}"
-        assert command.needs or not re.search(r"#\s*needs?\b", command.line, re.I), f"{command}: write `# needs: WHAT`"
+    for step in STEPS:
+        text = step.line if isinstance(step, Command) else step.code.splitlines()[0]
+        assert step.needs is None or step.needs in NEEDS, f"{step}: `# needs:` takes one of {sorted(NEEDS)}"
+        assert step.needs or not re.search(r"#\s*needs?\b", text, re.I), f"{step}: write `# needs: WHAT`"
 
 
 COMPOSED = {}
@@ -160,20 +168,22 @@ def as_if_in_a_process_of_its_own():
     """What a run of run.py leaves in its process, taken back: Hydra's config of the job and its logging setup."""
     from hydra.core.hydra_config import HydraConfig
 
-    loggers = [logging.getLogger(), *(x for x in logging.Logger.manager.loggerDict.values() if isinstance(x, logging.Logger))]
-    saved = {x: (x.handlers[:], x.level, x.disabled, x.propagate) for x in loggers}
+    def loggers():
+        return [logging.getLogger(), *(x for x in logging.Logger.manager.loggerDict.values() if isinstance(x, logging.Logger))]
+
+    saved = {x: (x.handlers[:], x.level, x.disabled, x.propagate) for x in loggers()}
     raise_exceptions = logging.raiseExceptions
     try:
         yield
     finally:
         HydraConfig.instance().cfg = None
         logging.raiseExceptions = raise_exceptions
-        for x in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
-            if isinstance(x, logging.Logger):
-                for handler in set(x.handlers) - set(saved.get(x, ([],))[0]):
-                    handler.close()
-                x.handlers[:], level, x.disabled, x.propagate = saved.get(x, ([], logging.NOTSET, False, True))
-                x.setLevel(level)
+        for x in loggers():
+            handlers, level, x.disabled, x.propagate = saved.get(x, ([], logging.NOTSET, False, True))
+            for handler in set(x.handlers) - set(handlers):
+                handler.close()
+            x.handlers[:] = handlers
+            x.setLevel(level)
 
 
 class Project:
@@ -240,8 +250,7 @@ class Project:
 
     def in_process(self, words: list[str]):
         self.tick()
-        env = dict(w.split("=", 1) for w in words[:words.index(next(w for w in words if w in ("run.py", "kr3")))]
-                   if "=" in w)  # KR3_API_KEY=... python run.py
+        env = dict(w.split("=", 1) for w in words[:program_at(words)] if "=" in w)  # KR3_API_KEY=... python run.py
         arguments = self.arguments(words)
         if "stage=serve" in arguments:
             return self.serve(arguments, env=env)
@@ -270,8 +279,7 @@ class Project:
 
     def shell(self, words: list[str]) -> str:
         """One simple command for bash, a kr3 one with this project's arguments."""
-        if kr3_arguments(words) is not None:
-            at = next(i for i, w in enumerate(words) if w.endswith("run.py") or w == "kr3")
+        if (at := program_at(words)) is not None:
             words = [*words[:at + 1], *self.arguments(words)]
         return " ".join(w if w in REDIRECTIONS else f'"{w}"' if "$(" in w else shlex.quote(w) for w in words)
 
