@@ -1,8 +1,15 @@
 """Fixtures: a small synthetic Korean review corpus, KR3-shaped files of it, the shared real data (skipped
 when ../shared is absent), and configs built with kr3.config.compose."""
 
+import io
+import itertools
+import logging
 import random
+import subprocess
+import sys
+import time
 import unicodedata
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -198,3 +205,60 @@ def live_server():
     for server, thread in running:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+@contextmanager
+def as_if_in_a_process_of_its_own():
+    """What a run of run.py leaves in its process, taken back: Hydra's config of the job, its logging setup and
+    torch's thread count (trainer.threads)."""
+    import torch
+    from hydra.core.hydra_config import HydraConfig
+
+    def loggers():
+        return [logging.getLogger(), *(x for x in logging.Logger.manager.loggerDict.values() if isinstance(x, logging.Logger))]
+
+    saved = {x: (x.handlers[:], x.level, x.disabled, x.propagate) for x in loggers()}
+    raise_exceptions, threads = logging.raiseExceptions, torch.get_num_threads()
+    try:
+        yield
+    finally:
+        HydraConfig.instance().cfg = None
+        logging.raiseExceptions = raise_exceptions
+        torch.set_num_threads(threads)
+        for x in loggers():
+            handlers, level, x.disabled, x.propagate = saved.get(x, ([], logging.NOTSET, False, True))
+            for handler in set(x.handlers) - set(handlers):
+                handler.close()
+            x.handlers[:] = handlers
+            x.setLevel(level)
+
+
+_RUN_TIMES = itertools.count(int(time.time()) - 10**6, 2)  # each in-process command its own second: its own run folder
+
+
+@pytest.fixture(scope="session")
+def run_kr3():
+    """run_kr3(*args, stdin="", cwd=None, env=None) runs `python run.py *args` in this process — as run.py does, without
+    the seconds a new Python takes to import torch — and returns its exit status, stdout and stderr as a
+    subprocess.CompletedProcess. stdin may be bytes (a line that is not UTF-8)."""
+    from kr3 import cli
+
+    def run(*args, stdin: str | bytes = "", cwd=None, env=None) -> subprocess.CompletedProcess:
+        out, err = io.StringIO(), io.StringIO()
+        data = stdin.encode() if isinstance(stdin, str) else stdin
+        with pytest.MonkeyPatch.context() as m, as_if_in_a_process_of_its_own(), redirect_stdout(out), redirect_stderr(err):
+            m.setenv("KR3_RUN_TIME", repr(float(next(_RUN_TIMES))))
+            for name, value in (env or {}).items():
+                m.setenv(name, value)
+            if cwd:
+                m.chdir(cwd)
+            m.setattr(sys, "argv", ["run.py", *map(str, args)])
+            m.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
+            try:
+                cli.main()
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        return subprocess.CompletedProcess(["run.py", *args], code, out.getvalue(), err.getvalue())
+
+    return run

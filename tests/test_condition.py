@@ -135,23 +135,14 @@ def test_rating_on_an_unconditioned_checkpoint_is_one_line(trained):
 
 
 @pytest.mark.e2e
-def test_generate_rating_on_the_command_line_and_in_the_repl(conditioned):
-    import os
-    import subprocess
-    import sys
-
-    from kr3.config import ROOT
-
+def test_generate_rating_on_the_command_line_and_in_the_repl(run_kr3, conditioned):
     run_dir, root = conditioned
-    base = [sys.executable, str(ROOT / "run.py"), f"paths.root_dir={root}", "stage=generate", f"checkpoint={run_dir}",
-            "generate.temperature=0", "generate.max_new_tokens=6", "generate.precision=fp32"]  # the same words on every CPU
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([*base, "generate.rating=negative", "generate.prompt=이 집 짜장면"], capture_output=True,
-                         text=True, env=env, timeout=120)
+    base = [f"paths.root_dir={root}", "stage=generate", f"checkpoint={run_dir}", "generate.temperature=0",
+            "generate.max_new_tokens=6", "generate.precision=fp32"]  # the same words on every CPU
+    one = run_kr3(*base, "generate.rating=negative", "generate.prompt=이 집 짜장면")
     assert one.returncode == 0, one.stderr
     assert any(w in one.stdout for w in WORDS[0]), one.stdout
-    repl = subprocess.run(base, input=":rating positive\n이 집 짜장면\n:rating great\n:foo\n:help\nexit\n",
-                          capture_output=True, text=True, env=env, timeout=120)
+    repl = run_kr3(*base, stdin=":rating positive\n이 집 짜장면\n:rating great\n:foo\n:help\nexit\n")
     assert repl.returncode == 0, repl.stderr
     assert "rating=positive" in repl.stdout and any(w in repl.stdout for w in WORDS[1])
     assert "rating=great is not a rating" in repl.stdout and "rating stays positive" in repl.stdout
@@ -210,19 +201,13 @@ def test_control_tokens_are_never_text(conditioned):
 
 
 @pytest.mark.e2e
-def test_a_rating_for_an_unconditioned_checkpoint_stops_before_any_output(trained, tmp_path):
-    import os
+def test_a_rating_for_an_unconditioned_checkpoint_stops_before_any_output(run_kr3, trained, tmp_path):
     import shutil
-    import subprocess
-    import sys
-
-    from kr3.config import ROOT
 
     # a copy of the run that no other test generates from
     run_dir = shutil.copytree(trained[0] / "checkpoints", tmp_path / "run" / "checkpoints").parent
-    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), f"paths.root_dir={trained[1]}", "stage=generate",
-                           f"checkpoint={run_dir}", "generate.rating=negative", "generate.prompt=이 집 짜장면"],
-                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    proc = run_kr3(f"paths.root_dir={trained[1]}", "stage=generate", f"checkpoint={run_dir}", "generate.rating=negative",
+                   "generate.prompt=이 집 짜장면")
     assert proc.returncode == 2 and "trained without ratings" in proc.stderr and "이 집" not in proc.stdout
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints"]  # no folder left, not even generate/
 

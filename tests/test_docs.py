@@ -3,7 +3,6 @@ its own (a small corpus for the downloaded KR3, the paths in the examples substi
 says what it needs that this machine lacks (`# needs: Hub`); every setting the pages name exists."""
 
 import io
-import logging
 import os
 import re
 import shlex
@@ -15,11 +14,11 @@ import time
 import urllib.error
 import urllib.request
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import as_if_in_a_process_of_its_own
 
 from kr3 import cli, config, overrides
 
@@ -161,29 +160,6 @@ def test_every_setting_the_pages_name_exists():
 
 MAIN_JOB = "uv sync && uv run python run.py stage=train && uv run python run.py stage=generate checkpoint=latest"
 TINY = {"tokenizer.vocab_size": "380"}  # a tokenizer the small corpus can fill
-
-
-@contextmanager
-def as_if_in_a_process_of_its_own():
-    """What a run of run.py leaves in its process, taken back: Hydra's config of the job and its logging setup."""
-    from hydra.core.hydra_config import HydraConfig
-
-    def loggers():
-        return [logging.getLogger(), *(x for x in logging.Logger.manager.loggerDict.values() if isinstance(x, logging.Logger))]
-
-    saved = {x: (x.handlers[:], x.level, x.disabled, x.propagate) for x in loggers()}
-    raise_exceptions = logging.raiseExceptions
-    try:
-        yield
-    finally:
-        HydraConfig.instance().cfg = None
-        logging.raiseExceptions = raise_exceptions
-        for x in loggers():
-            handlers, level, x.disabled, x.propagate = saved.get(x, ([], logging.NOTSET, False, True))
-            for handler in set(x.handlers) - set(handlers):
-                handler.close()
-            x.handlers[:] = handlers
-            x.setLevel(level)
 
 
 class Project:

@@ -3,15 +3,12 @@ all offline from local folders."""
 
 import importlib.util
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 from kr3 import export, gpt2
-from kr3.config import ROOT
 from kr3.errors import UserError
 from kr3.model import GPT, GPTConfig
 
@@ -20,13 +17,12 @@ ODD = ["이 집 龍鳳 ㅋㅋㅋㅋㅋ 🍜🔥", "  앞에 공백  두 칸", "�
 
 
 @pytest.fixture(scope="module")
-def exported(trained):
+def exported(run_kr3, trained):
     """(the folder `stage=export checkpoint=latest` wrote, by default <run>/hf; the kr3 model it came from)."""
     from kr3 import load
 
     run_dir, root = trained
-    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), f"paths.root_dir={root}", "stage=export",
-                           "checkpoint=latest"], capture_output=True, text=True, timeout=300)
+    proc = run_kr3(f"paths.root_dir={root}", "stage=export", "checkpoint=latest")
     assert proc.returncode == 0, proc.stderr
     return run_dir / "hf", load(run_dir, "cpu", "fp32")
 

@@ -1,7 +1,6 @@
 import json
 import os
 import re
-import subprocess
 import sys
 import textwrap
 
@@ -21,11 +20,6 @@ def gen_cfg(root, *overrides):
 
 def loaded(run_dir):
     return checkpoint.load_model(run_dir, "cpu")
-
-
-def cli(root, *args, stdin=None):
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), f"paths.root_dir={root}", *args], capture_output=True,
-                          text=True, input=stdin, timeout=300)
 
 
 def test_cached_sampling_equals_full_forward_greedy(trained):
@@ -97,11 +91,11 @@ def test_a_long_prompt_is_said_before_its_completion_and_echoed_as_kept(trained)
 
 
 @pytest.mark.e2e
-def test_pipe_and_exit(trained):
+def test_pipe_and_exit(run_kr3, trained):
     """Completions from a pipe until `exit`; the REPL keeps no run folder (its work was on the terminal)."""
     before = set(trained[0].rglob("generate/*"))
-    proc = cli(trained[1], "stage=generate", f"checkpoint={trained[0]}", "generate.max_new_tokens=10",
-               stdin="이 집 짜장면은\n\n사장님\nexit\n이건 읽지 않아요\n")
+    proc = run_kr3(f"paths.root_dir={trained[1]}", "stage=generate", f"checkpoint={trained[0]}", "generate.max_new_tokens=10",
+                   stdin="이 집 짜장면은\n\n사장님\nexit\n이건 읽지 않아요\n")
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stdout.splitlines() if not line.startswith("(seed ")]
     assert lines[-2].startswith("이 집 짜장면은") and lines[-1].startswith("사장님")
@@ -213,9 +207,9 @@ def test_the_repl_samples_afresh_until_a_seed_is_given(trained):
 
 
 @pytest.mark.e2e
-def test_pipe_commands_and_control_characters(trained):
-    proc = cli(trained[1], "stage=generate", f"checkpoint={trained[0]}", "generate.max_new_tokens=10",
-               stdin=":temperature abc\n:top_k 20\n:TOP_P none\n:help\n:nope\n:rating positive\n:)\n\x1b[31m이 집\x07은\n")
+def test_pipe_commands_and_control_characters(run_kr3, trained):
+    proc = run_kr3(f"paths.root_dir={trained[1]}", "stage=generate", f"checkpoint={trained[0]}", "generate.max_new_tokens=10",
+                   stdin=":temperature abc\n:top_k 20\n:TOP_P none\n:help\n:nope\n:rating positive\n:)\n\x1b[31m이 집\x07은\n")
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     lines = [line for line in proc.stdout.splitlines() if not line.startswith("(seed ")]  # each completion's seed
     assert "generate.temperature=abc must be a number ≥ 0; temperature stays 0.8" in lines
@@ -250,10 +244,10 @@ def test_terminal_output_escapes_control_characters_and_names_next_tokens(tmp_pa
 
 
 @pytest.mark.e2e
-def test_one_shot_show_next_and_batch(trained, tmp_path):
+def test_one_shot_show_next_and_batch(run_kr3, trained, tmp_path):
     # the prompt as typed in a shell: unquoted for Hydra (run.py quotes it)
-    proc = cli(trained[1], "stage=generate", f"checkpoint={trained[0] / 'checkpoints' / 'best.pt'}",
-               "generate.prompt=여기 치킨", "generate.show_next=3", "generate.num_samples=2")
+    proc = run_kr3(f"paths.root_dir={trained[1]}", "stage=generate", f"checkpoint={trained[0] / 'checkpoints' / 'best.pt'}",
+                   "generate.prompt=여기 치킨", "generate.show_next=3", "generate.num_samples=2")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert len([line for line in lines if "%" in line]) == 3 and sum(line.startswith("여기 치킨") for line in lines) == 2
@@ -261,8 +255,8 @@ def test_one_shot_show_next_and_batch(trained, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("이 집\n\n사장님 정말\n", encoding="utf-8")
     out = tmp_path / "gen.jsonl"
-    proc = cli(trained[1], "stage=generate", f"checkpoint={trained[0]}", f"generate.prompts_file={prompts}",
-               f"generate.output={out}")
+    proc = run_kr3(f"paths.root_dir={trained[1]}", "stage=generate", f"checkpoint={trained[0]}",
+                   f"generate.prompts_file={prompts}", f"generate.output={out}")
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["이 집", "사장님 정말"]
@@ -310,10 +304,10 @@ def test_stop_strings_are_never_shown(monkeypatch, stop, completion):
     (["checkpoint=/nope/x.pt"], "checkpoint /nope/x.pt does not exist"),
     ([], "this stage needs a checkpoint"),
 ])
-def test_generate_errors(trained, args, message):
+def test_generate_errors(run_kr3, trained, args, message):
     if args and args[0].startswith("generate"):
         args = [f"checkpoint={trained[0]}", *args]
-    proc = cli(trained[1], "stage=generate", *args)
+    proc = run_kr3(f"paths.root_dir={trained[1]}", "stage=generate", *args)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and f"error: {message}" in proc.stderr
 
 
@@ -337,23 +331,21 @@ def test_bad_decoding_values(tmp_path, override, message):
 
 
 @pytest.mark.e2e
-def test_a_stdin_line_that_is_not_utf8_gets_a_message(trained):
-    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), f"paths.root_dir={trained[1]}", "stage=generate",
-                           f"checkpoint={trained[0]}", "generate.max_new_tokens=4"], capture_output=True,
-                          input=b"\xff\xfe\n" + "사장님\n".encode(), timeout=300,  # a bad line, then a good one
-                          env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})  # as on a ko_KR.UTF-8 terminal
+def test_a_stdin_line_that_is_not_utf8_gets_a_message(run_kr3, trained):
+    proc = run_kr3(f"paths.root_dir={trained[1]}", "stage=generate", f"checkpoint={trained[0]}", "generate.max_new_tokens=4",
+                   stdin=b"\xff\xfe\n" + "사장님\n".encode())  # a bad line, then a good one (a strict UTF-8 reader)
     assert proc.returncode == 0, proc.stderr
-    assert b"not UTF-8 text" in proc.stdout and proc.stdout.splitlines()[-2].startswith("사장님".encode())
+    assert "not UTF-8 text" in proc.stdout and proc.stdout.splitlines()[-2].startswith("사장님")
 
 
 @pytest.mark.e2e
-def test_a_bad_output_path_is_one_line_before_any_work(trained, tmp_path):
+def test_a_bad_output_path_is_one_line_before_any_work(run_kr3, trained, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("이 집\n")
     (tmp_path / "folder").mkdir()
     for out, words in ((tmp_path / "folder", "is a folder"), (prompts / "x.jsonl", "cannot write")):
-        proc = cli(trained[1], "stage=generate", f"checkpoint={trained[0]}", f"generate.prompts_file={prompts}",
-                   f"generate.output={out}")
+        proc = run_kr3(f"paths.root_dir={trained[1]}", "stage=generate", f"checkpoint={trained[0]}",
+                       f"generate.prompts_file={prompts}", f"generate.output={out}")
         assert proc.returncode == 2 and "Traceback" not in proc.stderr and words in proc.stderr, proc.stderr
         assert "generate:" not in proc.stderr  # refused before the first prompt
     assert list((tmp_path / "folder").iterdir()) == []
@@ -380,19 +372,20 @@ def test_sampling_survives_a_tiny_temperature_and_refuses_nan_scores():
     (lambda s: s["tokenizer"]["files"].clear(), "no tokenizer saved"),
     (lambda s: s.update(config=None), "holds config of the wrong kind"),
 ])
-def test_a_checkpoint_edited_after_training_is_one_line(trained, tmp_path, edit, words):
+def test_a_checkpoint_edited_after_training_is_one_line(run_kr3, trained, tmp_path, edit, words):
     state = torch.load(checkpoint.list_steps(trained[0])[-1], weights_only=True)
     edit(state)
     torch.save(state, tmp_path / "edited.pt")
-    proc = cli(trained[1], "stage=generate", f"checkpoint={tmp_path / 'edited.pt'}", "generate.prompt=이 집")
+    proc = run_kr3(f"paths.root_dir={trained[1]}", "stage=generate", f"checkpoint={tmp_path / 'edited.pt'}",
+                   "generate.prompt=이 집")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and words in proc.stderr, proc.stderr
 
 
 @pytest.mark.e2e
-def test_corrupt_checkpoint_is_one_line(trained, tmp_path):
+def test_corrupt_checkpoint_is_one_line(run_kr3, trained, tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(checkpoint.list_steps(trained[0])[-1].read_bytes()[:1000])
-    proc = cli(trained[1], "stage=evaluate", f"checkpoint={bad}")
+    proc = run_kr3(f"paths.root_dir={trained[1]}", "stage=evaluate", f"checkpoint={bad}")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "is corrupt or not a kr3 checkpoint" in proc.stderr
 
 
@@ -414,10 +407,11 @@ def test_evaluate_matches_trainer_and_reads_files(trained, tmp_path, make_review
 
 
 @pytest.mark.e2e
-def test_evaluate_writes_beside_the_checkpoint_and_names_the_file_it_read(trained):
+def test_evaluate_writes_beside_the_checkpoint_and_names_the_file_it_read(run_kr3, trained):
     run_dir, root = trained
     before = set(run_dir.glob("evaluate/*/eval.json"))  # other tests evaluate the shared checkpoint too
-    proc = cli(root, "stage=evaluate", "checkpoint=latest", "evaluate.max_tokens=500", "evaluate.precision=fp32")
+    proc = run_kr3(f"paths.root_dir={root}", "stage=evaluate", "checkpoint=latest", "evaluate.max_tokens=500",
+                   "evaluate.precision=fp32")
     assert proc.returncode == 0, proc.stderr
     (found,) = set(run_dir.glob("evaluate/*/eval.json")) - before
     assert json.loads(found.read_text())["checkpoint"] == str((run_dir / "checkpoints" / "best.pt").resolve())

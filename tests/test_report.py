@@ -4,14 +4,13 @@ import json
 import os
 import socket
 import subprocess
-import sys
 
 import pandas as pd
 import pytest
 import yaml
 
 from kr3 import report, tracking
-from kr3.config import ROOT, compose
+from kr3.config import compose
 from kr3.errors import UserError
 from kr3.stages import report as report_stage
 
@@ -144,21 +143,18 @@ def dead_pid() -> int:
 
 
 @pytest.mark.e2e
-def test_a_real_sweep_with_a_failing_job_then_its_report(tmp_path, make_reviews, write_parquet):
+def test_a_real_sweep_with_a_failing_job_then_its_report(run_kr3, tmp_path, make_reviews, write_parquet):
     """`-m … model.n_heads=2,3,4`: the job that cannot be built fails alone (its result.json says why), the others run,
     the command ends with one line naming it; stage=report (the newest multirun by default) shows all three."""
     src = write_parquet(tmp_path / "kr3.parquet", make_reviews(1500, seed=4))
     common = [f"paths.root_dir={tmp_path}", "data=local", f"data.path={src}", "tokenizer.vocab_size=400",
               "experiment=smoke", "trainer.precision=fp32", "trainer.max_steps=6", "trainer.eval_interval=3"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    sweep = subprocess.run([sys.executable, str(ROOT / "run.py"), "-m", "stage=train", *common, "model.n_heads=2,3,4"],
-                           capture_output=True, text=True, env=env, timeout=300)
+    sweep = run_kr3("-m", "stage=train", *common, "model.n_heads=2,3,4")
     why = "model.d_model=64 is not divisible by model.n_heads=3 — pick n_heads from [1, 2, 4, 8, 16, 32]"
     assert sweep.returncode == 1, sweep.stderr
     assert sweep.stderr.strip().splitlines()[-1] == (f"error: 1 of 3 jobs failed — #1 (model.n_heads=3): {why} (each job's "
                                                      "folder has its run.log and result.json)")
-    done = subprocess.run([sys.executable, str(ROOT / "run.py"), "stage=report", f"paths.root_dir={tmp_path}"],
-                          capture_output=True, text=True, env=env, timeout=120)
+    done = run_kr3("stage=report", f"paths.root_dir={tmp_path}")
     assert done.returncode == 0, done.stderr
     folder = next((tmp_path / "multirun").glob("*/*"))
     csv = pd.read_csv(folder / "report.csv", keep_default_na=False)

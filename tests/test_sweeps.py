@@ -33,8 +33,8 @@ def command(*args) -> list[str]:
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
 
 
-def run(root, corpus, *args, timeout=400):
-    return subprocess.run(command(*args, *common(root, corpus)), capture_output=True, text=True, timeout=timeout, env=ENV)
+def run(run_kr3, root, corpus, *args):
+    return run_kr3(*args, *common(root, corpus), env={"WANDB_MODE": "offline"})
 
 
 def readme_search_command() -> list[str]:
@@ -45,10 +45,10 @@ def readme_search_command() -> list[str]:
 
 
 @pytest.mark.e2e
-def test_optuna_search_as_the_readme_writes_it_minimizes_the_final_bpc(tmp_path, corpus):
+def test_optuna_search_as_the_readme_writes_it_minimizes_the_final_bpc(run_kr3, tmp_path, corpus):
     """Its report's best row is the study's best."""
     args = readme_search_command()
-    proc = run(tmp_path, corpus, *args, "hydra.sweeper.n_trials=3")
+    proc = run(run_kr3, tmp_path, corpus, *args, "hydra.sweeper.n_trials=3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     (sweep,) = (tmp_path / "multirun").glob("*/*")
     results = {job.name: json.loads((job / "result.json").read_text()) for job in sweep.glob("[0-9]")}
@@ -63,10 +63,10 @@ def test_optuna_search_as_the_readme_writes_it_minimizes_the_final_bpc(tmp_path,
 
 
 @pytest.mark.e2e
-def test_failed_and_diverged_trials_are_told_to_optuna_and_the_study_goes_on(tmp_path, corpus):
+def test_failed_and_diverged_trials_are_told_to_optuna_and_the_study_goes_on(run_kr3, tmp_path, corpus):
     """A trial that cannot be built (3 heads of d_model 64) and one that diverges (lr 1e30) each fail alone; the study
     runs its n_trials, its best is a finished trial, and the command ends with one line naming the failed ones."""
-    proc = run(tmp_path, corpus, "-m", "stage=train", "hparams_search=optuna_bpc", "hydra.sweeper.n_trials=4",
+    proc = run(run_kr3, tmp_path, corpus, "-m", "stage=train", "hparams_search=optuna_bpc", "hydra.sweeper.n_trials=4",
                "trainer.lr=choice(1e30, 3e-3)", "model.n_heads=choice(3,2)", "trainer.grad_clip=0", "trainer.max_steps=6")
     assert proc.returncode == 1, proc.stderr[-3000:]
     (sweep,) = (tmp_path / "multirun").glob("*/*")
@@ -108,7 +108,7 @@ def copied_search_space():
 
 
 @pytest.mark.e2e
-def test_bad_search_settings_are_one_line_before_any_trial(tmp_path, corpus, copied_search_space):
+def test_bad_search_settings_are_one_line_before_any_trial(run_kr3, tmp_path, corpus, copied_search_space):
     cases = {
         ("hydra.sweeper.n_trials=0",): "error: hydra.sweeper.n_trials=0 must be at least 1",
         ("hydra.sweeper.n_trials=-1",): "error: hydra.sweeper.n_trials=-1 must be at least 1",
@@ -119,20 +119,18 @@ def test_bad_search_settings_are_one_line_before_any_trial(tmp_path, corpus, cop
             "key's own sweep: 'trainer.lr=tag(log, interval(1e-3, 3e-2))' (hydra.sweeper.params is for a search-space "
             "YAML file)",
     }
-    procs = {args: subprocess.Popen(command("-m", "stage=train", "hparams_search=optuna_bpc", *common(tmp_path, corpus),
-                                            *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-             for args in cases}
-    for args, proc in procs.items():
-        _, err = proc.communicate(timeout=120)
-        assert (proc.returncode, err.strip()) == (2, cases[args]), args
+    for args, message in cases.items():
+        proc = run(run_kr3, tmp_path, corpus, "-m", "stage=train", "hparams_search=optuna_bpc", *args)
+        assert (proc.returncode, proc.stderr.strip()) == (2, message), args
     assert not (tmp_path / "multirun").exists()
 
 
 @pytest.mark.e2e
 def test_submitit_jobs_each_run_ddp_in_their_own_folder(tmp_path, corpus):
     """hydra/launcher=submitit_local: Slurm's launcher without Slurm. Two jobs, two tasks each (gloo)."""
-    proc = run(tmp_path, corpus, "-m", "stage=train", "hydra/launcher=submitit_local",
-               "hydra.launcher.tasks_per_node=2", "trainer.device=cpu", "logger=wandb", "trainer.lr=1e-3,3e-3")
+    proc = subprocess.run(command("-m", "stage=train", *common(tmp_path, corpus), "hydra/launcher=submitit_local",
+                                  "hydra.launcher.tasks_per_node=2", "trainer.device=cpu", "logger=wandb",
+                                  "trainer.lr=1e-3,3e-3"), capture_output=True, text=True, timeout=400, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (sweep,) = (tmp_path / "multirun").glob("*/*")  # one sweep folder: the jobs agree on the start time
     jobs = sorted(sweep.glob("[0-9]"))

@@ -36,11 +36,11 @@ def base(corpus, tmp_path):
             "trainer.precision=fp32"]
 
 
-def cli(args, env=None, torchrun=0, timeout=300):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] \
-        if torchrun else [sys.executable]
+def torchrun(processes: int, *args, timeout=300):
+    """run.py under torchrun (gloo); in-process runs (the run_kr3 fixture) are the one-process references."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
     return subprocess.run([*launcher, str(ROOT / "run.py"), *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def train_in_process(corpus, tmp_path, *overrides):
@@ -315,14 +315,14 @@ def test_resume_with_other_tokenizer_is_refused(corpus, tmp_path):
 
 
 @pytest.mark.e2e
-def test_resume_after_sigkill_gives_the_same_losses(corpus, tmp_path):
+def test_resume_after_sigkill_gives_the_same_losses(run_kr3, corpus, tmp_path):
     common = [*base(corpus, tmp_path), "stage=train", "trainer.max_steps=60", "trainer.ckpt_interval=10",
-              "trainer.eval_interval=20", "model.dropout=0.1"]  # dropout: the RNG state must come back too
-    ref = cli([*common, f"hydra.run.dir={tmp_path / 'ref'}"])
+              "trainer.eval_interval=20", "model.dropout=0.1", "trainer.threads=1"]  # dropout: the RNG state must come back
+    ref = run_kr3(*common, f"hydra.run.dir={tmp_path / 'ref'}")
     assert ref.returncode == 0, ref.stderr
     run_dir = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *common, f"hydra.run.dir={run_dir}",
-                             "trainer.threads=1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *common, f"hydra.run.dir={run_dir}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     # killed after its first checkpoint: 50 steps left to notice it in, on a loaded machine too
     while not checkpoint.list_steps(run_dir) and time.time() < deadline:
@@ -336,7 +336,7 @@ def test_resume_after_sigkill_gives_the_same_losses(corpus, tmp_path):
     (run_dir / "checkpoints" / ".step-0000050.pt.tmp-99999.pt").write_bytes(b"PK")  # as a save killed mid-way leaves
     # no data settings: resuming takes the checkpoint's (the default data=kr3 would go to the Hub)
     trainer_only = [a for a in common if not a.startswith(("data", "tokenizer", "paths.data_dir"))]
-    resumed = cli([*trainer_only, f"hydra.run.dir={run_dir}", "trainer.resume=auto"], env={"HF_HUB_OFFLINE": "1"})
+    resumed = run_kr3(*trainer_only, f"hydra.run.dir={run_dir}", "trainer.resume=auto", env={"HF_HUB_OFFLINE": "1"})
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout + resumed.stderr
     logged = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if "train/loss" in r]
@@ -479,10 +479,10 @@ def test_ctrl_c_after_the_weights_diverged_saves_nothing(corpus, tmp_path, monke
 
 
 @pytest.mark.e2e
-def test_a_diverged_job_of_a_sweep_fails_alone(corpus, tmp_path):
+def test_a_diverged_job_of_a_sweep_fails_alone(run_kr3, corpus, tmp_path):
     """One job's divergence is that job's failure, not the end of the sweep: the next runs, the last line names it."""
-    proc = cli(["-m", *base(corpus, tmp_path), "stage=train", "trainer.max_steps=8", "trainer.eval_interval=0",
-                "trainer.log_interval=2", "trainer.grad_clip=0", "trainer.lr=1e6,1e-3", "trainer.embedding_lr=null"])
+    proc = run_kr3("-m", *base(corpus, tmp_path), "stage=train", "trainer.max_steps=8", "trainer.eval_interval=0",
+                   "trainer.log_interval=2", "trainer.grad_clip=0", "trainer.lr=1e6,1e-3", "trainer.embedding_lr=null")
     assert proc.returncode == 1, proc.stderr
     jobs = sorted((tmp_path / "multirun").glob("*/*/[0-9]"))
     states = [json.loads((j / "result.json").read_text())["state"] for j in jobs]
@@ -553,14 +553,14 @@ def test_the_logged_samples_are_what_generate_completes(corpus, tmp_path, caplog
 @pytest.mark.e2e
 @pytest.mark.parametrize("optimizer, split", [("adamw", ["trainer.batch_size=4"]),
                                               ("muon", ["trainer.batch_size=2", "trainer.grad_accum=2"])])
-def test_two_processes_match_one(corpus, tmp_path, optimizer, split):
+def test_two_processes_match_one(run_kr3, corpus, tmp_path, optimizer, split):
     """2 ranks × batch 4 (gloo), or 2 ranks × 2 micro-steps of 2, must follow the same losses as 1 process ×
     batch 8: the same global batch."""
     common = [*base(corpus, tmp_path), "stage=train", "trainer.max_steps=12", "trainer.eval_interval=0",
               f"trainer.optimizer={optimizer}"]
-    one = cli([*common, "trainer.batch_size=8", f"hydra.run.dir={tmp_path / 'one'}"])
+    one = run_kr3(*common, "trainer.batch_size=8", f"hydra.run.dir={tmp_path / 'one'}")
     assert one.returncode == 0, one.stderr
-    two = cli([*common, *split, f"paths.log_dir={tmp_path / 'two'}"], torchrun=2)
+    two = torchrun(2, *common, *split, f"paths.log_dir={tmp_path / 'two'}")
     assert two.returncode == 0, two.stderr
     runs = list((tmp_path / "two" / "outputs").glob("*/*"))
     assert len(runs) == 1, runs  # both ranks wrote into ONE Hydra run folder
@@ -571,14 +571,14 @@ def test_two_processes_match_one(corpus, tmp_path, optimizer, split):
 
 
 @pytest.mark.e2e
-def test_torchrun_with_one_process_trains_through_ddp(corpus, tmp_path):
+def test_torchrun_with_one_process_trains_through_ddp(run_kr3, corpus, tmp_path):
     """torchrun --nproc_per_node=1 joins a process group of one and trains through DDP (what a one-GPU torchrun
     measures), step for step as a plain run."""
     common = [*base(corpus, tmp_path), "stage=train", "trainer.max_steps=4", "trainer.eval_interval=0",
               "trainer.log_interval=1"]
-    one = cli([*common, f"hydra.run.dir={tmp_path / 'plain'}"])
+    one = run_kr3(*common, f"hydra.run.dir={tmp_path / 'plain'}")
     assert one.returncode == 0, one.stderr
-    ddp = cli([*common, f"hydra.run.dir={tmp_path / 'ddp'}"], torchrun=1)
+    ddp = torchrun(1, *common, f"hydra.run.dir={tmp_path / 'ddp'}")
     assert ddp.returncode == 0, ddp.stderr
     assert "1 process(es) (DDP)" in (tmp_path / "ddp" / "run.log").read_text()
     assert "(DDP)" not in (tmp_path / "plain" / "run.log").read_text()
@@ -614,14 +614,14 @@ def test_ranks_take_rank0s_step_count():
 
 
 @pytest.mark.e2e
-def test_two_processes_train_with_the_rating_loss(corpus, tmp_path):
+def test_two_processes_train_with_the_rating_loss(run_kr3, corpus, tmp_path):
     """The rating loss scores each rank's rows under every rating in one forward pass through DDP: 2 ranks × batch 4
     follow 1 process × 2 micro-steps of 4 (the same rows scored, each micro-batch's mean averaged)."""
     common = [*base(corpus, tmp_path), "stage=train", "trainer.max_steps=6", "trainer.eval_interval=0",
               "data.condition=rating", "trainer.rating_loss=0.5", "trainer.rating_loss_rows=0.5", "trainer.batch_size=4"]
-    one = cli([*common, "trainer.grad_accum=2", f"hydra.run.dir={tmp_path / 'one'}"])
+    one = run_kr3(*common, "trainer.grad_accum=2", f"hydra.run.dir={tmp_path / 'one'}")
     assert one.returncode == 0, one.stderr
-    two = cli([*common, f"hydra.run.dir={tmp_path / 'two'}"], torchrun=2)
+    two = torchrun(2, *common, f"hydra.run.dir={tmp_path / 'two'}")
     assert two.returncode == 0, two.stderr
     for key in ("train/loss", "train/rating_loss"):
         a, b = losses(tmp_path / "one", key), losses(tmp_path / "two", key)
@@ -634,12 +634,12 @@ def wandb_ids(run_dir) -> list[str]:
 
 
 @pytest.mark.e2e
-def test_multirun_gives_each_job_its_folder_and_wandb_run(corpus, tmp_path, monkeypatch):
+def test_multirun_gives_each_job_its_folder_and_wandb_run(run_kr3, corpus, tmp_path, monkeypatch):
     """Each job of a sweep gets its folder and its own W&B run, also when all jobs resume one checkpoint."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     _, start = train_in_process(corpus, tmp_path, "logger=wandb", "trainer.max_steps=2", "trainer.eval_interval=0")
-    proc = cli(["-m", *base(corpus, tmp_path), "stage=train", "logger=wandb", "trainer.max_steps=4",
-                "trainer.lr=1e-3,3e-4", f"trainer.resume={start}"])
+    proc = run_kr3("-m", *base(corpus, tmp_path), "stage=train", "logger=wandb", "trainer.max_steps=4",
+                   "trainer.lr=1e-3,3e-4", f"trainer.resume={start}")
     assert proc.returncode == 0, proc.stderr
     jobs = sorted((tmp_path / "multirun").glob("*/*/[0-9]"))
     assert [j.name for j in jobs] == ["0", "1"]
@@ -727,15 +727,14 @@ def test_best_checkpoint_compares_the_same_val_tokens(corpus, tmp_path):
 
 @pytest.mark.slow
 def test_multirun_under_torchrun(corpus, tmp_path):
-    proc = cli(["-m", *base(corpus, tmp_path), "stage=train", "trainer.max_steps=3", "trainer.lr=1e-3,3e-4"],
-               torchrun=2)
+    proc = torchrun(2, "-m", *base(corpus, tmp_path), "stage=train", "trainer.max_steps=3", "trainer.lr=1e-3,3e-4")
     assert proc.returncode == 0, proc.stderr
     jobs = sorted((tmp_path / "multirun").glob("*/*/[0-9]"))
     assert [j.name for j in jobs] == ["0", "1"] and all(len(losses(j)) == 3 for j in jobs)
 
 
 @pytest.mark.e2e
-def test_wandb_sweep_command_is_accepted(corpus, tmp_path):
+def test_wandb_sweep_command_is_accepted(run_kr3, corpus, tmp_path):
     """Build the command line a W&B agent runs from sweeps/wandb.yaml, then run it (offline)."""
     sweep = yaml.safe_load((ROOT / "sweeps" / "wandb.yaml").read_text())
     params = {"trainer.lr": 0.002, "model.n_layers": 4, "trainer.batch_size": 16}
@@ -747,7 +746,8 @@ def test_wandb_sweep_command_is_accepted(corpus, tmp_path):
         cmd += {"${interpreter}": [sys.executable], "${program}": [str(ROOT / sweep["program"])],
                 "${args_no_hyphens}": [f"{k}={v}" for k, v in params.items()]}.get(part, [part])
     cmd += [*base(corpus, tmp_path), "logger=wandb", "trainer.max_steps=2"]  # smoke's logger is none
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "offline"}, timeout=300)
+    assert cmd[:2] == [sys.executable, str(ROOT / "run.py")]
+    proc = run_kr3(*cmd[2:], env={"WANDB_MODE": "offline"})
     assert proc.returncode == 0, proc.stderr
     run = next((tmp_path / "outputs").glob("*/*"))
     assert checkpoint.load(checkpoint.list_steps(run)[-1]).model_config["n_layers"] == 4
@@ -770,15 +770,15 @@ def test_every_experiment_builds_a_model_and_an_optimizer(tmp_path, name):
 
 
 @pytest.mark.e2e
-def test_bad_model_override_is_one_line(corpus, tmp_path):
-    proc = cli([*base(corpus, tmp_path), "stage=train", "model.n_heads=3"])
+def test_bad_model_override_is_one_line(run_kr3, corpus, tmp_path):
+    proc = run_kr3(*base(corpus, tmp_path), "stage=train", "model.n_heads=3")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "error: model.d_model=64 is not divisible by model.n_heads=3" in proc.stderr
 
 
 @pytest.mark.e2e
-def test_bad_embedding_lr_is_one_line(corpus, tmp_path):
-    proc = cli([*base(corpus, tmp_path), "stage=train", "trainer.lr=0", "trainer.embedding_lr=0.3"])
+def test_bad_embedding_lr_is_one_line(run_kr3, corpus, tmp_path):
+    proc = run_kr3(*base(corpus, tmp_path), "stage=train", "trainer.lr=0", "trainer.embedding_lr=0.3")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "error: trainer.embedding_lr=0.3 is applied as a multiple of trainer.lr: set trainer.lr > 0" in proc.stderr
 
