@@ -25,7 +25,7 @@ from kr3 import hardware, pretrained, ratings
 from kr3.config import ROOT, default_block
 from kr3.errors import UserError
 from kr3.sampling import DECODING, Completer, check_decoding, cleaned, cut_note, decoding
-from kr3.scoring import metrics, token_loss
+from kr3.scoring import metrics, token_logprobs, token_loss
 from kr3.settings import check_range
 
 if TYPE_CHECKING:
@@ -119,9 +119,10 @@ class Model:
 
     def stream_with_stats(self, prompt: str, sample: int = 0, **options: Unpack[Options]) -> Iterator[str | dict]:
         """stream(), then one last item: the completion's stats {completion, prompt_tokens (as the model was given
-        them: cleaned, cut to fit), tokens, seconds, first_token_s, tokens_per_s} (a server's usage counts and
-        finish reason need them). A generator: nothing runs before its first item is asked for, so the server's
-        model thread does all of it."""
+        them: cleaned, cut to fit), tokens, seconds, first_token_s, tokens_per_s, given, ids} (a server's usage
+        counts, finish reason and logprobs need them; `given` are the prompt's token ids as the model was given
+        them after its head, `ids` the completion's). A generator: nothing runs before its first item is asked for,
+        so the server's model thread does all of it."""
         yield from self._completer(options).stream(prompt, sample)
 
     def next_tokens(self, prompt: str, k: int = 5, rating: str | int | None = None,
@@ -175,6 +176,38 @@ class Model:
         nats, n = token_loss(self.model, scored, self.tokenizer.eos_id, self.model.cfg.block_size, batch_size,
                              self.device, self.dtype, show_progress=show_progress)
         return {"tokens": n, **metrics(nats, n, len(tokens), chars)}
+
+    def logprobs(self, ids: Sequence[int], top: int = 0, rating: str | int | None = None) -> list[dict]:
+        """Each token of `ids` with the text it adds (see pieces) and its log-probability given the tokens before it
+        (in a review of `rating`, if given) — None for the first, which has none before it — and, with `top`, the
+        `top` most likely tokens there as (text, log-probability), most likely first: [{id, text, logprob, top}].
+        Token ids, not text: a client's tokenization is scored as it is. Scored in the windows score() uses: ids
+        [end of review, *review, end of review] give −score(review)'s nats in all."""
+        completer = self._completer({"rating": rating})
+        ids = [int(i) for i in ids]
+        if not ids:
+            return []
+        lp, top_ids, top_lp = token_logprobs(self._decoder(), [*completer.heads[0], ids[0]], ids[1:], self.device,
+                                             self.dtype, top, completer.never)
+        pieces = self.pieces(ids)
+        entries = [{"id": ids[0], "text": pieces[0], "logprob": None, "top": None}]
+        for i, (p, t, v) in enumerate(zip(lp.tolist(), top_ids.tolist(), top_lp.tolist(), strict=True), start=1):
+            prefix = self.tokenizer.decode(ids[:i])
+            entries.append({"id": ids[i], "text": pieces[i], "logprob": p,
+                            "top": [(completer.token_text(ids[:i], c, prefix), q) for c, q in zip(t, v, strict=True)]})
+        return entries
+
+    def pieces(self, ids: Sequence[int]) -> list[str]:
+        """The text each token of `ids` adds after the ones before it (a leading space kept), so that the pieces join
+        to their text: a token holding part of a character (one byte of it) adds nothing, the one completing it
+        the whole character; the end of review adds nothing."""
+        ids, out, shown = [int(i) for i in ids], [], ""
+        for i, token in enumerate(ids):
+            text = self.tokenizer.decode(ids[: i + 1])
+            whole = token != self.tokenizer.eos_id and text.startswith(shown) and not text.endswith("\ufffd")
+            out.append(text[len(shown) :] if whole else "")
+            shown = text if whole else shown
+        return out
 
     def _completer(self, options: Mapping) -> Completer:
         settings = SimpleNamespace(**decoding_options(options, self.defaults))

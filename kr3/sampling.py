@@ -117,15 +117,17 @@ class Completer:
         others = [c for c in self.banned if c != control] if g.guidance != 1 else []
         self.heads = [[]] if control is None else [[tokenizer.eos_id, c] for c in (control, *others)]
 
-    def prompt_ids(self, prompt: str) -> tuple[list[int], int]:
+    def prompt_ids(self, prompt: str | list[int]) -> tuple[list[int], int]:
         """The prompt's token ids as the model is given them — cleaned, and only its last ones when it is longer
-        than the context leaves room for — and how many it has in all (callers say it was cut: `cut_note`)."""
-        ids = self.tok.encode(cleaned(prompt, self.clean_cfg))
+        than the context leaves room for — and how many it has in all (callers say it was cut: `cut_note`). A
+        prompt of token ids is taken as it is."""
+        ids = list(prompt) if isinstance(prompt, list) else self.tok.encode(cleaned(prompt, self.clean_cfg))
         room = self.model.cfg.block_size - 1 - len(self.heads[0])
         return ids[-room:] if len(ids) > room else ids, len(ids)
 
-    def stream(self, prompt: str, sample: int = 0):
-        """Yield pieces of completion text as they are decoded; the last item is a stats dict."""
+    def stream(self, prompt: str | list[int], sample: int = 0):
+        """Yield pieces of completion text as they are decoded; the last item is a stats dict, which also holds the
+        token ids the model was given after its head (`given`) and those it chose (`ids`)."""
         g = self.g
         ids, _ = self.prompt_ids(prompt)
         generator = torch.Generator().manual_seed((int(g.seed) + sample) % 2**63)
@@ -153,11 +155,12 @@ class Completer:
             yield text[len(shown) :]
         seconds = time.perf_counter() - start
         yield {"completion": text, "prompt_tokens": len(ids), "tokens": len(new), "seconds": round(seconds, 4),
-               "first_token_s": round(first or seconds, 4), "tokens_per_s": round(len(new) / seconds, 2) if new else 0.0}
+               "first_token_s": round(first or seconds, 4), "tokens_per_s": round(len(new) / seconds, 2) if new else 0.0,
+               "given": ids or ([] if self.heads[0] else [self.tok.eos_id]), "ids": new}  # as sample_tokens gives them
 
     def complete(self, prompt: str, sample: int = 0) -> dict:
         *_, stats = self.stream(prompt, sample)
-        return {"prompt": prompt, "sample": sample, **stats}
+        return {"prompt": prompt, "sample": sample, **{k: v for k, v in stats.items() if k not in ("given", "ids")}}
 
     def next_tokens(self, prompt: str, k: int) -> list[tuple[str, float]]:
         """The k most likely next tokens after the prompt as (text, probability), most likely first."""

@@ -43,3 +43,34 @@ def metrics(nats: float, n_tokens: int, split_tokens: int, split_chars: int) -> 
     with the split's token and character counts from meta.json (exact when the whole split is scored)."""
     loss = nats / max(1, n_tokens)
     return {"loss": loss, "ppl": math.exp(min(loss, 50)), "bpc": loss * split_tokens / split_chars / math.log(2)}
+
+
+@torch.no_grad()
+def token_logprobs(model, head: list[int], tokens: list[int], device, dtype, top: int = 0,
+                   never: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The log-probability of each of `tokens` given `head` (its context: at least one token) and the tokens before
+    it, in token_loss's windows of the model's block_size — with head [end of review] their sum is −token_loss's
+    nats — and, with `top`, the `top` most likely tokens at each position (never one of `never`) and theirs:
+    (logprobs (n,), top ids (n, top), top logprobs (n, top)), on the CPU."""
+    if not tokens:
+        return torch.zeros(0), torch.zeros(0, top, dtype=torch.long), torch.zeros(0, top)
+    block = model.cfg.block_size
+    stream = torch.tensor([*head, *tokens], dtype=torch.long, device=device)
+    first, n = len(head) - 1, len(stream) - 1  # predictions first..n-1 are of `tokens`
+    chosen, top_ids, top_lp = [], [], []
+    for s in range(0, n, block):
+        span = min(block, n - s)
+        with hardware.autocast(device, dtype):
+            logits = model(stream[s : s + span][None])[0]
+        keep = slice(max(0, first - s), span)  # the head's own predictions are not asked for
+        logp = logits[keep].float().log_softmax(-1)
+        chosen.append(logp.gather(1, stream[s + 1 : s + span + 1][keep, None])[:, 0])
+        if top:
+            if never:
+                logp[:, never] = -float("inf")
+            values, ids = logp.topk(min(top, logp.size(-1)), -1)
+            top_ids.append(ids)
+            top_lp.append(values)
+    if not top:
+        return torch.cat(chosen).cpu(), torch.zeros(len(tokens), 0, dtype=torch.long), torch.zeros(len(tokens), 0)
+    return torch.cat(chosen).cpu(), torch.cat(top_ids).cpu(), torch.cat(top_lp).cpu()

@@ -132,7 +132,44 @@ def test_a_bad_chat_request_is_one_line(client, body, status, message):
 
 
 def test_openai_parameters_kr3_does_not_use_are_accepted_when_off(client):
-    assert complete(client, max_tokens=2, user="someone", echo=False, logprobs=None)["usage"]["completion_tokens"] <= 2
+    assert complete(client, max_tokens=2, user="someone", best_of=1, suffix="")["usage"]["completion_tokens"] <= 2
+
+
+def test_echo_with_max_tokens_0_scores_token_ids_as_score_does(client, model):
+    """lm-eval's log-likelihood request: token ids, echo, max_tokens=0, logprobs. [end of review, *review, end of
+    review] is the stream Model.score scores: the log-probabilities after the first sum to minus its nats."""
+    review = "사장님이 친절하고 국밥이 정말 맛있어요"
+    eos = model.tokenizer.eos_id
+    ids = [eos, *model.tokenizer.encode(model.cleaned(review)), eos]
+    reply = complete(client, prompt=[ids, ids[:4]], echo=True, max_tokens=0, logprobs=2)
+    scored = model.score(review)
+    first, second = (choice["logprobs"] for choice in reply["choices"])
+    assert first["token_logprobs"][0] is None and first["top_logprobs"][0] is None and len(first["tokens"]) == len(ids)
+    assert -sum(first["token_logprobs"][1:]) == pytest.approx(scored["loss"] * scored["tokens"], rel=1e-5)
+    assert second["token_logprobs"] == pytest.approx(first["token_logprobs"][:4])  # the same tokens, the same numbers
+    assert reply["choices"][0]["text"] == "".join(first["tokens"]) == model.cleaned(review)
+    assert first["text_offset"] == [sum(map(len, first["tokens"][:i])) for i in range(len(ids))]
+    for logprob, top in zip(first["token_logprobs"][1:], first["top_logprobs"][1:], strict=True):
+        assert len(top) == 2 and max(top.values()) >= logprob - 1e-6 and all(v <= 0 for v in top.values())
+    assert reply["usage"] == {"prompt_tokens": len(ids) + 4, "completion_tokens": 0, "total_tokens": len(ids) + 4}
+
+
+def test_logprobs_of_a_completion_are_those_of_its_tokens(client, model):
+    """Greedy: each chosen token is the most likely one; with echo the prompt's tokens come first, text and all."""
+    plain = complete(client, max_tokens=8, temperature=0, logprobs=1)
+    echoed = complete(client, max_tokens=8, temperature=0, logprobs=1, echo=True)
+    text = model.complete(PROMPT, max_new_tokens=8, temperature=0)
+    assert plain["choices"][0]["text"] == text and echoed["choices"][0]["text"] == PROMPT + text
+    mine, both = plain["choices"][0]["logprobs"], echoed["choices"][0]["logprobs"]
+    assert "".join(mine["tokens"]) == text and len(mine["tokens"]) == plain["usage"]["completion_tokens"]
+    for logprob, top in zip(mine["token_logprobs"], mine["top_logprobs"], strict=True):
+        assert list(top.values()) == [pytest.approx(logprob, abs=1e-5)]
+    prompt_tokens = echoed["usage"]["prompt_tokens"]
+    assert both["tokens"][prompt_tokens:] == mine["tokens"] and "".join(both["tokens"][:prompt_tokens]) == PROMPT
+    assert both["token_logprobs"][prompt_tokens:] == pytest.approx(mine["token_logprobs"], abs=1e-5)
+    assert both["token_logprobs"][0] is None and None not in both["token_logprobs"][1:]
+    assert complete(client, max_tokens=3, echo=True)["choices"][0]["text"].startswith(PROMPT)
+    assert complete(client, max_tokens=3)["choices"][0]["logprobs"] is None
 
 
 def test_usage_counts_each_prompt_once_as_the_model_is_given_it(client, model):
@@ -204,13 +241,16 @@ def test_finish_reason_length_when_max_tokens_runs_out(client):
     ({"n": 99}, "n", "serve.max_n"),
     ({"prompt": ["a"] * 99}, "prompt", "serve.max_prompts"),
     ({"prompt": []}, "prompt", "empty"),
-    ({"prompt": [1, 2, 3]}, "prompt", "token ids are not supported"),
+    ({"prompt": [1, 2, 99999]}, "prompt", "token id 99999 is not in this model's vocabulary (0 to 499)"),
+    ({"prompt": [[1, 2], []]}, "prompt", "a list of token ids is empty"),
+    ({"prompt": [1, "a"]}, "prompt", "a list of token ids or a list of such lists"),
     ({"prompt": None}, "prompt", "string"),
     ({"stop": ""}, "stop", "1 to 100 characters"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
     ({"seed": -3}, "seed", "seed: -3 must be an integer ≥ 0"),
-    ({"logprobs": 3}, "logprobs", "not supported"),
-    ({"echo": True}, "echo", "not supported"),
+    ({"logprobs": 6}, "logprobs", "less than or equal to 5"),
+    ({"logprobs": 1, "stream": True}, "stream", "echo and logprobs come with whole completions — leave stream out"),
+    ({"echo": True, "max_tokens": 0, "prompt": " "}, "prompt", "scores the prompt, and it is empty"),
     ({"rating": "positive"}, "rating", "not rating-conditioned"),
     ({"guidance": 0.5}, "guidance", "guidance: 0.5 must be a number ≥ 1 and ≤ 100"),
     ({"guidance": 1e300}, "guidance", "guidance: 1e+300 must be a number ≥ 1 and ≤ 100"),
@@ -492,6 +532,19 @@ def test_the_openai_client_works_unchanged(model, live_server):
     assert "".join(p.choices[0].delta.content or "" for p in pieces) == reply_text
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
+    greedy = client.completions.create(model="kr3", prompt=PROMPT, max_tokens=6, temperature=0, logprobs=2, echo=True)
+    logprobs = greedy.choices[0].logprobs
+    assert greedy.choices[0].text == PROMPT + model.complete(PROMPT, max_new_tokens=6, temperature=0)
+    assert "".join(logprobs.tokens) == greedy.choices[0].text and logprobs.token_logprobs[0] is None
+    assert all(len(top) == 2 for top in logprobs.top_logprobs[1:]) and len(logprobs.text_offset) == len(logprobs.tokens)
+    eos = model.tokenizer.eos_id
+    scored = client.completions.create(model="kr3", prompt=[[eos, *model.tokenizer.encode(PROMPT)]], echo=True,
+                                       max_tokens=0, logprobs=0)
+    assert scored.choices[0].text == PROMPT and scored.usage.completion_tokens == 0
+    assert scored.choices[0].logprobs.token_logprobs[1:] == pytest.approx(
+        [e["logprob"] for e in model.logprobs([eos, *model.tokenizer.encode(PROMPT)])[1:]], abs=1e-5)
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        client.completions.create(model="kr3", prompt=PROMPT, logprobs=9)
 
 
 def run_py(root, *args, **popen) -> subprocess.Popen:
@@ -559,3 +612,47 @@ def test_a_port_in_use_is_one_line(served_run, tmp_path):
     finally:
         taken.close()
     assert proc.returncode == 2 and f"error: cannot listen on 127.0.0.1:{port}" in out and "Traceback" not in out
+
+
+CHOICE_TASK = """\
+task: kr3_test_choice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {items}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+"""
+
+
+@pytest.mark.e2e
+def test_lm_eval_scores_a_multiple_choice_task_through_the_server(model, live_server, tmp_path, monkeypatch):
+    """lm-eval's own local-completions model against stage=serve's app on loopback, its tokenizer the server's
+    (/tokenize): each item's choice is the one whose tokens the model finds likeliest after the context, as
+    Model.logprobs scores them here."""
+    lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is in the eval extra and the dev group: uv sync installs it")
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    items = [{"context": c, "choices": ch, "label": 0} for c, ch in [
+        ("이 집 짜장면은", ["정말 맛있어요", "다시는 안 가요 ㅠㅠ", "양이 많아요"]),
+        ("사장님", ["친절해요", "짜장면", "분위기가 좋아요"]), ("여기 냉면", ["너무 짜요", "최고입니다!", "또 올게요"])]]
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items), encoding="utf-8")
+    (tmp_path / "task.yaml").write_text(CHOICE_TASK.format(items=tmp_path / "items.jsonl"), encoding="utf-8")
+    base = live_server(serve.app(model))
+    results = lm_eval.simple_evaluate(model="local-completions", tasks=["kr3_test_choice"],
+                                      model_args=f"base_url={base}/v1/completions,model=kr3,max_length=64",
+                                      task_manager=TaskManager(include_path=str(tmp_path)), log_samples=False)
+    eos = model.tokenizer.eos_id
+
+    def likelihood(context: str, choice: str) -> float:
+        ids = model.tokenizer.encode(context)
+        return sum(e["logprob"] for e in model.logprobs([eos, *ids, *model.tokenizer.encode(" " + choice)])[1 + len(ids):])
+
+    right = [max(range(3), key=lambda k: likelihood(i["context"], i["choices"][k])) == 0 for i in items]
+    assert results["results"]["kr3_test_choice"]["acc,none"] == pytest.approx(sum(right) / len(items))

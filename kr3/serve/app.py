@@ -7,9 +7,11 @@ from __future__ import annotations
 import hmac
 import logging
 import secrets
+from bisect import bisect_right
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, fields
+from itertools import accumulate
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -27,11 +29,14 @@ from kr3.serve.protocol import (
     ChatRequest,
     Completion,
     CompletionRequest,
+    DetokenizeRequest,
     NextTokensRequest,
     Sampling,
+    TokenizeRequest,
     Usage,
     failure,
     finish_reason,
+    logprobs_body,
     sse,
 )
 from kr3.serve.worker import Disconnected, EventStream, ModelThread
@@ -84,16 +89,37 @@ def check_completion(req: Sampling, m: Model, limits: Limits, name: str) -> Comp
             raise ApiError(400, f"{param}: {value} is above this server's limit of {bound} (serve.{key})", param)
     if not prompts:
         raise ApiError(400, "prompt: the list is empty — give a string or a list of strings", "prompt")
-    return Completion(prompts, n, request_options(req, m, limits), name, chat=isinstance(req, ChatRequest))
+    echo, logprobs = getattr(req, "echo", False) or False, getattr(req, "logprobs", None)
+    if req.stream and (echo or logprobs is not None):
+        raise ApiError(400, "echo and logprobs come with whole completions — leave stream out", "stream")
+    score_only = echo and req.new_tokens() == 0
+    for prompt in prompts:
+        check_prompt(prompt, m, score_only)
+    options = request_options(req, m, limits, new_tokens=1 if score_only else req.new_tokens())
+    return Completion(prompts, n, options, name, chat=isinstance(req, ChatRequest), echo=echo, logprobs=logprobs,
+                      score_only=score_only)
 
 
-def request_options(req: Sampling, m: Model, limits: Limits) -> dict:
+def check_prompt(prompt: str | list[int], m: Model, score_only: bool) -> None:
+    """A prompt of token ids holds ids of this model's tokenizer; one to be scored holds something to score."""
+    if isinstance(prompt, list):
+        if not prompt:
+            raise ApiError(400, "prompt: a list of token ids is empty", "prompt")
+        vocab = m.tokenizer.vocab_size
+        if bad := next((i for i in prompt if not 0 <= i < vocab), None):
+            raise ApiError(400, f"prompt: token id {bad} is not in this model's vocabulary (0 to {vocab - 1})", "prompt")
+    elif score_only and not m.cleaned(prompt):
+        raise ApiError(400, "prompt: max_tokens=0 with echo scores the prompt, and it is empty — give a prompt",
+                       "prompt")
+
+
+def request_options(req: Sampling, m: Model, limits: Limits, new_tokens: int | None) -> dict:
     """The request's sampling parameters as kr3 decoding options over the server's defaults, checked."""
     given = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k,
              "repetition_penalty": req.repetition_penalty, "stop": req.stop, "rating": check_rating(m, req.rating),
              "guidance": req.guidance}
     default_tokens = min(m.defaults["max_new_tokens"], limits.max_tokens)
-    options = {"max_new_tokens": default_tokens if req.new_tokens() is None else req.new_tokens(),
+    options = {"max_new_tokens": default_tokens if new_tokens is None else new_tokens,
                "seed": secrets.randbelow(2**31) if req.seed is None else req.seed, "num_samples": 1,
                **{k: v for k, v in given.items() if v is not None}}
     return decoding_options(options, m.defaults)  # a UserError left: 400 (user_error)
@@ -119,15 +145,38 @@ class Server:
         choices, usage = [], Usage()
         try:
             for index, prompt, sample in job.choices():
-                generation = self.m.stream_with_stats(prompt, sample, **job.options)  # a generator: runs on the model thread
-                *_, stats = [item async for item in self.thread.iterate(generation, request.is_disconnected)]
-                choices.append(job.whole(index, stats["completion"], finish_reason(stats, job.options)))
+                if job.score_only:
+                    stats = {"completion": "", "prompt_tokens": len(self.prompt_ids(prompt)), "tokens": 0, "ids": []}
+                else:
+                    generation = self.m.stream_with_stats(prompt, sample, **job.options)  # runs on the model thread
+                    *_, stats = [item async for item in self.thread.iterate(generation, request.is_disconnected)]
+                text, logprobs = await self.thread.call(self.shown, prompt, stats, job)
+                choices.append(job.whole(index, text, finish_reason(stats, job.options), logprobs))
                 usage.add(stats, sample)
         except Disconnected:
             raise ApiError(400, "the client closed the connection") from None
         finally:
             self.thread.release()
         return job.body(choices, usage.body())
+
+    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        """A prompt's token ids, whole: as given, or its text cleaned as in training and encoded."""
+        return list(prompt) if isinstance(prompt, list) else self.m.tokenizer.encode(self.m.cleaned(prompt))
+
+    def shown(self, prompt: str | list[int], stats: dict, job: Completion) -> tuple[str, dict | None]:
+        """A choice's text and, when asked for, its logprobs object: with echo, of the whole prompt first (scored in
+        windows when it is longer than the context, so that a client's token counts hold), then of the completion's
+        tokens — those of its text (a stop string cut the rest) — after the prompt (with echo the whole prompt,
+        else as the model was given it)."""
+        given, new, completion = stats.get("given", []), stats["ids"], stats["completion"]
+        lengths = list(accumulate(map(len, self.m.pieces([*given, *new])[len(given) :])))
+        kept = new[: bisect_right(lengths, len(completion))]
+        context = (self.prompt_ids(prompt) or given) if job.echo else given
+        pieces = self.m.pieces(context) if job.echo else []
+        if job.logprobs is None:
+            return "".join(pieces) + completion, None
+        entries = self.m.logprobs([*context, *kept], job.logprobs, job.options.get("rating"))
+        return "".join(pieces) + completion, logprobs_body(entries[0 if job.echo else len(context) :])
 
     def stream(self, job: Completion, include_usage: bool) -> EventStream:
         self.thread.admit()
@@ -170,6 +219,27 @@ class Server:
         tokens = [{"text": text, "probability": p, "end_of_review": text == END_OF_REVIEW} for text, p in top]
         return {"object": "next_tokens", "model": self.name, "prompt": self.m.cleaned(req.prompt), "tokens": tokens}
 
+    def tokenizer_info(self) -> dict:
+        """What a remote tokenizer client (lm-eval's) needs besides /tokenize and /detokenize."""
+        return {"eos_token": self.eos_token(), "bos_token": None, "pad_token": None,
+                "model_max_length": self.m.model.cfg.block_size}
+
+    def eos_token(self) -> str:
+        return self.m.tokenizer.id_to_piece(self.m.tokenizer.eos_id)
+
+    def tokenize(self, req: TokenizeRequest) -> dict:
+        """The text's token ids as the model's tokenizer gives them, the end-of-review token's text (tokenizer_info's
+        eos_token) its id: clients score [end of review, *review] as kr3 does."""
+        parts = [self.m.tokenizer.encode(part) if part else [] for part in req.prompt.split(self.eos_token())]
+        tokens = [i for n, part in enumerate(parts) for i in ([self.m.tokenizer.eos_id] if n else []) + part]
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": self.m.model.cfg.block_size}
+
+    def detokenize(self, req: DetokenizeRequest) -> dict:
+        vocab = self.m.tokenizer.vocab_size
+        if bad := next((i for i in req.tokens if not 0 <= i < vocab), None):
+            raise ApiError(400, f"tokens: token id {bad} is not in this model's vocabulary (0 to {vocab - 1})", "tokens")
+        return {"prompt": self.m.tokenizer.decode(req.tokens)}
+
     def card(self) -> dict:
         """This model as /v1/models lists it; `kr3` holds what the page needs."""
         d = self.m.defaults
@@ -203,6 +273,7 @@ def app(m: Model, limits: Limits | None = None, api_key: str | None = None, name
 
     fastapi = FastAPI(title="kr3", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     fastapi.include_router(v1_routes(server, api_key))
+    fastapi.include_router(tokenizer_routes(server, api_key))
     fastapi.add_api_route("/health", health, methods=["GET"])
     fastapi.add_api_route("/", page, methods=["GET"])
     fastapi.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -237,6 +308,25 @@ def v1_routes(server: Server, api_key: str | None) -> APIRouter:
     @router.post("/next_tokens")
     async def next_tokens(req: NextTokensRequest) -> dict:
         return await server.next_tokens(req)
+
+    return router
+
+
+def tokenizer_routes(server: Server, api_key: str | None) -> APIRouter:
+    """vLLM's tokenizer endpoints, so that lm-eval's local-completions model needs no tokenizer of its own."""
+    router = APIRouter(dependencies=[Depends(authorization(api_key))])
+
+    @router.get("/tokenizer_info")
+    async def tokenizer_info() -> dict:
+        return server.tokenizer_info()
+
+    @router.post("/tokenize")
+    async def tokenize(req: TokenizeRequest) -> dict:
+        return server.tokenize(req)
+
+    @router.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest) -> dict:
+        return server.detokenize(req)
 
     return router
 

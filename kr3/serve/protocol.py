@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from difflib import get_close_matches
+from itertools import accumulate
 from typing import Annotated, ClassVar
 
 from fastapi import Request
@@ -136,22 +137,37 @@ class Sampling(Strict):
         return self.max_tokens
 
 
+MAX_LOGPROBS = 5  # OpenAI's bound on `logprobs` (the most likely tokens given at each position)
+
+
+def token_ids(value) -> bool:
+    return isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
+
+
 class CompletionRequest(Sampling):
-    """OpenAI's completion request: one prompt or a list of them."""
+    """OpenAI's (legacy) completion request: a prompt as text or token ids, or a list of them; `echo` returns the
+    prompt before its completion, `logprobs` each token's log-probability and the most likely tokens at its
+    place, and `max_tokens=0` with `echo` scores the prompt without completing it (what lm-eval's
+    local-completions model asks for)."""
 
     ENDPOINT = "/v1/completions"
-    OFF = {"echo": (None, False), "logprobs": (None,), "best_of": (None, 1), "suffix": (None, ""), **OFF_PENALTIES}
-    prompt: str | list[str] = ""
+    OFF = {"best_of": (None, 1), "suffix": (None, ""), **OFF_PENALTIES}
+    prompt: str | list[str] | list[int] | list[list[int]] = ""
+    echo: bool | None = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def text_prompts(cls, value):
-        if isinstance(value, str) or (isinstance(value, list) and all(isinstance(p, str) for p in value)):
+    def text_or_token_prompts(cls, value):
+        if isinstance(value, str) or token_ids(value) or (isinstance(value, list) and value and all(
+                isinstance(p, str) for p in value)) or (isinstance(value, list) and value and all(map(token_ids, value))):
             return value
-        raise ValueError("must be a string or a list of strings (prompts of token ids are not supported)")
+        raise ValueError("must be a string, a list of strings, a list of token ids or a list of such lists")
 
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else self.prompt
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: a string, or a list of token ids."""
+        one = isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int))
+        return [self.prompt] if one else list(self.prompt)
 
 
 class ChatMessage(BaseModel):
@@ -203,16 +219,38 @@ class NextTokensRequest(Strict):
     guidance: float | None = None  # its range: kr3.settings.Decoding's
 
 
+class TokenizeRequest(Strict):
+    """vLLM's `POST /tokenize`, which lm-eval's remote tokenizer uses: a text's token ids."""
+
+    ENDPOINT = "/tokenize"
+    model_config = ConfigDict(strict=True)
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = False  # kr3's tokenizers add none
+
+
+class DetokenizeRequest(Strict):
+    """vLLM's `POST /detokenize`: the text of token ids."""
+
+    ENDPOINT = "/detokenize"
+    model_config = ConfigDict(strict=True)
+    model: str | None = None
+    tokens: list[int]
+
+
 @dataclass
 class Completion:
     """One completion or chat request, checked: its prompts, decoding options and the shapes of what its responses
     carry (OpenAI's text completion, or its chat completion)."""
 
-    prompts: list[str]
+    prompts: list[str | list[int]]
     n: int
     options: dict  # kr3 decoding options, rating included
     model: str
     chat: bool
+    echo: bool = False
+    logprobs: int | None = None
+    score_only: bool = False  # max_tokens=0 with echo: the prompt scored, nothing completed
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -228,11 +266,11 @@ class Completion:
                 "model": self.model, "choices": choices}
         return {**body, "usage": usage} if usage is not None else body
 
-    def whole(self, index: int, text: str, finish_reason: str) -> dict:
+    def whole(self, index: int, text: str, finish_reason: str, logprobs: dict | None = None) -> dict:
         if self.chat:
             return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
                     "finish_reason": finish_reason}
-        return {"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}
+        return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason}
 
     def piece(self, index: int, text: str, finish_reason: str | None = None) -> dict:
         """A streamed event of one choice: its next text, or (finish_reason given) its end."""
@@ -247,6 +285,16 @@ class Completion:
         """A chat stream opens each choice with the assistant's role, as OpenAI's does."""
         choice = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
         return self.body([choice], streamed=True) if self.chat else None
+
+
+def logprobs_body(entries: list[dict]) -> dict:
+    """OpenAI's logprobs object of a choice from kr3.Model.logprobs' entries: its tokens as text, each one's
+    log-probability (None for a prompt's first token), the most likely tokens at each place ({text: logprob}) and
+    where each token starts in the choice's text."""
+    pieces = [e["text"] for e in entries]
+    return {"tokens": pieces, "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [None if e["top"] is None else dict(e["top"]) for e in entries],
+            "text_offset": [0, *accumulate(map(len, pieces))][: len(pieces)]}
 
 
 def finish_reason(stats: dict, options: dict) -> str:
