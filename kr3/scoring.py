@@ -74,3 +74,28 @@ def token_logprobs(model, head: list[int], tokens: list[int], device, dtype, top
     if not top:
         return torch.cat(chosen).cpu(), torch.zeros(len(tokens), 0, dtype=torch.long), torch.zeros(len(tokens), 0)
     return torch.cat(chosen).cpu(), torch.cat(top_ids).cpu(), torch.cat(top_lp).cpu()
+
+
+@torch.no_grad()
+def continuation_scores(model, rows: list[tuple[list[int], list[int]]], batch_size: int, device,
+                        dtype) -> list[tuple[float, bool]]:
+    """For each (context, continuation) of token ids: the continuation's summed log-probability after the context, and
+    whether each of its tokens was the most likely one. A row longer than the context window keeps its last
+    block_size + 1 tokens. Rows of similar lengths are scored together, padded on the right (which causal
+    attention never lets an earlier position see)."""
+    block, out = model.cfg.block_size, [None] * len(rows)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]), reverse=True)
+    for start in range(0, len(order), batch_size):
+        group = order[start : start + batch_size]
+        seqs = [(rows[i][0] + rows[i][1])[-(block + 1) :] for i in group]
+        x = torch.zeros(len(group), max(map(len, seqs)) - 1, dtype=torch.long)
+        for b, s in enumerate(seqs):
+            x[b, : len(s) - 1] = torch.tensor(s[:-1])
+        with hardware.autocast(device, dtype):
+            logits = model(x.to(device))
+        for b, (i, s) in enumerate(zip(group, seqs, strict=True)):
+            n, end = min(len(rows[i][1]), len(s) - 1), len(s) - 1
+            logp = logits[b, end - n : end].float().log_softmax(-1)
+            target = torch.tensor(s[-n:], device=logp.device)
+            out[i] = (float(logp.gather(1, target[:, None]).sum()), bool((logp.argmax(-1) == target).all()))
+    return out

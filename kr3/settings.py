@@ -334,6 +334,9 @@ class Evaluate(Checked):
     batch_size: int = bound(1)
     device: str = given()
     precision: str = given()
+    tasks: list[str] = given()
+    include_path: str | None = given()
+    limit: int | None = bound(1)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from kr3 import data as kdata
 from kr3.atomic import replacing
 from kr3.checkpoint import Checkpoint
 from kr3.console import table
+from kr3.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,23 @@ def run(cfg) -> dict:
                                                                                    e.batch_size)
     result = {"checkpoint": str(m.path.resolve()), "step": m.checkpoint.step, "source": source,
               **({"base_model": m.base["name_or_path"]} if m.base else {}), **scores}
+    if e.tasks:
+        result["tasks"] = task_scores(m, e, Path(cfg.paths.output_dir) / "lm_eval.json")
     with replacing(Path(cfg.paths.output_dir) / "eval.json") as tmp:
         tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False))
     log.info("\n" + table([(k, shown(v)) for k, v in result.items()], "evaluate"))
     return result
+
+
+def task_scores(m: api.Model, e: settings.Evaluate, path: Path) -> dict:
+    """lm-eval's evaluate.tasks on the checkpoint (their results in `path`, beside eval.json): {task: {metric: value}}."""
+    try:
+        from kr3 import harness
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("lm_eval"):
+            raise
+        raise UserError("evaluate.tasks needs lm-eval — pip install 'kr3[eval]' (uv sync installs it)") from None
+    return harness.evaluate(m, list(e.tasks), e.include_path, e.limit, e.batch_size, path)
 
 
 def shown(value) -> str:

@@ -1,0 +1,97 @@
+"""EleutherAI's lm-evaluation-harness on kr3, both ways: its local-completions model against stage=serve on loopback
+(the server lends it the tokenizer), and in this process through kr3.harness (stage=evaluate evaluate.tasks=...), on
+a multiple-choice task of lm-eval's own format read from a local file."""
+
+import json
+
+import pytest
+
+import kr3
+from kr3 import serve
+
+lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is in the eval extra and the dev group: uv sync installs it")
+
+TASK = """\
+task: kr3_test_choice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {items}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+"""
+ITEMS = [{"context": c, "choices": ch, "label": 0} for c, ch in [
+    ("이 집 짜장면은", ["정말 맛있어요", "다시는 안 가요 ㅠㅠ", "양이 많아요"]), ("사장님", ["친절해요", "짜장면", "분위기가 좋아요"]),
+    ("여기 냉면", ["너무 짜요", "최고입니다!", "또 올게요"]), ("우리 동네 식당", ["가격이 착해요", "ㅋㅋ", "별로였어요"])]]
+
+
+@pytest.fixture(scope="module")
+def model(served_run):
+    return kr3.load(served_run, device="cpu", precision="fp32")
+
+
+@pytest.fixture
+def task_folder(tmp_path, monkeypatch):
+    """A folder holding the task's YAML file and its items (JSON lines); no Hub."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(i, ensure_ascii=False) + "\n" for i in ITEMS), encoding="utf-8")
+    (tmp_path / "task.yaml").write_text(TASK.format(items=tmp_path / "items.jsonl"), encoding="utf-8")
+    return tmp_path
+
+
+def accuracy(m) -> float:
+    """The task's accuracy as Model.logprobs scores it: each item's likeliest choice after [end of review, context]."""
+    eos = m.tokenizer.eos_id
+
+    def likelihood(context: str, choice: str) -> float:
+        ids = m.tokenizer.encode(context)
+        return sum(e["logprob"] for e in m.logprobs([eos, *ids, *m.tokenizer.encode(" " + choice)])[1 + len(ids):])
+
+    return sum(max(range(3), key=lambda k: likelihood(i["context"], i["choices"][k])) == 0 for i in ITEMS) / len(ITEMS)
+
+
+@pytest.mark.e2e
+def test_lm_eval_scores_a_task_through_the_server(model, live_server, task_folder):
+    from lm_eval.tasks import TaskManager
+
+    base = live_server(serve.app(model))
+    results = lm_eval.simple_evaluate(model="local-completions", tasks=["kr3_test_choice"],
+                                      model_args=f"base_url={base}/v1/completions,model=kr3,max_length=64",
+                                      task_manager=TaskManager(include_path=str(task_folder)), log_samples=False)
+    assert results["results"]["kr3_test_choice"]["acc,none"] == pytest.approx(accuracy(model))
+
+
+@pytest.mark.e2e
+def test_stage_evaluate_runs_lm_eval_tasks_in_process(model, served_run, task_folder, tmp_path, run_kr3):
+    proc = run_kr3(f"paths.root_dir={tmp_path}", "stage=evaluate", f"checkpoint={served_run}", "evaluate.precision=fp32",
+                   "evaluate.tasks=[kr3_test_choice]", f"evaluate.include_path={task_folder}",
+                   f"hydra.run.dir={tmp_path / 'e'}")
+    assert proc.returncode == 0, proc.stderr
+    scores = json.loads((tmp_path / "e" / "eval.json").read_text())
+    assert scores["tasks"]["kr3_test_choice"]["acc,none"] == pytest.approx(accuracy(model))
+    assert "kr3_test_choice" in json.loads((tmp_path / "e" / "lm_eval.json").read_text())["results"]
+    wrong = run_kr3(f"paths.root_dir={tmp_path}", "stage=evaluate", f"checkpoint={served_run}",
+                    "evaluate.tasks=[kr3_test_choise]", f"evaluate.include_path={task_folder}")
+    assert wrong.returncode == 2 and "kr3_test_choise is not an lm-eval task — did you mean kr3_test_choice" in wrong.stderr
+
+
+def test_the_harness_model_scores_what_the_server_scores(model):
+    """Batched continuations (padded on the right) give each row's numbers alone, and greediness."""
+    from kr3.harness import HarnessModel
+
+    harness = HarnessModel(model, batch_size=3)
+    requests = [type("R", (), {"args": (i["context"], " " + c)})() for i in ITEMS for c in i["choices"]]
+    together = harness.loglikelihood(requests)
+    alone = [HarnessModel(model, batch_size=1).loglikelihood([r])[0] for r in requests]
+    assert [g for _, g in together] == [g for _, g in alone]
+    assert [s for s, _ in together] == pytest.approx([s for s, _ in alone], abs=1e-4)
+    eos = model.tokenizer.eos_id
+    text = ITEMS[0]["context"]
+    rolling = harness.loglikelihood_rolling([type("R", (), {"args": (text,)})()])[0]
+    assert rolling == pytest.approx(sum(e["logprob"] for e in model.logprobs([eos, *model.tokenizer.encode(text)])[1:]),
+                                    abs=1e-4)
