@@ -1,21 +1,23 @@
 """kr3 as a model of EleutherAI's lm-evaluation-harness (`lm-eval`, the `eval` extra): its three kinds of request
 on a loaded kr3.Model — log-likelihoods of continuations (batched), of whole texts (in the context's windows, as
-stage=evaluate scores) and greedy completions until a stop string — and `evaluate`, which stage=evaluate runs for
-`evaluate.tasks`."""
+stage=evaluate scores) and greedy completions until a stop string —, the KR3 task suite (`kr3_cloze`, `kr3_bpc`,
+written from a checkpoint's val reviews) and `evaluate`, which stage=evaluate runs for `evaluate.tasks`."""
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 from difflib import get_close_matches
 from pathlib import Path
 
+import numpy as np
 from lm_eval import simple_evaluate
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.tasks import TaskManager
 
-from kr3 import api
+from kr3 import api, prepared
 from kr3.atomic import replacing
 from kr3.errors import UserError
 from kr3.scoring import continuation_scores, token_logprobs
@@ -57,11 +59,79 @@ class HarnessModel(LM):
         return out
 
 
+KR3_TASKS = {
+    # a review's first half of words, its true second half against three other reviews' (HellaSwag's form)
+    "kr3_cloze": """\
+output_type: multiple_choice
+doc_to_text: "{{context}}"
+doc_to_choice: "{{choices}}"
+doc_to_target: "{{label}}"
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+""",
+    # each review scored whole from its start: perplexity per word and per byte, bits per byte
+    "kr3_bpc": """\
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{text}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+""",
+}
+MAX_ITEMS = 1000  # of each kr3 task: the val split's first reviews
+
+
+def write_kr3_tasks(m: api.Model, folder: Path, seed: int = 0) -> Path:
+    """The KR3 task suite's YAML files and items in `folder`, from the val reviews of the data `m` was trained on (no
+    Hub): lm-eval's `--include_path` (or evaluate.include_path) takes the folder."""
+    reviews = val_reviews(m)
+    rng = random.Random(seed)
+    halves = [(" ".join(w[: len(w) // 2]), " ".join(w[len(w) // 2 :])) for w in (r.split() for r in reviews) if len(w) >= 4]
+    items = {"kr3_cloze": [cloze_item(i, halves, rng) for i in range(min(MAX_ITEMS, len(halves)))],
+             "kr3_bpc": [{"text": r} for r in reviews[:MAX_ITEMS]]}
+    for task, rows in items.items():
+        if not rows:
+            raise UserError(f"{task}: the val split of {m.checkpoint.data.dir} has no review to make its items of")
+        with replacing(folder / f"{task}.jsonl") as tmp:
+            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        head = f"task: {task}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / task}.jsonl\n" \
+               "test_split: test\n"
+        with replacing(folder / f"{task}.yaml") as tmp:
+            tmp.write_text(head + KR3_TASKS[task], encoding="utf-8")
+    return folder
+
+
+def cloze_item(i: int, halves: list[tuple[str, str]], rng: random.Random) -> dict:
+    """Review i's opening, and its ending among three others' at a random place."""
+    others = [halves[j][1] for j in rng.sample(range(len(halves)), min(len(halves), 8)) if halves[j][1] != halves[i][1]]
+    choices = [halves[i][1], *others[:3]]
+    order = rng.sample(range(len(choices)), len(choices))
+    return {"context": halves[i][0], "choices": [choices[k] for k in order], "label": order.index(0)}
+
+
+def val_reviews(m: api.Model) -> list[str]:
+    """The reviews of the val split `m` was trained on, as text (each without its rating's control token)."""
+    tokens, _, _ = prepared.trained_split(m.checkpoint.data, "val")
+    tokens = np.asarray(tokens[: 400 * MAX_ITEMS], dtype=np.int64)  # enough for MAX_ITEMS reviews
+    ends = np.flatnonzero(tokens == m.tokenizer.eos_id)
+    controls = set(m.checkpoint.condition.ids) if m.checkpoint.condition else set()
+    texts = (m.tokenizer.decode([t for t in tokens[a + 1 : b].tolist() if t not in controls])
+             for a, b in zip([-1, *ends[:-1]], ends, strict=True))
+    return [t for t in texts if t]
+
+
 def evaluate(m: api.Model, tasks: list[str], include_path: str | None, limit: int | None, batch_size: int,
              path: Path) -> dict:
-    """lm-eval's `tasks` on `m` (lm-eval's own, or those of YAML files in `include_path`): lm-eval's results written
-    to `path`, and each task's numeric scores returned ({task: {metric: value}})."""
-    manager = TaskManager(include_path=include_path)
+    """lm-eval's `tasks` on `m` (lm-eval's own, those of YAML files in `include_path`, or the KR3 suite's, written
+    beside `path`): lm-eval's results written to `path`, and each task's numeric scores returned ({task: {metric:
+    value}})."""
+    folders = [include_path] if include_path else []
+    if any(task in KR3_TASKS for task in tasks):
+        folders.append(str(write_kr3_tasks(m, path.parent / "lm_eval_tasks")))
+    manager = TaskManager(include_path=folders or None)
     for task in tasks:
         if task not in manager.all_tasks:
             near = get_close_matches(task, manager.all_tasks, n=3)

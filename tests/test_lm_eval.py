@@ -45,15 +45,17 @@ def task_folder(tmp_path, monkeypatch):
     return tmp_path
 
 
-def accuracy(m) -> float:
-    """The task's accuracy as Model.logprobs scores it: each item's likeliest choice after [end of review, context]."""
+def accuracy(m, items=ITEMS) -> float:
+    """A multiple-choice task's accuracy as Model.logprobs scores it: each item's likeliest choice after [end of
+    review, context]."""
     eos = m.tokenizer.eos_id
 
     def likelihood(context: str, choice: str) -> float:
         ids = m.tokenizer.encode(context)
         return sum(e["logprob"] for e in m.logprobs([eos, *ids, *m.tokenizer.encode(" " + choice)])[1 + len(ids):])
 
-    return sum(max(range(3), key=lambda k: likelihood(i["context"], i["choices"][k])) == 0 for i in ITEMS) / len(ITEMS)
+    return sum(max(range(len(i["choices"])), key=lambda k: likelihood(i["context"], i["choices"][k])) == i["label"]
+               for i in items) / len(items)
 
 
 @pytest.mark.e2e
@@ -96,3 +98,25 @@ def test_the_harness_model_scores_what_the_server_scores(model):
     rolling = harness.loglikelihood_rolling([type("R", (), {"args": (text,)})()])[0]
     assert rolling == pytest.approx(sum(e["logprob"] for e in model.logprobs([eos, *model.tokenizer.encode(text)])[1:]),
                                     abs=1e-4)
+
+
+@pytest.mark.e2e
+def test_the_kr3_task_suite_is_written_from_the_val_reviews_and_scored(model, served_run, tmp_path, run_kr3):
+    """kr3_cloze: each val review's opening with its ending among three others'; kr3_bpc: each review scored whole
+    from its start. Both read files kr3 writes into the evaluation's folder, which lm-eval's CLI can include too."""
+    import math
+
+    proc = run_kr3(f"paths.root_dir={tmp_path}", "stage=evaluate", f"checkpoint={served_run}", "evaluate.precision=fp32",
+                   "evaluate.tasks=[kr3_cloze,kr3_bpc]", "evaluate.limit=40", f"hydra.run.dir={tmp_path / 'e'}",
+                   env={"HF_DATASETS_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    tasks = json.loads((tmp_path / "e" / "eval.json").read_text())["tasks"]
+    folder = tmp_path / "e" / "lm_eval_tasks"
+    items = [json.loads(line) for line in (folder / "kr3_cloze.jsonl").read_text().splitlines()][:40]
+    assert all(len(i["choices"]) == 4 and len(set(i["choices"])) == 4 for i in items)
+    assert tasks["kr3_cloze"]["acc,none"] == pytest.approx(accuracy(model, items))
+    reviews = [json.loads(line)["text"] for line in (folder / "kr3_bpc.jsonl").read_text().splitlines()][:40]
+    eos = model.tokenizer.eos_id
+    nats = -sum(e["logprob"] for r in reviews for e in model.logprobs([eos, *model.tokenizer.encode(r)])[1:])
+    expected = nats / math.log(2) / sum(len(r.encode()) for r in reviews)
+    assert tasks["kr3_bpc"]["bits_per_byte,none"] == pytest.approx(expected, rel=1e-4)
