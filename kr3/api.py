@@ -25,7 +25,7 @@ from kr3 import hardware, pretrained, ratings
 from kr3.config import ROOT, default_block
 from kr3.errors import UserError
 from kr3.sampling import DECODING, Completer, check_decoding, cleaned, cut_note, decoding
-from kr3.scoring import metrics, token_logprobs, token_loss
+from kr3.scoring import batch_logprobs, metrics, token_loss
 from kr3.settings import check_range
 
 if TYPE_CHECKING:
@@ -183,12 +183,18 @@ class Model:
         `top` most likely tokens there as (text, log-probability), most likely first: [{id, text, logprob, top}].
         Token ids, not text: a client's tokenization is scored as it is. Scored in the windows score() uses: ids
         [end of review, *review, end of review] give −score(review)'s nats in all."""
+        return self.logprobs_of_many([ids], top, rating)[0]
+
+    def logprobs_of_many(self, many: Sequence[Sequence[int]], top: int = 0, rating: str | int | None = None,
+                         batch_size: int = 32) -> list[list[dict]]:
+        """logprobs() of each of `many`, those that fit the context scored `batch_size` at a time."""
         completer = self._completer({"rating": rating})
-        ids = [int(i) for i in ids]
-        if not ids:
-            return []
-        lp, top_ids, top_lp = token_logprobs(self._decoder(), [*completer.heads[0], ids[0]], ids[1:], self.device,
-                                             self.dtype, top, completer.never)
+        many = [[int(i) for i in ids] for ids in many]
+        rows = [([*completer.heads[0], ids[0]], ids[1:]) for ids in many if ids]
+        scored = iter(batch_logprobs(self._decoder(), rows, batch_size, self.device, self.dtype, top, completer.never))
+        return [self._entries(ids, *next(scored), completer) if ids else [] for ids in many]
+
+    def _entries(self, ids: list[int], lp, top_ids, top_lp, completer: Completer) -> list[dict]:
         pieces = self.pieces(ids)
         entries = [{"id": ids[0], "text": pieces[0], "logprob": None, "top": None}]
         for i, (p, t, v) in enumerate(zip(lp.tolist(), top_ids.tolist(), top_lp.tolist(), strict=True), start=1):

@@ -99,3 +99,36 @@ def continuation_scores(model, rows: list[tuple[list[int], list[int]]], batch_si
             target = torch.tensor(s[-n:], device=logp.device)
             out[i] = (float(logp.gather(1, target[:, None]).sum()), bool((logp.argmax(-1) == target).all()))
     return out
+
+
+@torch.no_grad()
+def batch_logprobs(model, rows: list[tuple[list[int], list[int]]], batch_size: int, device, dtype, top: int = 0,
+                   never: list[int] | None = None) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """token_logprobs of many (head, tokens) rows: those that fit one window (block_size + 1 tokens) scored together,
+    rows of similar lengths in batches padded on the right (which causal attention never lets an earlier position
+    see); a longer row alone, in its windows."""
+    block, out = model.cfg.block_size, [None] * len(rows)
+    short = sorted((i for i, (h, t) in enumerate(rows) if t and len(h) + len(t) <= block + 1),
+                   key=lambda i: len(rows[i][0]) + len(rows[i][1]), reverse=True)
+    for i in set(range(len(rows))) - set(short):
+        out[i] = token_logprobs(model, *rows[i], device, dtype, top, never)
+    for start in range(0, len(short), batch_size):
+        group = short[start : start + batch_size]
+        seqs = [[*rows[i][0], *rows[i][1]] for i in group]
+        x = torch.zeros(len(group), len(seqs[0]) - 1, dtype=torch.long)  # the longest first
+        for b, seq in enumerate(seqs):
+            x[b, : len(seq) - 1] = torch.tensor(seq[:-1])
+        with hardware.autocast(device, dtype):
+            logits = model(x.to(device))
+        for b, (i, seq) in enumerate(zip(group, seqs, strict=True)):
+            first, end = len(rows[i][0]) - 1, len(seq) - 1
+            logp = logits[b, first:end].float().log_softmax(-1)
+            chosen = logp.gather(1, torch.tensor(seq[first + 1 :], device=logp.device)[:, None])[:, 0].cpu()
+            if not top:
+                out[i] = (chosen, torch.zeros(end - first, 0, dtype=torch.long), torch.zeros(end - first, 0))
+                continue
+            if never:
+                logp[:, never] = -float("inf")
+            values, ids = logp.topk(min(top, logp.size(-1)), -1)
+            out[i] = (chosen, ids.cpu(), values.cpu())
+    return out

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 import kr3
@@ -152,6 +153,24 @@ def test_echo_with_max_tokens_0_scores_token_ids_as_score_does(client, model):
     for logprob, top in zip(first["token_logprobs"][1:], first["top_logprobs"][1:], strict=True):
         assert len(top) == 2 and max(top.values()) >= logprob - 1e-6 and all(v <= 0 for v in top.values())
     assert reply["usage"] == {"prompt_tokens": len(ids) + 4, "completion_tokens": 0, "total_tokens": len(ids) + 4}
+
+
+def test_the_prompts_of_a_scoring_request_are_scored_together_as_alone(client, model):
+    """Batched (padded on the right), and a prompt longer than the context in its windows, as token_loss scores."""
+    import numpy as np
+
+    from kr3.scoring import token_loss
+
+    ids = [model.tokenizer.eos_id, *model.tokenizer.encode("사장님이 친절하고 국밥이 정말 맛있어요 또 올게요")]
+    long = (ids * 60)[: model.model.cfg.block_size + 20]
+    prompts = [ids[:3], long, ids, ids[:1]]
+    reply = complete(client, prompt=prompts, echo=True, max_tokens=0, logprobs=0)
+    for choice, prompt in zip(reply["choices"], prompts, strict=True):
+        assert choice["logprobs"]["token_logprobs"][1:] == pytest.approx(
+            [e["logprob"] for e in model.logprobs(prompt)[1:]], abs=1e-5)
+    nats, n = token_loss(model.model, np.array(long[1:]), model.tokenizer.eos_id, model.model.cfg.block_size, 4, "cpu",
+                         torch.float32, context=long[0])
+    assert -sum(reply["choices"][1]["logprobs"]["token_logprobs"][1:]) == pytest.approx(nats, rel=1e-5) and n == len(long) - 1
 
 
 def test_logprobs_of_a_completion_are_those_of_its_tokens(client, model):

@@ -144,12 +144,11 @@ class Server:
         self.thread.admit()
         choices, usage = [], Usage()
         try:
+            if job.score_only:
+                return await self.thread.call(self.scored, job)
             for index, prompt, sample in job.choices():
-                if job.score_only:
-                    stats = {"completion": "", "prompt_tokens": len(self.prompt_ids(prompt)), "tokens": 0, "ids": []}
-                else:
-                    generation = self.m.stream_with_stats(prompt, sample, **job.options)  # runs on the model thread
-                    *_, stats = [item async for item in self.thread.iterate(generation, request.is_disconnected)]
+                generation = self.m.stream_with_stats(prompt, sample, **job.options)  # runs on the model thread
+                *_, stats = [item async for item in self.thread.iterate(generation, request.is_disconnected)]
                 text, logprobs = await self.thread.call(self.shown, prompt, stats, job)
                 choices.append(job.whole(index, text, finish_reason(stats, job.options), logprobs))
                 usage.add(stats, sample)
@@ -162,6 +161,20 @@ class Server:
     def prompt_ids(self, prompt: str | list[int]) -> list[int]:
         """A prompt's token ids, whole: as given, or its text cleaned as in training and encoded."""
         return list(prompt) if isinstance(prompt, list) else self.m.tokenizer.encode(self.m.cleaned(prompt))
+
+    def scored(self, job: Completion) -> dict:
+        """The response to a request that only scores its prompts (max_tokens=0 with echo), all of them in batches:
+        each choice the prompt's text and, when asked for, its logprobs."""
+        prompts = [self.prompt_ids(prompt) for prompt in job.prompts]
+        many = self.m.logprobs_of_many(prompts, job.logprobs, job.options.get("rating")) if job.logprobs is not None \
+            else [None] * len(prompts)
+        choices, usage = [], Usage()
+        for index, _, sample in job.choices():
+            p = index // job.n
+            text = "".join(e["text"] for e in many[p]) if many[p] is not None else "".join(self.m.pieces(prompts[p]))
+            choices.append(job.whole(index, text, "length", logprobs_body(many[p]) if many[p] is not None else None))
+            usage.add({"prompt_tokens": len(prompts[p]), "tokens": 0}, sample)
+        return job.body(choices, usage.body())
 
     def shown(self, prompt: str | list[int], stats: dict, job: Completion) -> tuple[str, dict | None]:
         """A choice's text and, when asked for, its logprobs object: with echo, of the whole prompt first (scored in
