@@ -83,7 +83,7 @@ def test_a_misspelt_field_is_refused_by_name(client, path, body, param):
     assert message.startswith(f"Unrecognized request argument supplied: {param} — "
                               f"{'it is /v1/chat/completions' if param == 'messages' else 'did you mean '}")
     if path == "/v1/completions" and param in ("promt", "max_token"):
-        assert "takes prompt, model, max_tokens, " in message and message.endswith(
+        assert "takes prompt, echo, logprobs, model, max_tokens, " in message and message.endswith(
             "; kr3's own: top_k, repetition_penalty, rating, guidance)")
 
 
