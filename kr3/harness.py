@@ -11,6 +11,7 @@ import random
 from difflib import get_close_matches
 from pathlib import Path
 
+import lm_eval.models  # noqa: F401 — lm-eval fills its registry of models only while it is empty: before kr3's
 import numpy as np
 from lm_eval import simple_evaluate
 from lm_eval.api.model import LM

@@ -10,6 +10,7 @@ import kr3
 from kr3 import serve
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is in the eval extra and the dev group: uv sync installs it")
+from kr3.harness import HarnessModel  # noqa: E402 — registered as lm-eval's "kr3": lm-eval's own models must stay there
 
 TASK = """\
 task: kr3_test_choice
@@ -85,8 +86,6 @@ def test_stage_evaluate_runs_lm_eval_tasks_in_process(model, served_run, task_fo
 
 def test_the_harness_model_scores_what_the_server_scores(model):
     """Batched continuations (padded on the right) give each row's numbers alone, and greediness."""
-    from kr3.harness import HarnessModel
-
     harness = HarnessModel(model, batch_size=3)
     requests = [type("R", (), {"args": (i["context"], " " + c)})() for i in ITEMS for c in i["choices"]]
     together = harness.loglikelihood(requests)
