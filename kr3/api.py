@@ -25,7 +25,7 @@ from kr3 import hardware, pretrained, ratings
 from kr3.config import ROOT, default_block
 from kr3.errors import UserError
 from kr3.sampling import DECODING, Completer, check_decoding, cleaned, cut_note, decoding
-from kr3.scoring import batch_logprobs, metrics, token_loss
+from kr3.scoring import batch_logprobs, last_logits, metrics, token_loss
 from kr3.settings import check_range
 
 if TYPE_CHECKING:
@@ -193,6 +193,18 @@ class Model:
         rows = [([*completer.heads[0], ids[0]], ids[1:]) for ids in many if ids]
         scored = iter(batch_logprobs(self._decoder(), rows, batch_size, self.device, self.dtype, top, completer.never))
         return [self._entries(ids, *next(scored), completer) if ids else [] for ids in many]
+
+    def greedy_next_of_many(self, many: Sequence[Sequence[int]], rating: str | int | None = None,
+                            batch_size: int = 32) -> list[int]:
+        """The token greedy decoding picks first after each of `many` (token ids, cut as complete() cuts a prompt),
+        `batch_size` at a time: what complete(ids, max_new_tokens=1, temperature=0) decodes, without guidance."""
+        completer = self._completer({"rating": rating})
+        head = completer.heads[0]
+        seqs = [[*head, *(completer.prompt_ids([int(i) for i in ids])[0] or ([] if head else [self.tokenizer.eos_id]))]
+                for ids in many]
+        logits = last_logits(self._decoder(), seqs, batch_size, self.device, self.dtype)
+        logits[:, completer.never] = -float("inf")
+        return logits.argmax(-1).tolist()
 
     def _entries(self, ids: list[int], lp, top_ids, top_lp, completer: Completer) -> list[dict]:
         pieces = self.pieces(ids)

@@ -132,3 +132,21 @@ def batch_logprobs(model, rows: list[tuple[list[int], list[int]]], batch_size: i
             values, ids = logp.topk(min(top, logp.size(-1)), -1)
             out[i] = (chosen, ids.cpu(), values.cpu())
     return out
+
+
+@torch.no_grad()
+def last_logits(model, seqs: list[list[int]], batch_size: int, device, dtype) -> torch.Tensor:
+    """The next token's logits (fp32, on the CPU) after each of `seqs` (each at most block_size tokens): rows of
+    similar lengths in one forward pass, padded on the right."""
+    out = torch.empty(len(seqs), model.cfg.vocab_size)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]), reverse=True)
+    for start in range(0, len(order), batch_size):
+        group = order[start : start + batch_size]
+        x = torch.zeros(len(group), len(seqs[group[0]]), dtype=torch.long)
+        for b, i in enumerate(group):
+            x[b, : len(seqs[i])] = torch.tensor(seqs[i])
+        with hardware.autocast(device, dtype):
+            logits = model(x.to(device))
+        for b, i in enumerate(group):
+            out[i] = logits[b, len(seqs[i]) - 1].float().cpu()
+    return out

@@ -632,3 +632,19 @@ def test_a_port_in_use_is_one_line(served_run, tmp_path):
         taken.close()
     assert proc.returncode == 2 and f"error: cannot listen on 127.0.0.1:{port}" in out and "Traceback" not in out
 
+
+
+def test_lm_eval_s_request_is_answered_in_a_batch_as_decoding_would(client, model):
+    """echo + logprobs + max_tokens=1 at temperature 0 (what lm-eval sends for each log-likelihood): the prompts
+    scored together and each given the token greedy decoding picks, with its log-probability last."""
+    eos = model.tokenizer.eos_id
+    prompts = [[eos, *model.tokenizer.encode(text)] for text in ("이 집 짜장면은", "사장님이 친절하고 국밥이", "여기")]
+    reply = complete(client, prompt=prompts, echo=True, max_tokens=1, logprobs=1, temperature=0)
+    for choice, ids in zip(reply["choices"], prompts, strict=True):
+        logprobs = choice["logprobs"]
+        assert len(logprobs["tokens"]) == len(ids) + 1  # the prompt's tokens, then the chosen one
+        expected = model.complete(ids, max_new_tokens=1, temperature=0)
+        assert choice["text"] == "".join(logprobs["tokens"]) == model.tokenizer.decode(ids) + expected
+        assert logprobs["token_logprobs"][1:] == pytest.approx(
+            [e["logprob"] for e in model.logprobs(ids)[1:]] + [max(logprobs["top_logprobs"][-1].values())], abs=1e-5)
+    assert reply["usage"]["completion_tokens"] == sum(1 for c in reply["choices"] if c["finish_reason"] == "length")

@@ -96,8 +96,11 @@ def check_completion(req: Sampling, m: Model, limits: Limits, name: str) -> Comp
     for prompt in prompts:
         check_prompt(prompt, m, score_only)
     options = request_options(req, m, limits, new_tokens=1 if score_only else req.new_tokens())
+    unguided = options["rating"] is None or options["guidance"] == 1
+    greedy_one = echo and logprobs is not None and req.new_tokens() == 1 and n == 1 and options["temperature"] == 0 \
+        and unguided and not options["stop"]
     return Completion(prompts, n, options, name, chat=isinstance(req, ChatRequest), echo=echo, logprobs=logprobs,
-                      score_only=score_only)
+                      score_only=score_only, greedy_one=greedy_one)
 
 
 def check_prompt(prompt: str | list[int], m: Model, score_only: bool) -> None:
@@ -144,7 +147,7 @@ class Server:
         self.thread.admit()
         choices, usage = [], Usage()
         try:
-            if job.score_only:
+            if job.score_only or job.greedy_one:
                 return await self.thread.call(self.scored, job)
             for index, prompt, sample in job.choices():
                 generation = self.m.stream_with_stats(prompt, sample, **job.options)  # runs on the model thread
@@ -163,17 +166,23 @@ class Server:
         return list(prompt) if isinstance(prompt, list) else self.m.tokenizer.encode(self.m.cleaned(prompt))
 
     def scored(self, job: Completion) -> dict:
-        """The response to a request that only scores its prompts (max_tokens=0 with echo), all of them in batches:
-        each choice the prompt's text and, when asked for, its logprobs."""
+        """The response to a request that scores its prompts (max_tokens=0 with echo) or scores them and adds one
+        greedy token (what lm-eval asks), all of them in batches: each choice the prompt's text, then the token's, and
+        when asked for their logprobs."""
         prompts = [self.prompt_ids(prompt) for prompt in job.prompts]
-        many = self.m.logprobs_of_many(prompts, job.logprobs, job.options.get("rating")) if job.logprobs is not None \
-            else [None] * len(prompts)
+        rating, eos = job.options.get("rating"), self.m.tokenizer.eos_id
+        # the chosen token is in the logprobs even when it is the end of review (no text): clients drop the last one
+        full = [[*p, t] for p, t in zip(prompts, self.m.greedy_next_of_many(prompts, rating), strict=True)] \
+            if job.greedy_one else prompts
+        many = self.m.logprobs_of_many(full, job.logprobs, rating) if job.logprobs is not None else [None] * len(full)
         choices, usage = [], Usage()
         for index, _, sample in job.choices():
             p = index // job.n
-            text = "".join(e["text"] for e in many[p]) if many[p] is not None else "".join(self.m.pieces(prompts[p]))
-            choices.append(job.whole(index, text, "length", logprobs_body(many[p]) if many[p] is not None else None))
-            usage.add({"prompt_tokens": len(prompts[p]), "tokens": 0}, sample)
+            tokens = int(job.greedy_one and full[p][-1] != eos)
+            text = "".join(e["text"] for e in many[p]) if many[p] is not None else "".join(self.m.pieces(full[p]))
+            reason = "stop" if job.greedy_one and not tokens else "length"
+            choices.append(job.whole(index, text, reason, logprobs_body(many[p]) if many[p] is not None else None))
+            usage.add({"prompt_tokens": len(prompts[p]), "tokens": tokens}, sample)
         return job.body(choices, usage.body())
 
     def shown(self, prompt: str | list[int], stats: dict, job: Completion) -> tuple[str, dict | None]:

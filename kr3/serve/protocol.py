@@ -251,6 +251,7 @@ class Completion:
     echo: bool = False
     logprobs: int | None = None
     score_only: bool = False  # max_tokens=0 with echo: the prompt scored, nothing completed
+    greedy_one: bool = False  # echo and logprobs of the prompt and one greedy token (lm-eval's log-likelihood request)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
 
