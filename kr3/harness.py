@@ -28,9 +28,10 @@ log = logging.getLogger(__name__)
 
 @register_model("kr3")
 class HarnessModel(LM):
-    """A kr3 checkpoint for lm-eval: `--model kr3 --model_args checkpoint=PATH` on lm-eval's command line, or a
-    loaded `model` from Python. Texts are encoded as they are given (no cleaning: a task's formatting is its own);
-    every text starts a review, after an end-of-review token."""
+    """A kr3 checkpoint for lm-eval, from Python: HarnessModel(kr3.load(...)). Texts are encoded as they are given (no
+    cleaning: a task's formatting is its own). A context is read as it is and an empty one is an end-of-review token,
+    as lm-eval's own models and its local-completions model through stage=serve read them, so both give the same
+    numbers; a whole text (loglikelihood_rolling) is read after an end-of-review token, from a review's start."""
 
     def __init__(self, model: api.Model | None = None, checkpoint: str = "latest", device: str = "auto",
                  precision: str = "auto", batch_size: int | str = 32, **_):
@@ -43,7 +44,7 @@ class HarnessModel(LM):
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         eos = self.m.tokenizer.eos_id
-        rows = [([eos, *self.ids(context)], self.ids(continuation)) for context, continuation in (r.args for r in requests)]
+        rows = [(self.ids(context) or [eos], self.ids(continuation)) for context, continuation in (r.args for r in requests)]
         return continuation_scores(self.m.model, rows, self.batch, self.m.device, self.m.dtype)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:

@@ -47,13 +47,12 @@ def task_folder(tmp_path, monkeypatch):
 
 
 def accuracy(m, items=ITEMS) -> float:
-    """A multiple-choice task's accuracy as Model.logprobs scores it: each item's likeliest choice after [end of
-    review, context]."""
-    eos = m.tokenizer.eos_id
+    """A multiple-choice task's accuracy as Model.logprobs scores it: each item's likeliest choice after its context,
+    read as it is (as lm-eval's models read a context that is not empty)."""
 
     def likelihood(context: str, choice: str) -> float:
         ids = m.tokenizer.encode(context)
-        return sum(e["logprob"] for e in m.logprobs([eos, *ids, *m.tokenizer.encode(" " + choice)])[1 + len(ids):])
+        return sum(e["logprob"] for e in m.logprobs([*ids, *m.tokenizer.encode(" " + choice)])[len(ids):])
 
     return sum(max(range(len(i["choices"])), key=lambda k: likelihood(i["context"], i["choices"][k])) == i["label"]
                for i in items) / len(items)
