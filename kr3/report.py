@@ -1,6 +1,6 @@
 """Comparing runs: one row per job of a sweep (or per run under outputs/), read from what each job wrote
-(`.hydra/overrides.yaml`, `metrics.jsonl`, `result.json`), and the pictures: every job's curves, and the
-final bits per character against each swept number."""
+(`.hydra/overrides.yaml`, `metrics.jsonl`, `result.json`, and the lm-eval task scores of its evaluations), and the
+pictures: every job's curves, and the final bits per character against each swept number."""
 
 from __future__ import annotations
 
@@ -94,8 +94,17 @@ def job_row(job: Path, root: Path) -> dict:
         "best_val_bpc": best["val/bpc"] if best else math.nan, "best_step": best["step"] if best else None,
         "steps": max((r["step"] for r in train), default=0),
         "tokens_per_s": round(statistics.median(r["train/tokens_per_s"] for r in train)) if train else None,
-        "wall_s": result.get("wall_s", math.nan), "error": result.get("error", ""),
+        "wall_s": result.get("wall_s", math.nan), "error": result.get("error", ""), **task_scores(job),
     }
+
+
+def task_scores(job: Path) -> dict:
+    """The lm-eval task scores of the job's newest evaluation that ran tasks (stage=evaluate evaluate.tasks=[...]
+    writes <run>/evaluate/<time>/eval.json): {"<task>/<metric>": value}, standard errors left out."""
+    found = [(p.stat().st_mtime, json.loads(p.read_text())) for p in job.glob("evaluate/*/eval.json")]
+    newest = max(((t, e) for t, e in found if e.get("tasks")), key=lambda te: te[0], default=(0, {}))[1]
+    return {f"{task}/{metric.split(',')[0]}": value for task, scores in newest.get("tasks", {}).items()
+            for metric, value in scores.items() if "stderr" not in metric}
 
 
 def _unfinished_state(job: Path) -> str:
@@ -115,7 +124,8 @@ def table(jobs: list[Path], root: Path) -> tuple[pd.DataFrame, list[str]]:
     found = [overrides(j) for j in jobs]
     swept = sorted({k for o in found for k in o if len({o.get(k) for o in found}) > 1})
     df = pd.DataFrame([{**job_row(j, root), **settings_of(j, swept)} for j in jobs])
-    df = df[["job", *swept, *COLUMNS[1:]]].sort_values("val_bpc", na_position="last", kind="stable")
+    tasks = sorted(c for c in df.columns if c not in COLUMNS and c not in swept)  # lm-eval's, where jobs were evaluated
+    df = df[["job", *swept, *COLUMNS[1:-1], *tasks, "error"]].sort_values("val_bpc", na_position="last", kind="stable")
     df[["best_step", "tokens_per_s"]] = df[["best_step", "tokens_per_s"]].astype("Int64")
     df.insert(1, "best", ["★" if i == 0 and not math.isnan(v) else "" for i, v in enumerate(df["val_bpc"])])
     return df.reset_index(drop=True), swept

@@ -56,6 +56,26 @@ def test_report_rows_come_from_each_jobs_files(sweep, capsys):
     assert df.iloc[1]["tokens_per_s"] == 1016  # the median of its logged windows (1015.5), rounded
     interrupted = df.iloc[2]
     assert (interrupted["best_val_bpc"], interrupted["best_step"], interrupted["steps"]) == (4.6, 10, 15)
+    assert not any("/" in column for column in df.columns)  # no job was evaluated with lm-eval tasks
+
+
+def test_task_scores_of_each_jobs_newest_evaluation_are_columns(sweep):
+    """`-m stage=evaluate checkpoint=<job 0>,<job 1> evaluate.tasks=[...]` writes <job>/evaluate/<time>/eval.json."""
+    def evaluated(job, when, tasks):
+        folder = sweep / job / "evaluate" / when
+        folder.mkdir(parents=True)
+        (folder / "eval.json").write_text(json.dumps({"bpc": 3.0, **({"tasks": tasks} if tasks is not None else {})}))
+        os.utime(folder / "eval.json", (1e9 + int(when[-1]), 1e9 + int(when[-1])))
+    evaluated("1", "t1", {"kr3_cloze": {"acc,none": 0.4, "acc_stderr,none": 0.01}})
+    evaluated("1", "t2", {"kr3_cloze": {"acc,none": 0.5, "acc_stderr,none": 0.01}, "kr3_bpc": {"bits_per_byte,none": 1.2}})
+    evaluated("1", "t3", None)  # newest, without tasks: the one before it counts
+    evaluated("0", "t1", {"kr3_cloze": {"acc,none": 0.3}})
+    df, _ = report.table(report.find_jobs(sweep), sweep)
+    assert list(df.columns[-3:]) == ["kr3_bpc/bits_per_byte", "kr3_cloze/acc", "error"]
+    rows = df.set_index("job")
+    assert (rows.loc["1", "kr3_cloze/acc"], rows.loc["1", "kr3_bpc/bits_per_byte"], rows.loc["0", "kr3_cloze/acc"]) \
+        == (0.5, 1.2, 0.3)
+    assert pd.isna(rows.loc["2", "kr3_cloze/acc"])
 
 
 def test_a_setting_a_job_left_alone_shows_what_it_ran_with(tmp_path):
