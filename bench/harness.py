@@ -131,6 +131,17 @@ def local_data(src: Path, data_dir: Path | None = None, vocab_size: int | None =
             *([f"tokenizer.vocab_size={vocab_size}"] if vocab_size else [])]
 
 
+def trained_checkpoint(out: Path, model: str, steps: int) -> Path:
+    """A checkpoint of `model` trained for `steps` steps on a synthetic corpus (reused when already there)."""
+    run_dir = out / f"run-{model}-{steps}"
+    if not (run_dir / "checkpoints").is_dir():
+        src = synthetic_corpus(out / "corpus.parquet", 20_000)
+        run_kr3(f"paths.root_dir={out}", "stage=train", *local_data(src, vocab_size=4000), "experiment=smoke",
+                f"model={model}", f"trainer.max_steps={steps}", "trainer.eval_interval=0", "trainer.final_eval_tokens=4096",
+                run_dir=run_dir, log=out / "train.log")
+    return run_dir
+
+
 def require_nsmc() -> Path:
     """../shared's NSMC parquet, or the end of the benchmark saying it is absent."""
     if not NSMC.exists():

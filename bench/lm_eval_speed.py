@@ -18,16 +18,6 @@ from pathlib import Path
 import harness
 
 
-def trained(out: Path, steps: int) -> Path:
-    run_dir = out / f"run-small-{steps}"
-    if not (run_dir / "checkpoints").is_dir():
-        src = harness.synthetic_corpus(out / "corpus.parquet", 20_000)
-        harness.run_kr3(f"paths.root_dir={out}", "stage=train", *harness.local_data(src, vocab_size=4000),
-                        "experiment=smoke", "model=small", f"trainer.max_steps={steps}", "trainer.eval_interval=0",
-                        "trainer.final_eval_tokens=4096", run_dir=run_dir, log=out / "train.log")
-    return run_dir
-
-
 def served(m) -> str:
     """stage=serve's app on 127.0.0.1 in a thread (it stops with this process): its base URL."""
     import uvicorn
@@ -68,7 +58,7 @@ def main():
     import kr3
     from kr3.harness import HarnessModel, write_kr3_tasks
 
-    m = kr3.load(args.checkpoint or trained(args.out, args.steps), device="cpu", precision="fp32")
+    m = kr3.load(args.checkpoint or harness.trained_checkpoint(args.out, "small", args.steps), device="cpu", precision="fp32")
     tasks = TaskManager(include_path=str(write_kr3_tasks(m, args.out / "tasks")))
     rows = []
     seconds, acc, items = timed(model=HarnessModel(m, batch_size=args.batch), task_manager=tasks, limit=args.items)

@@ -28,17 +28,6 @@ import httpx
 PROMPTS = ["이 집 짜장면은", "분위기가 좋고", "사장님이 친절해서", "가격 대비", "웨이팅이 길었지만", "", "국물이", "다시는"]
 
 
-def trained(out: Path, model: str, steps: int) -> Path:
-    """A checkpoint of `model` trained for `steps` steps on a synthetic corpus (reused when already there)."""
-    run_dir = out / f"run-{model}-{steps}"
-    if not (run_dir / "checkpoints").is_dir():
-        src = harness.synthetic_corpus(out / "corpus.parquet", 20_000)
-        harness.run_kr3(f"paths.root_dir={out}", "stage=train", *harness.local_data(src, vocab_size=4000),
-                        "experiment=smoke", f"model={model}", f"trainer.max_steps={steps}", "trainer.eval_interval=0",
-                        "trainer.final_eval_tokens=4096", run_dir=run_dir, log=out / "train.log")
-    return run_dir
-
-
 def free_port() -> int:
     from kr3.serve import listen
 
@@ -142,7 +131,7 @@ def main():
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
-    checkpoint = a.checkpoint or trained(a.out, a.model, a.steps)
+    checkpoint = a.checkpoint or harness.trained_checkpoint(a.out, a.model, a.steps)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     server = start_server(checkpoint, a.out, port, [f"serve.precision={a.precision}"])

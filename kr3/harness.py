@@ -6,38 +6,31 @@ written from a checkpoint's val reviews) and `evaluate`, which stage=evaluate ru
 from __future__ import annotations
 
 import json
-import logging
 import random
 from difflib import get_close_matches
 from pathlib import Path
 
-import lm_eval.models  # noqa: F401 — lm-eval fills its registry of models only while it is empty: before kr3's
 import numpy as np
 from lm_eval import simple_evaluate
 from lm_eval.api.model import LM
-from lm_eval.api.registry import register_model
 from lm_eval.tasks import TaskManager
 
 from kr3 import api, prepared
 from kr3.atomic import replacing
 from kr3.errors import UserError
-from kr3.scoring import continuation_scores, token_logprobs
-
-log = logging.getLogger(__name__)
+from kr3.scoring import batch_logprobs, token_logprobs
 
 
-@register_model("kr3")
 class HarnessModel(LM):
-    """A kr3 checkpoint for lm-eval, from Python: HarnessModel(kr3.load(...)). Texts are encoded as they are given (no
-    cleaning: a task's formatting is its own). A context is read as it is and an empty one is an end-of-review token,
-    as lm-eval's own models and its local-completions model through stage=serve read them, so both give the same
-    numbers; a whole text (loglikelihood_rolling) is read after an end-of-review token, from a review's start."""
+    """A loaded kr3.Model as an lm-eval model: lm_eval.simple_evaluate(model=HarnessModel(kr3.load(...)), ...). Texts are
+    encoded as they are given (no cleaning: a task's formatting is its own). A context is read as it is and an empty
+    one is an end-of-review token, as lm-eval's own models and its local-completions model through stage=serve read
+    them, so both give the same numbers; a whole text (loglikelihood_rolling) is read after an end-of-review token,
+    from a review's start."""
 
-    def __init__(self, model: api.Model | None = None, checkpoint: str = "latest", device: str = "auto",
-                 precision: str = "auto", batch_size: int | str = 32, **_):
+    def __init__(self, model: api.Model, batch_size: int = 32):
         super().__init__()
-        self.m = model if model is not None else api.load(checkpoint, device, precision)
-        self.batch = int(batch_size) if str(batch_size).isdigit() else 32  # lm-eval's "auto": kr3's default
+        self.m, self.batch = model, batch_size
 
     def ids(self, text: str) -> list[int]:
         return self.m.tokenizer.encode(text) if text else []
@@ -45,7 +38,9 @@ class HarnessModel(LM):
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         eos = self.m.tokenizer.eos_id
         rows = [(self.ids(context) or [eos], self.ids(continuation)) for context, continuation in (r.args for r in requests)]
-        return continuation_scores(self.m.model, rows, self.batch, self.m.device, self.m.dtype)
+        scored = batch_logprobs(self.m.model, rows, self.batch, self.m.device, self.m.dtype, top=1)
+        # greedy: each token as likely as the likeliest (lm-eval's local-completions compares the same way)
+        return [(float(lp.sum()), bool((lp == top[:, 0]).all())) for lp, _, top in scored]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         eos = self.m.tokenizer.eos_id

@@ -76,50 +76,35 @@ def token_logprobs(model, head: list[int], tokens: list[int], device, dtype, top
     return torch.cat(chosen).cpu(), torch.cat(top_ids).cpu(), torch.cat(top_lp).cpu()
 
 
-@torch.no_grad()
-def continuation_scores(model, rows: list[tuple[list[int], list[int]]], batch_size: int, device,
-                        dtype) -> list[tuple[float, bool]]:
-    """For each (context, continuation) of token ids: the continuation's summed log-probability after the context, and
-    whether each of its tokens was the most likely one. A row longer than the context window keeps its last
-    block_size + 1 tokens. Rows of similar lengths are scored together, padded on the right (which causal
-    attention never lets an earlier position see)."""
-    block, out = model.cfg.block_size, [None] * len(rows)
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]), reverse=True)
-    for start in range(0, len(order), batch_size):
-        group = order[start : start + batch_size]
-        seqs = [(rows[i][0] + rows[i][1])[-(block + 1) :] for i in group]
-        x = torch.zeros(len(group), max(map(len, seqs)) - 1, dtype=torch.long)
-        for b, s in enumerate(seqs):
-            x[b, : len(s) - 1] = torch.tensor(s[:-1])
-        with hardware.autocast(device, dtype):
-            logits = model(x.to(device))
-        for b, (i, s) in enumerate(zip(group, seqs, strict=True)):
-            n, end = min(len(rows[i][1]), len(s) - 1), len(s) - 1
-            logp = logits[b, end - n : end].float().log_softmax(-1)
-            target = torch.tensor(s[-n:], device=logp.device)
-            out[i] = (float(logp.gather(1, target[:, None]).sum()), bool((logp.argmax(-1) == target).all()))
-    return out
+def padded_logits(model, seqs: list[list[int]], device, dtype) -> torch.Tensor:
+    """The logits (B, T, V) of `seqs` (each at most block_size tokens) in one forward pass, padded on the right: causal
+    attention never lets an earlier position see the padding."""
+    x = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
+    for b, seq in enumerate(seqs):
+        x[b, : len(seq)] = torch.tensor(seq)
+    with hardware.autocast(device, dtype):
+        return model(x.to(device))
+
+
+def by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices in batches of `batch_size`, the longest first: rows of similar lengths padded together."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
 @torch.no_grad()
 def batch_logprobs(model, rows: list[tuple[list[int], list[int]]], batch_size: int, device, dtype, top: int = 0,
                    never: list[int] | None = None) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """token_logprobs of many (head, tokens) rows: those that fit one window (block_size + 1 tokens) scored together,
-    rows of similar lengths in batches padded on the right (which causal attention never lets an earlier position
-    see); a longer row alone, in its windows."""
+    """token_logprobs of many (head, tokens) rows: those that fit one window (block_size + 1 tokens) scored in batches
+    (padded_logits), a longer row alone, in its windows."""
     block, out = model.cfg.block_size, [None] * len(rows)
-    short = sorted((i for i, (h, t) in enumerate(rows) if t and len(h) + len(t) <= block + 1),
-                   key=lambda i: len(rows[i][0]) + len(rows[i][1]), reverse=True)
+    short = [i for i, (h, t) in enumerate(rows) if t and len(h) + len(t) <= block + 1]
     for i in set(range(len(rows))) - set(short):
         out[i] = token_logprobs(model, *rows[i], device, dtype, top, never)
-    for start in range(0, len(short), batch_size):
-        group = short[start : start + batch_size]
+    for group in by_length([len(rows[i][0]) + len(rows[i][1]) for i in short], batch_size):
+        group = [short[g] for g in group]
         seqs = [[*rows[i][0], *rows[i][1]] for i in group]
-        x = torch.zeros(len(group), len(seqs[0]) - 1, dtype=torch.long)  # the longest first
-        for b, seq in enumerate(seqs):
-            x[b, : len(seq) - 1] = torch.tensor(seq[:-1])
-        with hardware.autocast(device, dtype):
-            logits = model(x.to(device))
+        logits = padded_logits(model, [seq[:-1] for seq in seqs], device, dtype)
         for b, (i, seq) in enumerate(zip(group, seqs, strict=True)):
             first, end = len(rows[i][0]) - 1, len(seq) - 1
             logp = logits[b, first:end].float().log_softmax(-1)
@@ -136,17 +121,11 @@ def batch_logprobs(model, rows: list[tuple[list[int], list[int]]], batch_size: i
 
 @torch.no_grad()
 def last_logits(model, seqs: list[list[int]], batch_size: int, device, dtype) -> torch.Tensor:
-    """The next token's logits (fp32, on the CPU) after each of `seqs` (each at most block_size tokens): rows of
-    similar lengths in one forward pass, padded on the right."""
+    """The next token's logits (fp32, on the CPU) after each of `seqs` (each at most block_size tokens), in batches
+    (padded_logits)."""
     out = torch.empty(len(seqs), model.cfg.vocab_size)
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]), reverse=True)
-    for start in range(0, len(order), batch_size):
-        group = order[start : start + batch_size]
-        x = torch.zeros(len(group), len(seqs[group[0]]), dtype=torch.long)
-        for b, i in enumerate(group):
-            x[b, : len(seqs[i])] = torch.tensor(seqs[i])
-        with hardware.autocast(device, dtype):
-            logits = model(x.to(device))
+    for group in by_length(list(map(len, seqs)), batch_size):
+        logits = padded_logits(model, [seqs[i] for i in group], device, dtype)
         for b, i in enumerate(group):
             out[i] = logits[b, len(seqs[i]) - 1].float().cpu()
     return out

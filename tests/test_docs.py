@@ -2,7 +2,6 @@
 its own (a small corpus for the downloaded KR3, the paths in the examples substituted, training cut to a few steps), or
 says what it needs that this machine lacks (`# needs: Hub`); every setting the pages name exists."""
 
-import io
 import os
 import re
 import shlex
@@ -18,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import as_if_in_a_process_of_its_own
 
 from kr3 import cli, config, overrides
 
@@ -166,8 +164,8 @@ class Project:
     """A project folder where the documented commands run one after another, as a user would type them there: kr3's
     own in this process (as `run.py` runs them), the rest (pipes, torchrun, curl) in bash."""
 
-    def __init__(self, folder: Path, monkeypatch, pretrained: Path | None):
-        self.folder, self.monkeypatch, self.pretrained = folder, monkeypatch, pretrained
+    def __init__(self, folder: Path, monkeypatch, run_kr3, pretrained: Path | None):
+        self.folder, self.monkeypatch, self.run_kr3, self.pretrained = folder, monkeypatch, run_kr3, pretrained
         self.clock = time.time() - 3600  # each command its own second, so each gets its own run folder
         self.server = None
 
@@ -230,15 +228,8 @@ class Project:
         arguments = self.arguments(words)
         if "stage=serve" in arguments:
             return self.serve(arguments, env=env)
-        with self.monkeypatch.context() as m, as_if_in_a_process_of_its_own():
-            for name, value in env.items():
-                m.setenv(name, value)
-            m.setattr(sys, "argv", ["run.py", *arguments])
-            m.setattr(sys, "stdin", io.StringIO("exit\n"))
-            try:
-                cli.main()
-            except SystemExit as e:
-                assert e.code in (0, None), f"exit status {e.code}"
+        proc = self.run_kr3(*arguments, stdin="exit\n", env={"KR3_RUN_TIME": repr(self.clock), **env})
+        assert proc.returncode == 0, f"exit status {proc.returncode}\n{proc.stderr[-3000:]}"
 
     def in_bash(self, line: str):
         self.tick()
@@ -329,7 +320,7 @@ def pretrained_like_kogpt2(folder: Path) -> Path | None:
 
 
 @pytest.mark.e2e
-def test_documented_commands_run_here(tmp_path, monkeypatch, make_reviews, write_parquet):
+def test_documented_commands_run_here(tmp_path, monkeypatch, make_reviews, write_parquet, run_kr3):
     """In page order (README.md first): a command that reads a checkpoint finds the one an earlier command trained."""
     assert MAIN_JOB in (ROOT / "README.md").read_text() and "(needs the Hub)" in (ROOT / "README.md").read_text()
     folder = tmp_path / "project"
@@ -338,7 +329,7 @@ def test_documented_commands_run_here(tmp_path, monkeypatch, make_reviews, write
     (folder / "reviews.txt").write_text("\n".join(t for _, t in make_reviews(300, seed=6)) + "\n", encoding="utf-8")
     (folder / "prompts.txt").write_text("이 집 짜장면은\n", encoding="utf-8")
     monkeypatch.chdir(folder)
-    project = Project(folder, monkeypatch, pretrained_like_kogpt2(tmp_path / "kogpt2"))
+    project = Project(folder, monkeypatch, run_kr3, pretrained_like_kogpt2(tmp_path / "kogpt2"))
     try:
         for step in STEPS:
             if isinstance(step, Snippet):

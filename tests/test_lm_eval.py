@@ -10,7 +10,7 @@ import kr3
 from kr3 import serve
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is in the eval extra and the dev group: uv sync installs it")
-from kr3.harness import HarnessModel  # noqa: E402 — registered as lm-eval's "kr3": lm-eval's own models must stay there
+from kr3.harness import HarnessModel  # noqa: E402 — imported first: lm-eval's own models must still load after it
 
 TASK = """\
 task: kr3_test_choice
@@ -118,3 +118,17 @@ def test_the_kr3_task_suite_is_written_from_the_val_reviews_and_scored(model, se
     nats = -sum(e["logprob"] for r in reviews for e in model.logprobs([eos, *model.tokenizer.encode(r)])[1:])
     expected = nats / math.log(2) / sum(len(r.encode()) for r in reviews)
     assert tasks["kr3_bpc"]["bits_per_byte,none"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_evaluate_tasks_without_lm_eval_installed_is_one_line(run_kr3, served_run, tmp_path, monkeypatch):
+    """kr3[eval] not installed: the stage says how to get it, before loading anything."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if lm-eval were not installed
+    monkeypatch.delitem(sys.modules, "kr3.harness")
+    monkeypatch.delattr(kr3, "harness")
+    proc = run_kr3(f"paths.root_dir={tmp_path}", "stage=evaluate", f"checkpoint={served_run}",
+                   "evaluate.tasks=[kr3_cloze]")
+    assert proc.returncode == 2, proc.stderr
+    assert "evaluate.tasks needs lm-eval — pip install 'kr3[eval]'" in proc.stderr and "Traceback" not in proc.stderr
+    assert not list(served_run.glob("evaluate/*/eval.json"))  # stopped before scoring anything

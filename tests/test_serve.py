@@ -173,6 +173,21 @@ def test_the_prompts_of_a_scoring_request_are_scored_together_as_alone(client, m
     assert -sum(reply["choices"][1]["logprobs"]["token_logprobs"][1:]) == pytest.approx(nats, rel=1e-5) and n == len(long) - 1
 
 
+def test_the_tokenizer_endpoints_are_the_model_s_tokenizer(client, model):
+    """vLLM's /tokenizer_info, /tokenize and /detokenize, as lm-eval's remote tokenizer calls them."""
+    info = client.get("/tokenizer_info").json()
+    eos, text = model.tokenizer.eos_id, "사장님이 친절해요"
+    ids = client.post("/tokenize", json={"prompt": info["eos_token"] + text, "add_special_tokens": False}).json()["tokens"]
+    assert ids == [eos, *model.tokenizer.encode(text)]  # the end of review's text is its id
+    assert client.post("/detokenize", json={"tokens": ids[1:]}).json() == {"prompt": text}
+    for path, body, param, words in [("/detokenize", {"tokens": [1, 99999]}, "tokens", "token id 99999 is not in this"),
+                                     ("/tokenize", {"prompt": "a", "addd": 1}, "addd", "Unrecognized request argument"),
+                                     ("/tokenize", {"prompt": 3}, "prompt", "Input should be a valid string")]:
+        response = client.post(path, json=body)
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+        assert words in response.json()["error"]["message"]
+
+
 def test_logprobs_of_a_completion_are_those_of_its_tokens(client, model):
     """Greedy: each chosen token is the most likely one; with echo the prompt's tokens come first, text and all."""
     plain = complete(client, max_tokens=8, temperature=0, logprobs=1)

@@ -190,15 +190,17 @@ class Server:
         windows when it is longer than the context, so that a client's token counts hold), then of the completion's
         tokens — those of its text (a stop string cut the rest) — after the prompt (with echo the whole prompt,
         else as the model was given it)."""
-        given, new, completion = stats.get("given", []), stats["ids"], stats["completion"]
+        given, new, completion = stats["given"], stats["ids"], stats["completion"]
+        if not job.echo and job.logprobs is None:  # a plain completion: nothing to decode again
+            return completion, None
+        context = (self.prompt_ids(prompt) or given) if job.echo else given
+        if job.logprobs is None:
+            return "".join(self.m.pieces(context)) + completion, None
         lengths = list(accumulate(map(len, self.m.pieces([*given, *new])[len(given) :])))
         kept = new[: bisect_right(lengths, len(completion))]
-        context = (self.prompt_ids(prompt) or given) if job.echo else given
-        pieces = self.m.pieces(context) if job.echo else []
-        if job.logprobs is None:
-            return "".join(pieces) + completion, None
         entries = self.m.logprobs([*context, *kept], job.logprobs, job.options.get("rating"))
-        return "".join(pieces) + completion, logprobs_body(entries[0 if job.echo else len(context) :])
+        prompt_text = "".join(e["text"] for e in entries[: len(context)]) if job.echo else ""
+        return prompt_text + completion, logprobs_body(entries[0 if job.echo else len(context) :])
 
     def stream(self, job: Completion, include_usage: bool) -> EventStream:
         self.thread.admit()

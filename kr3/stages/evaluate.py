@@ -23,6 +23,7 @@ def run(cfg) -> dict:
     checkpoint's tokenizer). Writes eval.json into the run folder."""
     cfg = settings.typed(cfg)
     e = cfg.evaluate
+    harness = lm_eval_harness() if e.tasks else None  # before any work: a missing extra is said at once
     hardware.setup(e.device, e.precision)
     m = api.load(cfg.checkpoint, e.device, e.precision, cfg.paths.log_dir)
     log.info(m.describe())
@@ -37,23 +38,25 @@ def run(cfg) -> dict:
                                                                                    e.batch_size)
     result = {"checkpoint": str(m.path.resolve()), "step": m.checkpoint.step, "source": source,
               **({"base_model": m.base["name_or_path"]} if m.base else {}), **scores}
-    if e.tasks:
-        result["tasks"] = task_scores(m, e, Path(cfg.paths.output_dir) / "lm_eval.json")
+    if harness:
+        result["tasks"] = harness.evaluate(m, list(e.tasks), e.include_path, e.limit, e.batch_size,
+                                           Path(cfg.paths.output_dir) / "lm_eval.json")
     with replacing(Path(cfg.paths.output_dir) / "eval.json") as tmp:
         tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False))
     log.info("\n" + table([(k, shown(v)) for k, v in result.items()], "evaluate"))
     return result
 
 
-def task_scores(m: api.Model, e: settings.Evaluate, path: Path) -> dict:
-    """lm-eval's evaluate.tasks on the checkpoint (their results in `path`, beside eval.json): {task: {metric: value}}."""
+def lm_eval_harness():
+    """kr3.harness (lm-eval's tasks on a checkpoint: their results in lm_eval.json beside eval.json), or the line that
+    says how to install lm-eval."""
     try:
         from kr3 import harness
     except ModuleNotFoundError as e:
         if not (e.name or "").startswith("lm_eval"):
             raise
         raise UserError("evaluate.tasks needs lm-eval — pip install 'kr3[eval]' (uv sync installs it)") from None
-    return harness.evaluate(m, list(e.tasks), e.include_path, e.limit, e.batch_size, path)
+    return harness
 
 
 def shown(value) -> str:
