@@ -1,9 +1,10 @@
 """stage=serve under load, on the loopback only: a server started here (`run.py stage=serve` on 127.0.0.1, a free
 port), first one streaming client alone, then `--clients` concurrent streaming clients, each for a fixed time, then
 the server is stopped. Reports requests/s, completion tokens/s, time to first token and whole-request latency
-(p50/p99), and errors (a status other than 200, a broken stream, or one without `data: [DONE]`).
+(p50/p99), errors (a status other than 200, a broken stream, or one without `data: [DONE]`), and the clients' tokens/s
+as a multiple of one client's.
 
-    uv run python bench/serve_load.py [--checkpoint PATH] [--clients 32] [--seconds 30] [--single-seconds 10]
+    uv run python bench/serve_load.py [--checkpoint PATH] [--clients 32] [--seconds 30] [--single-seconds 10] [--threads N]
 
 Without --checkpoint it trains one first: `--model` (tiny: seconds; small: model=small, the shape of the
 generation-latency benchmark) for `--steps` steps on `harness.synthetic_corpus`'s synthetic Korean corpus, in `--out`.
@@ -129,12 +130,14 @@ def main():
     ap.add_argument("--single-seconds", type=float, default=10)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    ap.add_argument("--threads", type=int, help="serve.threads (default: torch's, every core)")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     checkpoint = a.checkpoint or harness.trained_checkpoint(a.out, a.model, a.steps)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    server = start_server(checkpoint, a.out, port, [f"serve.precision={a.precision}"])
+    server = start_server(checkpoint, a.out, port, [f"serve.precision={a.precision}",
+                                                    *([f"serve.threads={a.threads}"] if a.threads else [])])
     try:
         wait_ready(base, server, a.out)
         rows = [asyncio.run(load(base, 1, a.single_seconds, a.max_tokens)),
@@ -144,8 +147,10 @@ def main():
         server.wait(timeout=30)
     load_avg = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     harness.print_table(COLUMNS, table_rows(rows),
-                        f"checkpoint {checkpoint}, precision {a.precision}, max_tokens {a.max_tokens}, {os.cpu_count()} CPUs, "
+                        f"checkpoint {checkpoint}, precision {a.precision}, serve.threads {a.threads or 'default'}, "
+                        f"max_tokens {a.max_tokens}, {os.cpu_count()} CPUs, "
                         f"load average {load_avg} (1, 5, 15 min) at the end: other work on the machine shows here")
+    print(f"{a.clients} clients: {rows[1]['tokens_per_s'] / rows[0]['tokens_per_s']:.1f}x one client's tokens/s")
     for row in rows:
         if row["errors"]:
             print(f"{row['clients']} clients: errors {row['error_kinds']}")

@@ -23,8 +23,9 @@ import torch
 from kr3 import checkpoint as kckpt
 from kr3 import hardware, pretrained, ratings
 from kr3.config import ROOT, default_block
+from kr3.decoder import Batch
 from kr3.errors import UserError
-from kr3.sampling import DECODING, Completer, check_decoding, cleaned, cut_note, decoding
+from kr3.sampling import DECODING, Completer, Generation, check_decoding, cleaned, cut_note, decoding
 from kr3.scoring import batch_logprobs, last_logits, metrics, token_loss
 from kr3.settings import check_range
 
@@ -124,6 +125,15 @@ class Model:
         them after its head, `ids` the completion's). A generator: nothing runs before its first item is asked for,
         so the server's model thread does all of it."""
         yield from self._completer(options).stream(prompt, sample)
+
+    def generation(self, prompt: str | list[int], sample: int = 0, **options: Unpack[Options]) -> Generation:
+        """The completion of `prompt` (sample i: seed + i) to decode with others in a `batch()`: each step gives it
+        what stream_with_stats() yields, which its `taken()` hands over."""
+        return self._completer(options, self.model).generation(prompt, sample)  # the batch has the decoder
+
+    def batch(self, max_rows: int = 64) -> Batch:
+        """A kr3.decoder.Batch that decodes `generation()`s together (in `dtype`), at most `max_rows` rows at once."""
+        return Batch(self._decoder(), max_rows)
 
     def next_tokens(self, prompt: str, k: int = 5, rating: str | int | None = None,
                     guidance: float | None = None) -> list[tuple[str, float]]:
@@ -227,12 +237,12 @@ class Model:
             shown = text if whole else shown
         return out
 
-    def _completer(self, options: Mapping) -> Completer:
+    def _completer(self, options: Mapping, model: GPT | None = None) -> Completer:
         settings = SimpleNamespace(**decoding_options(options, self.defaults))
         condition = self.checkpoint.condition
         control = ratings.control(settings.rating, condition)
         banned = condition.ids if condition else []
-        return Completer(self._decoder(), self.tokenizer, settings, self.clean, control, banned)
+        return Completer(model or self._decoder(), self.tokenizer, settings, self.clean, control, banned)
 
     def _decoder(self) -> GPT:
         """The GPT that decodes: `model` itself in fp32, else a copy in `dtype`, so `model` keeps its fp32 weights.
@@ -240,19 +250,32 @@ class Model:
         `model` is replaced or changed in place through autograd-visible ops (optimizer.step, load_state_dict), so
         such a change is what decodes; a write through `.data` or by a fused optimizer is not seen — then call
         `refresh()`. Inference tensors keep no version: a model made under inference_mode is copied every call."""
-        if self.dtype == torch.float32:
+        if self.dtype == torch.float32 and self.device.type != "cpu":
             return self.model
         weights = [*self.model.parameters(), *self.model.buffers()]
         if any(w.is_inference() for w in weights):
-            return copy.deepcopy(self.model).to(self.dtype)
+            return decoding_copy(self.model, self.dtype)
         stamp = [(w, w.data_ptr(), w.dtype, w.device, w._version) for w in weights]  # w held: no id is reused
         if not same_weights(stamp, self._decoder_of):
-            self._decoder_copy, self._decoder_of = copy.deepcopy(self.model).to(self.dtype), stamp
+            self._decoder_copy, self._decoder_of = decoding_copy(self.model, self.dtype), stamp
         return self._decoder_copy
 
     def refresh(self) -> None:
         """Decode with `model`'s weights as they are now (see _decoder: only needed after writes it cannot see)."""
         self._decoder_copy, self._decoder_of = None, None
+
+
+def decoding_copy(model: GPT, dtype: torch.dtype) -> GPT:
+    """A copy of `model` in `dtype` to decode with. In fp32 on a CPU its matrices are stored transposed: the matmuls
+    of a few rows that decoding makes run 2-5x faster so (BENCHMARKS.md, serving); the head then gets such a copy of
+    the tied token table of its own, which embedding lookups keep reading row by row."""
+    out = copy.deepcopy(model).to(dtype)
+    if dtype == torch.float32 and out.tok_emb.weight.device.type == "cpu":
+        out.head.weight = torch.nn.Parameter(out.head.weight.detach().clone())
+        for layer in out.modules():
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.data = layer.weight.data.t().contiguous().t()
+    return out
 
 
 def same_weights(a: list[tuple], b: list[tuple] | None) -> bool:

@@ -59,14 +59,73 @@ class GPTConfig:
 
 
 class KVCache:
-    """Keys and values of the tokens seen so far, one (B, H, T, D) pair per layer, preallocated."""
+    """Keys and values of the tokens each row has seen, one (rows, H, block_size, D) pair per layer, preallocated;
+    `lengths` (rows,) how many tokens each row holds, `control` (rows,) the latest control token id each row has seen
+    (-1: none). A forward with B rows of input uses the first B rows, each continuing from its own length."""
 
-    def __init__(self, cfg: GPTConfig, batch: int, device, dtype):
-        shape = (batch, cfg.n_heads, cfg.block_size, cfg.d_model // cfg.n_heads)
+    def __init__(self, cfg: GPTConfig, batch: int, device, dtype, length: int | None = None):
+        self.cfg, self.rows, self.length = cfg, batch, length or cfg.block_size  # room for `length` tokens a row
+        shape = (batch, cfg.n_heads, self.length, cfg.d_model // cfg.n_heads)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.length = 0
-        self.control = None  # (B,) the latest control token id seen in each row, -1 for none
+        self.lengths = torch.zeros(batch, dtype=torch.long)  # on the CPU: read to shape each forward
+        self.control = torch.full((batch,), -1, dtype=torch.long, device=device)
+
+    def grow(self, rows: int) -> None:
+        """Room for `rows` rows, keeping those held."""
+        more = rows - self.rows
+        self.k = [torch.cat([k, k.new_zeros(more, *k.shape[1:])]) for k in self.k]
+        self.v = [torch.cat([v, v.new_zeros(more, *v.shape[1:])]) for v in self.v]
+        self.lengths = torch.cat([self.lengths, self.lengths.new_zeros(more)])
+        self.control = torch.cat([self.control, self.control.new_full((more,), -1)])
+        self.rows = rows
+
+    def put(self, rows: list[int], other: KVCache, lengths: torch.Tensor) -> None:
+        """Rows `rows` become other's rows, each of which holds `lengths` tokens."""
+        n, index = int(lengths.max()), torch.tensor(rows, device=self.control.device)
+        for mine, theirs in ((self.k, other.k), (self.v, other.v)):
+            for a, b in zip(mine, theirs, strict=True):
+                a[index, :, :n] = b[:, :, :n]
+        self.lengths[rows] = lengths
+        self.control[index] = other.control
+
+    def move(self, src: int, dst: int) -> None:
+        """Row dst becomes a copy of row src (the tokens it holds)."""
+        n = int(self.lengths[src])
+        for layer in (*self.k, *self.v):
+            layer[dst, :, :n] = layer[src, :, :n]
+        self.lengths[dst] = self.lengths[src]
+        self.control[dst] = self.control[src]
+
+
+class CacheStep:
+    """Where one forward's T new tokens go in the first B rows of a KVCache (each row after the tokens it holds), and
+    which keys each new token may see: those of its row up to itself."""
+
+    def __init__(self, cache: KVCache, B: int, T: int, device):
+        lengths = cache.lengths[:B]
+        lo, hi = int(lengths.min()), int(lengths.max())
+        if hi + T > cache.length:
+            raise ValueError(f"sequence of {hi + T} tokens exceeds block_size={cache.length}")
+        self.cache, self.B, self.T, self.end = cache, B, T, hi + T
+        self.start = lo if lo == hi else None  # every row at the same length: slices, and the plain causal mask
+        if self.start is not None:
+            self.positions = torch.arange(lo, lo + T, device=device)
+            self.mask = torch.ones(T, lo + T, dtype=torch.bool, device=device).tril(lo) if T > 1 and lo else None
+        else:
+            self.positions = (lengths[:, None] + torch.arange(T)).to(device)
+            self.mask = torch.arange(self.end, device=device) <= self.positions[:, None, :, None]
+        self.causal = self.start == 0 and T > 1
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (B, H, T, D) written to the cache; the keys and values the new tokens attend to."""
+        ck, cv = self.cache.k[layer][: self.B], self.cache.v[layer][: self.B]
+        if self.start is not None:
+            ck[:, :, self.start : self.end], cv[:, :, self.start : self.end] = k, v
+        else:
+            rows = torch.arange(self.B, device=k.device)[:, None]
+            ck[rows, :, self.positions], cv[rows, :, self.positions] = k.transpose(1, 2), v.transpose(1, 2)
+        return ck[:, :, : self.end], cv[:, :, : self.end]
 
 
 class SelfAttention(nn.Module):
@@ -78,19 +137,14 @@ class SelfAttention(nn.Module):
         self.proj.residual = True
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, at: CacheStep | None = None, layer: int = 0):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
-        if cache is None:
+        if at is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         else:
-            start = cache.length
-            cache.k[layer][:, :, start : start + T] = k
-            cache.v[layer][:, :, start : start + T] = v
-            k, v = cache.k[layer][:, :, : start + T], cache.v[layer][:, :, : start + T]
-            # new query i may see cached keys 0..start+i
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start) if T > 1 else None
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            k, v = at.store(layer, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=at.mask, is_causal=at.causal)
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
@@ -114,8 +168,8 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cache=None, layer=0):
-        x = x + self.attn(self.ln1(x), cache, layer)
+    def forward(self, x, at: CacheStep | None = None, layer: int = 0):
+        x = x + self.attn(self.ln1(x), at, layer)
         return x + self.mlp(self.ln2(x))
 
 
@@ -195,20 +249,19 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, cache: KVCache | None = None, hidden: bool = False):
         """Logits (B, T, V), or the mean cross-entropy when `targets` is given (then the logits are never whole),
         or with `hidden` the final hidden states (B, T, C) that the head turns into logits. With a cache, `idx`
-        holds only the new tokens and positions continue from `cache.length`."""
+        holds only the new tokens of the cache's first B rows, each continuing from its row's length."""
         B, T = idx.shape
-        start = cache.length if cache is not None else 0
-        if start + T > self.cfg.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.cfg.block_size}")
-        pos = torch.arange(start, start + T, device=idx.device)
-        x = self.tok_emb(idx) + self.pos_emb(pos)
+        at = CacheStep(cache, B, T, idx.device) if cache is not None else None
+        if at is None and T > self.cfg.block_size:
+            raise ValueError(f"sequence of {T} tokens exceeds block_size={self.cfg.block_size}")
+        x = self.tok_emb(idx) + self.pos_emb(at.positions if at else torch.arange(T, device=idx.device))
         if self.cfg.controls:
             x = x + self.rating_embedding(idx, cache)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, cache, i)
+            x = block(x, at, i)
         if cache is not None:
-            cache.length += T
+            cache.lengths[:B] += T
         x = self.ln_f(x)
         if hidden:
             return x
@@ -224,9 +277,9 @@ class GPT(nn.Module):
         at = torch.where(torch.isin(idx, self.control_ids), torch.arange(T, device=idx.device), -1).cummax(1).values
         latest = torch.where(at >= 0, idx.gather(1, at.clamp(min=0)), -1)
         if cache is not None:
-            if cache.control is not None:
-                latest = torch.where(latest >= 0, latest, cache.control[:, None])
-            cache.control = latest[:, -1]
+            B = len(idx)
+            latest = torch.where(latest >= 0, latest, cache.control[:B, None])
+            cache.control[:B] = latest[:, -1]
         return torch.where((latest >= 0)[..., None], self.tok_emb(latest.clamp(min=0)), 0.0)
 
     def num_params(self, embeddings: bool = True) -> int:

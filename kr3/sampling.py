@@ -1,18 +1,19 @@
-"""Sampling from a GPT: picking the next token (temperature, top-k, top-p, repetition penalty), streaming
-a completion through the KV cache, stop strings, and the K most likely next tokens."""
+"""Completing text with a GPT: a prompt cleaned and cut to fit, its completion as pieces of text as the tokens come
+(kr3.decoder picks and decodes them), stop strings, and the K most likely next tokens."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import fields
 
 import torch
 
 from kr3.config import as_list
 from kr3.data import clean_options, clean_text
+from kr3.decoder import Sampler, alone, guided
 from kr3.errors import UserError
-from kr3.model import GPT, KVCache
+from kr3.model import GPT
 from kr3.settings import Decoding, plain
 
 END_OF_REVIEW = "<end of review>"  # next_tokens' text for the end-of-review (EOS) token
@@ -31,69 +32,74 @@ def check_decoding(options: Mapping) -> None:
         raise UserError(f"generate.stop={options['stop']} must be non-empty strings, e.g. generate.stop='[\"!\",\"다\"]'")
 
 
-@torch.no_grad()
 def sample_tokens(model: GPT, prompt_ids: list[int], max_new_tokens: int, eos_id: int, temperature: float = 1.0,
                   top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
                   generator: torch.Generator | None = None, banned: list[int] | None = None,
-                  heads: list[list[int]] = ((),), guidance: float = 1.0):
-    """Yield new token ids one at a time, stopping at EOS or `max_new_tokens`. The prompt is left-truncated
-    to leave room in the context; temperature 0 is greedy; `banned` ids are never picked (the rating control
-    tokens: they begin a review, they are no text). Each of `heads` (equal lengths) is put before the text:
-    one, or a rating's [EOS, control] and the other ratings' for `guidance` (see `next_logits`). When the context
-    fills up, the cache restarts on the heads and the most recent half-context."""
-    cfg = model.cfg
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    text = list(prompt_ids)[-(cfg.block_size - 1 - len(heads[0])) :] or ([] if heads[0] else [eos_id])
-    cache = KVCache(cfg, len(heads), device, dtype)
-    logits = next_logits(model, [[*h, *text] for h in heads], guidance, cache)
-    if torch.isnan(logits).any():  # once per completion: NaN scores come from NaN weights, so from the first token
-        raise UserError("the model's next-token scores are NaN: its weights are — use a checkpoint from before the "
-                        "run diverged")
-    for _ in range(max_new_tokens):
-        if banned:
-            logits[banned] = -float("inf")
-        nxt = pick(logits, text, temperature, top_k, top_p, repetition_penalty, generator)
-        if nxt == eos_id:
+                  heads: list[list[int]] = ((),), guidance: float = 1.0) -> Iterator[int]:
+    """Yield new token ids one at a time, stopping at EOS or `max_new_tokens`: a kr3.decoder.Sampler (which says what
+    each argument does) decoded alone."""
+    s = Sampler(prompt_ids, max_new_tokens, eos_id, model.cfg.block_size, temperature, top_k, top_p,
+                repetition_penalty, generator, banned or (), heads, guidance)
+    shown = 0
+    for _ in alone(model, s):
+        yield from s.new[shown:]
+        shown = len(s.new)
+
+
+class Generation(Sampler):
+    """A completion of text being decoded: a kr3.decoder.Sampler whose tokens become pieces of text — decoded with the
+    prompt, so a joining space stays; half of a multi-byte character waits for the rest; an end that may be the start
+    of a stop string is held back, so no piece of one is ever shown — and at its end, its stats. `taken()` gives what
+    it made since the last call."""
+
+    def __init__(self, completer: Completer, prompt: str | list[int], sample: int):
+        g, self.tok = completer.g, completer.tok
+        ids, _ = completer.prompt_ids(prompt)
+        generator = torch.Generator().manual_seed((int(g.seed) + sample) % 2**63)
+        super().__init__(ids, g.max_new_tokens, self.tok.eos_id, completer.model.cfg.block_size, g.temperature, g.top_k,
+                         g.top_p, g.repetition_penalty, generator, completer.never, completer.heads, g.guidance)
+        self.ids, self.stops, self.prefix = ids, completer.stops, self.tok.decode(ids)
+        self.completion, self.shown, self.items = "", "", []
+        self.start, self.first = time.perf_counter(), None
+
+    def took(self, token: int) -> None:
+        self.first = self.first or time.perf_counter() - self.start
+        decoded = self.tok.decode(self.ids + self.new)[len(self.prefix) :]
+        if decoded.endswith("\ufffd"):
+            return  # half of a multi-byte character: wait for the rest
+        self.completion = decoded
+        stop = min((decoded.index(s) for s in self.stops if s in decoded), default=None)
+        if stop is not None:
+            self.completion = decoded[:stop]
+            return self.end()
+        held = max((k for s in self.stops for k in range(1, len(s)) if decoded.endswith(s[:k])), default=0)
+        self.show(len(decoded) - held)
+
+    def show(self, upto: int) -> None:
+        if upto > len(self.shown):
+            self.items.append(self.completion[len(self.shown) : upto])
+            self.shown = self.completion[:upto]
+
+    def end(self) -> None:
+        if self.done:
             return
-        yield nxt
-        text.append(nxt)
-        if cache.length >= cfg.block_size:
-            cache = KVCache(cfg, len(heads), device, dtype)
-            logits = next_logits(model, [[*h, *text[-(cfg.block_size // 2) :]] for h in heads], guidance, cache)
-        else:
-            logits = next_logits(model, [[nxt]] * len(heads), guidance, cache)
+        super().end()
+        if self.failed is None:
+            self.show(len(self.completion))
+            self.items.append(self.stats())
 
+    def stats(self) -> dict:
+        """{completion, prompt_tokens (as the model was given them: cleaned, cut to fit), tokens, seconds,
+        first_token_s, tokens_per_s, given (the prompt's ids after the head, as the model was given them), ids (the
+        completion's)}."""
+        seconds, n = time.perf_counter() - self.start, len(self.new)
+        return {"completion": self.completion, "prompt_tokens": len(self.ids), "tokens": n,
+                "seconds": round(seconds, 4), "first_token_s": round(self.first or seconds, 4),
+                "tokens_per_s": round(n / seconds, 2) if n else 0.0, "given": self.given, "ids": self.new}
 
-def next_logits(model: GPT, rows: list[list[int]], guidance: float = 1.0, cache: KVCache | None = None):
-    """The next token's logits (fp32) after the first row. With more rows (the other ratings' contexts), its
-    log-probabilities move away from the mean of theirs by `guidance`: log p + (guidance − 1)(log p − mean log q),
-    classifier-free guidance with the other ratings as the negative prompt."""
-    logits = model(torch.tensor(rows, device=model.tok_emb.weight.device), cache=cache)[:, -1].float()
-    if len(rows) == 1:
-        return logits[0]
-    logp = logits.log_softmax(-1)
-    return logp[0] + (guidance - 1) * (logp[0] - logp[1:].mean(0))
-
-
-def pick(logits, seen, temperature, top_k, top_p, repetition_penalty, generator) -> int:
-    if repetition_penalty != 1.0 and seen:
-        idx = torch.tensor(sorted(set(seen)), device=logits.device)
-        vals = logits[idx]
-        logits[idx] = torch.where(vals > 0, vals / repetition_penalty, vals * repetition_penalty)
-    if temperature <= 0:
-        return int(logits.argmax())
-    # ≤ 0 and in fp64: a tiny temperature gives −inf or a finite number, never 0/0 or inf − inf
-    logits = (logits.double() - logits.max()) / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-        logits[logits < kth] = -float("inf")
-    probs = torch.softmax(logits, dim=-1)
-    if top_p and top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        sorted_p[sorted_p.cumsum(0) - sorted_p > top_p] = 0  # keep the smallest prefix reaching top_p
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    def taken(self) -> list[str | dict]:
+        items, self.items = self.items, []
+        return items
 
 
 def cut_note(total: int, kept: int) -> str:
@@ -104,7 +110,7 @@ class Completer:
     """A loaded model + tokenizer + decoding settings; completes one prompt at a time. With `control` (a rating's
     control token) the prompt is given as a review of that rating: [end of review, control, prompt…], as the
     conditioned training data has it; with `g.guidance` above 1, also as a review of each other rating (the other
-    `banned` control tokens), which the sampled tokens are steered away from (`next_logits`)."""
+    `banned` control tokens), which the sampled tokens are steered away from (kr3.decoder.guided)."""
 
     def __init__(self, model, tokenizer, g, clean_cfg, control: int | None = None, banned: list[int] | None = None):
         self.model, self.tok, self.g = model, tokenizer, g
@@ -125,38 +131,15 @@ class Completer:
         room = self.model.cfg.block_size - 1 - len(self.heads[0])
         return ids[-room:] if len(ids) > room else ids, len(ids)
 
-    def stream(self, prompt: str | list[int], sample: int = 0):
-        """Yield pieces of completion text as they are decoded; the last item is a stats dict, which also holds the
-        token ids the model was given after its head (`given`) and those it chose (`ids`)."""
-        g = self.g
-        ids, _ = self.prompt_ids(prompt)
-        generator = torch.Generator().manual_seed((int(g.seed) + sample) % 2**63)
-        start = time.perf_counter()
-        prefix = self.tok.decode(ids)
-        text, shown, new, first = "", "", [], None
-        for token in sample_tokens(self.model, ids, g.max_new_tokens, self.tok.eos_id, g.temperature, g.top_k, g.top_p,
-                               g.repetition_penalty, generator, self.never, self.heads, g.guidance):
-            new.append(token)
-            first = first or time.perf_counter() - start
-            decoded = self.tok.decode(ids + new)[len(prefix) :]  # decode with the prompt: keeps the joining space
-            if decoded.endswith("\ufffd"):
-                continue  # half of a multi-byte character: wait for the rest
-            text = decoded
-            stop = min((text.index(s) for s in self.stops if s in text), default=None)
-            if stop is not None:
-                text = text[:stop]
-                break
-            # hold back an end that may be the start of a stop string, so none of one is ever shown
-            held = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-            if len(text) - held > len(shown):
-                yield text[len(shown) : len(text) - held]
-                shown = text[: len(text) - held]
-        if len(text) > len(shown):
-            yield text[len(shown) :]
-        seconds = time.perf_counter() - start
-        yield {"completion": text, "prompt_tokens": len(ids), "tokens": len(new), "seconds": round(seconds, 4),
-               "first_token_s": round(first or seconds, 4), "tokens_per_s": round(len(new) / seconds, 2) if new else 0.0,
-               "given": ids or ([] if self.heads[0] else [self.tok.eos_id]), "ids": new}  # as sample_tokens gives them
+    def generation(self, prompt: str | list[int], sample: int = 0) -> Generation:
+        """The completion of `prompt` to decode (sample i: seed + i), alone (`stream`) or in a kr3.decoder.Batch."""
+        return Generation(self, prompt, sample)
+
+    def stream(self, prompt: str | list[int], sample: int = 0) -> Iterator[str | dict]:
+        """Yield pieces of completion text as they are decoded; the last item is its stats (Generation.stats)."""
+        g = self.generation(prompt, sample)
+        for _ in alone(self.model, g):
+            yield from g.taken()
 
     def complete(self, prompt: str, sample: int = 0) -> dict:
         *_, stats = self.stream(prompt, sample)
@@ -167,7 +150,8 @@ class Completer:
         ids, _ = self.prompt_ids(prompt)
         with torch.no_grad():
             rows = [[*h, *ids] or [self.tok.eos_id] for h in self.heads]
-            logits = next_logits(self.model, rows, self.g.guidance)
+            ids_rows = torch.tensor(rows, device=self.model.tok_emb.weight.device)
+            logits = guided(self.model(ids_rows)[:, -1].float(), self.g.guidance)
         logits[self.never] = -float("inf")
         probs = torch.softmax(logits, -1)
         top = torch.topk(probs, min(k, probs.numel()))

@@ -365,6 +365,8 @@ class Serve(Checked):
     max_prompts: int = bound(1)
     max_next_tokens: int = bound(1)
     max_active: int = bound(1)
+    max_batch: int = bound(1)
+    threads: int | None = bound(1)
     device: str = given()
     precision: str = given()
 

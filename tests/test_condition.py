@@ -111,16 +111,16 @@ def test_guidance_steers_away_from_the_other_ratings(conditioned):
 
 
 def test_guided_sampling_keeps_each_rating_when_the_context_refills(conditioned, monkeypatch):
-    from kr3 import sampling
+    from kr3 import decoder, sampling
 
     model, tok, ckpt = checkpoint.load_model(conditioned[0], "cpu")
     heads = [[tok.eos_id, c] for c in ckpt.condition.ids]
-    rows, real = [], sampling.next_logits
-    monkeypatch.setattr(sampling, "next_logits", lambda m, r, g, cache=None: rows.append(r) or real(m, r, g, cache))
+    rows, real = [], decoder.Sampler.context
+    monkeypatch.setattr(decoder.Sampler, "context", lambda s, refill: rows.append(real(s, refill)) or rows[-1])
     new = list(sampling.sample_tokens(model, tok.encode("이 집"), 3 * model.cfg.block_size, tok.eos_id,
                                       temperature=0, banned=[tok.eos_id], heads=heads, guidance=3.0))
     assert len(new) == 3 * model.cfg.block_size
-    refills = [r for r in rows if len(r[0]) > 1]
+    refills = rows[1:]
     assert len(refills) >= 3 and all(row[:2] == h for r in refills for row, h in zip(r, heads))
     assert all(len(row) <= model.cfg.block_size for r in refills for row in r)
 

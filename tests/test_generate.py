@@ -287,14 +287,16 @@ class PieceTokenizer:
 def test_stop_strings_are_never_shown(monkeypatch, stop, completion):
     import types
 
-    from kr3 import sampling
-
-    monkeypatch.setattr(sampling, "sample_tokens", lambda *a, **k: iter([2, 3, 4, 5, 6]))
-    model = types.SimpleNamespace(cfg=types.SimpleNamespace(block_size=16, vocab_size=len(PieceTokenizer.PIECES)))
+    vocab = len(PieceTokenizer.PIECES)
+    model = types.SimpleNamespace(cfg=types.SimpleNamespace(block_size=16, vocab_size=vocab))
     g = types.SimpleNamespace(stop=stop, seed=0, max_new_tokens=5, temperature=0, top_k=None, top_p=None,
                               repetition_penalty=1.0, guidance=1.0)
-    *pieces, stats = Completer(model, PieceTokenizer(), g, {}).stream("이 집")
-    assert "".join(pieces) == stats["completion"] == completion
+    generation = Completer(model, PieceTokenizer(), g, {}).generation("이 집")
+    for token in [2, 3, 4, 5, 6]:
+        if not generation.done:
+            generation.take(token)
+    *pieces, stats = generation.taken()
+    assert generation.done and "".join(pieces) == stats["completion"] == completion
 
 
 @pytest.mark.e2e
@@ -352,12 +354,13 @@ def test_a_bad_output_path_is_one_line_before_any_work(run_kr3, trained, tmp_pat
 
 
 def test_sampling_survives_a_tiny_temperature_and_refuses_nan_scores():
+    from kr3.decoder import Sampler, choose
     from kr3.errors import UserError
     from kr3.model import GPT, GPTConfig
-    from kr3.sampling import pick
 
-    logits = torch.tensor([0.5, 2.0, -1.0, 1.9])
-    assert pick(logits.clone(), [], 1e-300, None, None, 1.0, torch.Generator().manual_seed(0)) == 1  # 1e-300: 0 in fp32
+    logits = torch.tensor([[0.5, 2.0, -1.0, 1.9]])
+    cold = Sampler([3], 4, -1, 8, temperature=1e-300, generator=torch.Generator().manual_seed(0))  # 1e-300: 0 in fp32
+    assert choose([cold], logits, [[0]]) == [1]
     diverged = GPT(GPTConfig(vocab_size=16, n_layers=1, n_heads=1, d_model=8, d_ffn=16, block_size=8))
     with torch.no_grad():
         diverged.blocks[0].mlp.fc.weight.fill_(float("nan"))  # what a diverged run's checkpoint holds

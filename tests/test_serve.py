@@ -336,14 +336,27 @@ def test_a_bug_is_a_500_in_one_line_without_a_traceback(model, monkeypatch):
     assert error["type"] == "server_error" and "RuntimeError" in error["message"] and "Traceback" not in response.text
 
 
-def test_a_stream_that_fails_says_so_in_the_stream(model, monkeypatch):
-    def failing(*args, **options):
-        yield "맛"
-        raise RuntimeError("a bug")
+@pytest.mark.parametrize("where", ["completion", "step"])
+def test_a_stream_that_fails_says_so_in_the_stream(model, monkeypatch, where):
+    from kr3.decoder import Batch
+    from kr3.sampling import Generation
 
-    monkeypatch.setattr(model, "stream_with_stats", failing)
-    chunks = stream(TestClient(serve.app(model)))
-    assert chunks[0]["choices"][0]["text"] == "맛"
+    real, made = (Generation.took, Batch.decode), []
+    first = model.complete(PROMPT, temperature=0, max_new_tokens=1)
+
+    def failing(real):
+        def fail_second(self, *args):
+            made.append(self)
+            if len(made) > (where == "completion"):  # the first token is the prefill's
+                raise RuntimeError("a bug")
+            return real(self, *args)
+        return fail_second
+
+    # the second token fails: in the completion (it alone fails), or in the batch's step (all in it fail)
+    monkeypatch.setattr(*(Generation, "took", failing(real[0])) if where == "completion" else (Batch, "decode",
+                                                                                             failing(real[1])))
+    chunks = stream(TestClient(serve.app(model)), temperature=0, max_tokens=8)
+    assert "".join(c["choices"][0]["text"] for c in chunks[:-1]) == first
     assert chunks[-1]["error"]["type"] == "server_error" and "RuntimeError" in chunks[-1]["error"]["message"]
 
 
@@ -440,24 +453,33 @@ def test_a_rating_conditioned_checkpoint_takes_a_rating(rated_model):
 
 
 class Endless:
-    """A stand-in for a completion that never ends by itself: pieces every few ms, counted, and whether it was closed."""
+    """model.generation, but its completions never end by themselves (no EOS, no token limit) and take a few ms per
+    token: the tokens made, counted, and whether the completion left the batch."""
 
-    def __init__(self):
-        self.made, self.closed = 0, threading.Event()
+    def __init__(self, model):
+        self.real, self.made, self.closed = model.generation, 0, threading.Event()
 
     def __call__(self, *args, **options):
-        try:
-            while True:
-                time.sleep(0.005)
-                self.made += 1
-                yield "맛"
-        finally:
+        g = self.real(*args, **options)
+        g.max_new_tokens, g.eos_id = 10**9, -1
+        take, end = g.take, g.end
+
+        def slowly(token):
+            time.sleep(0.005)
+            self.made += 1
+            take(token)
+
+        def ended():
             self.closed.set()
+            end()
+
+        g.take, g.end = slowly, ended
+        return g
 
 
 def test_a_client_that_leaves_stops_its_generation(model, live_server, monkeypatch):
-    endless = Endless()
-    monkeypatch.setattr(model, "stream_with_stats", endless)
+    endless = Endless(model)
+    monkeypatch.setattr(model, "generation", endless)
     base = live_server(serve.app(model))
     with httpx.stream("POST", f"{base}/v1/completions", json={"prompt": PROMPT, "stream": True}, timeout=10) as response:
         for n, _ in enumerate(response.iter_lines()):
@@ -470,8 +492,8 @@ def test_a_client_that_leaves_stops_its_generation(model, live_server, monkeypat
 
 @pytest.mark.e2e
 def test_a_client_that_leaves_a_whole_completion_stops_it_too(model, live_server, monkeypatch):
-    endless = Endless()
-    monkeypatch.setattr(model, "stream_with_stats", endless)
+    endless = Endless(model)
+    monkeypatch.setattr(model, "generation", endless)
     base = live_server(serve.app(model))
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{base}/v1/completions", json={"prompt": PROMPT}, timeout=0.5)
@@ -479,7 +501,7 @@ def test_a_client_that_leaves_a_whole_completion_stops_it_too(model, live_server
 
 
 def test_requests_beyond_max_active_get_429(model, live_server, monkeypatch):
-    monkeypatch.setattr(model, "stream_with_stats", Endless())
+    monkeypatch.setattr(model, "generation", Endless(model))
     base = live_server(serve.app(model, serve.Limits.defaults(max_active=1)))
     with httpx.stream("POST", f"{base}/v1/completions", json={"prompt": PROMPT, "stream": True}, timeout=10) as held:
         lines = held.iter_lines()  # kept: an iterator dropped would close the connection
@@ -493,7 +515,11 @@ def test_requests_beyond_max_active_get_429(model, live_server, monkeypatch):
 
 
 @pytest.mark.e2e
-def test_concurrent_clients_share_the_model_and_get_their_own_completions(model, live_server):
+def test_concurrent_clients_share_the_model_and_get_their_own_completions(model, live_server, monkeypatch):
+    from kr3.decoder import Batch
+
+    sizes, decode = [], Batch.decode
+    monkeypatch.setattr(Batch, "decode", lambda self: sizes.append(len(self.owners)) or decode(self))
     base = live_server(serve.app(model))
 
     def one(seed: int) -> str:
@@ -512,6 +538,7 @@ def test_concurrent_clients_share_the_model_and_get_their_own_completions(model,
         texts = [f.result() for f in futures]
     assert texts == [model.complete(PROMPT, seed=s, temperature=1.0, max_new_tokens=24) for s in range(16)]
     assert len(ticks) >= 3 and max(ticks) < 1.0, ticks
+    assert max(sizes) > 1  # decoded together, not in turn
 
 
 def test_the_servers_connections_have_nagle_off():

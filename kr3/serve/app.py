@@ -4,6 +4,7 @@ key check and its body limit."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import secrets
@@ -11,6 +12,7 @@ from bisect import bisect_right
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from itertools import accumulate
 from pathlib import Path
 
@@ -57,6 +59,7 @@ class Limits:
     max_prompts: int
     max_next_tokens: int
     max_active: int
+    max_batch: int
 
     @classmethod
     def of(cls, serve_cfg, **changes: int) -> Limits:
@@ -133,7 +136,7 @@ class Server:
 
     def __init__(self, m: Model, limits: Limits, name: str):
         self.m, self.limits, self.name = m, limits, name
-        self.thread = ModelThread(limits.max_active)
+        self.thread = ModelThread(lambda: m.batch(limits.max_batch), limits.max_active)
 
     async def answer(self, req: Sampling, request: Request):
         """A completion or chat request's response: whole, or streamed as server-sent events."""
@@ -149,17 +152,23 @@ class Server:
         try:
             if job.score_only or job.greedy_one:
                 return await self.thread.call(self.scored, job)
-            for index, prompt, sample in job.choices():
-                generation = self.m.stream_with_stats(prompt, sample, **job.options)  # runs on the model thread
-                *_, stats = [item async for item in self.thread.iterate(generation, request.is_disconnected)]
-                text, logprobs = await self.thread.call(self.shown, prompt, stats, job)
-                choices.append(job.whole(index, text, finish_reason(stats, job.options), logprobs))
+            done = await together([self.choice(request, job, *c) for c in job.choices()])  # decoded side by side
+            for (_, _, sample), (choice, stats) in zip(job.choices(), done, strict=True):
+                choices.append(choice)
                 usage.add(stats, sample)
         except Disconnected:
             raise ApiError(400, "the client closed the connection") from None
         finally:
             self.thread.release()
         return job.body(choices, usage.body())
+
+    async def choice(self, request: Request, job: Completion, index: int, prompt: str | list[int],
+                     sample: int) -> tuple[dict, dict]:
+        """One whole choice of a completion request, and its completion's stats."""
+        make = partial(self.m.generation, prompt, sample, **job.options)
+        *_, stats = [item async for item in self.thread.decode(make, request.is_disconnected)]
+        text, logprobs = await self.thread.call(self.shown, prompt, stats, job)
+        return job.whole(index, text, finish_reason(stats, job.options), logprobs), stats
 
     def prompt_ids(self, prompt: str | list[int]) -> list[int]:
         """A prompt's token ids, whole: as given, or its text cleaned as in training and encoded."""
@@ -214,7 +223,7 @@ class Server:
             for index, prompt, sample in job.choices():
                 if opening := job.opening(index):
                     yield sse(opening)
-                async for item in self.thread.iterate(self.m.stream_with_stats(prompt, sample, **job.options)):
+                async for item in self.thread.decode(partial(self.m.generation, prompt, sample, **job.options)):
                     if isinstance(item, str):
                         yield sse(job.piece(index, item))
                     else:
@@ -272,6 +281,17 @@ class Server:
                         "step": self.m.checkpoint.step, "limits": asdict(self.limits), "base_model": base_model(self.m),
                         "defaults": {"max_tokens": min(d["max_new_tokens"], self.limits.max_tokens),
                                      "temperature": d["temperature"], "top_p": d["top_p"], "guidance": d["guidance"]}}}
+
+
+async def together(coroutines: list) -> list:
+    """The results of coroutines run side by side; when one fails, the others are cancelled (their completions leave
+    the batch) and its error is raised."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def base_model(m: Model) -> dict | None:

@@ -27,7 +27,7 @@ def run(cfg) -> None:
     key = serve.api_key(s)
     if key:
         serve.redact(Path(cfg.paths.output_dir) / ".hydra", key)
-    hardware.setup(s.device, s.precision)
+    hardware.setup(s.device, s.precision, s.threads)
     m = api.load(cfg.checkpoint, s.device, s.precision, cfg.paths.log_dir, **decoding(cfg.generate))
     limits = serve.Limits.of(s)
     log.info(f"{m.describe()}; ratings: {', '.join(m.ratings or ['none'])}")
