@@ -26,7 +26,7 @@ from kr3.config import ROOT, default_block
 from kr3.decoder import Batch
 from kr3.errors import UserError
 from kr3.sampling import DECODING, Completer, Generation, check_decoding, cleaned, cut_note, decoding
-from kr3.scoring import batch_logprobs, last_logits, metrics, token_loss
+from kr3.scoring import batch_logprobs, last_logits, metrics, review_scores, token_loss
 from kr3.settings import check_range
 
 if TYPE_CHECKING:
@@ -165,8 +165,10 @@ class Model:
     def score(self, texts: str | Sequence[str], max_tokens: int | None = None, batch_size: int = 32,
               show_progress: bool = False) -> dict:
         """Loss (nats per token), perplexity and bits per character of reviews, each cleaned as in training and
-        followed by the end-of-review token, as stage=evaluate scores a file; `tokens` is how many were scored
-        (at most `max_tokens`; the bpc still divides by all the texts' characters)."""
+        followed by the end-of-review token, read as one stream, as stage=evaluate scores a file; `tokens` is how many
+        were scored (at most `max_tokens`; the bpc still divides by all the texts' characters). `review_loss` and
+        `review_bpc`: the same reviews (those whole within `max_tokens`) each scored alone from its start, as a
+        prompt is (kr3.scoring.review_scores)."""
         if not isinstance(texts, Iterable) or isinstance(texts, bytes | Mapping):  # a Series, an array: fine
             raise UserError(f"score() takes a review or a list of reviews, not {type(texts).__name__}")
         texts = [texts] if isinstance(texts, str) else list(texts)
@@ -183,9 +185,13 @@ class Model:
         {tokens, loss, ppl, bpc}, the first `max_tokens` scored."""
         check_range("score.max_tokens", max_tokens, "int | None", low=1)
         scored = tokens[: int(max_tokens)] if max_tokens else tokens
-        nats, n = token_loss(self.model, scored, self.tokenizer.eos_id, self.model.cfg.block_size, batch_size,
-                             self.device, self.dtype, show_progress=show_progress)
-        return {"tokens": n, **metrics(nats, n, len(tokens), chars)}
+        eos = self.tokenizer.eos_id
+        nats, n = token_loss(self.model, scored, eos, self.model.cfg.block_size, batch_size, self.device, self.dtype,
+                             show_progress=show_progress)
+        controls = self.checkpoint.condition.ids if self.checkpoint.condition else []
+        reviews = review_scores(self.model, scored, eos, controls, self.tokenizer.decode, batch_size, self.device,
+                                self.dtype)
+        return {"tokens": n, **metrics(nats, n, len(tokens), chars), **reviews}
 
     def logprobs(self, ids: Sequence[int], top: int = 0, rating: str | int | None = None) -> list[dict]:
         """Each token of `ids` with the text it adds (see pieces) and its log-probability given the tokens before it
@@ -224,6 +230,13 @@ class Model:
             entries.append({"id": ids[i], "text": pieces[i], "logprob": p,
                             "top": [(completer.token_text(ids[:i], c, prefix), q) for c, q in zip(t, v, strict=True)]})
         return entries
+
+    def token_ids(self, text: str) -> list[int]:
+        """The text's token ids as the tokenizer gives them (not cleaned), the end-of-review token's own text (its
+        piece, e.g. </s>) read as its id: how a client writes where a review starts (the server's /tokenize)."""
+        eos = self.tokenizer.eos_id
+        parts = text.split(self.tokenizer.id_to_piece(eos))
+        return [i for n, part in enumerate(parts) for i in ([eos] if n else []) + (self.tokenizer.encode(part) if part else [])]
 
     def pieces(self, ids: Sequence[int]) -> list[str]:
         """The text each token of `ids` adds after the ones before it (a leading space kept), so that the pieces join

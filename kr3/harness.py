@@ -1,7 +1,7 @@
 """kr3 as a model of EleutherAI's lm-evaluation-harness (`lm-eval`, the `eval` extra): its three kinds of request
 on a loaded kr3.Model — log-likelihoods of continuations (batched), of whole texts (in the context's windows, as
-stage=evaluate scores) and greedy completions until a stop string —, the KR3 task suite (`kr3_cloze`, `kr3_bpc`,
-written from a checkpoint's val reviews) and `evaluate`, which stage=evaluate runs for `evaluate.tasks`."""
+stage=evaluate scores) and greedy completions until a stop string —, the KR3 task suite (`kr3_cloze`, `kr3_rating`,
+`kr3_bpc`, written from a checkpoint's val reviews) and `evaluate`, which stage=evaluate runs for `evaluate.tasks`."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ import numpy as np
 from lm_eval import simple_evaluate
 from lm_eval.api.model import LM
 from lm_eval.tasks import TaskManager
+from omegaconf import OmegaConf
 
-from kr3 import api, prepared
+from kr3 import api, prepared, ratings
+from kr3 import data as kdata
 from kr3.atomic import replacing
 from kr3.errors import UserError
 from kr3.scoring import batch_logprobs, token_logprobs
@@ -33,7 +35,7 @@ class HarnessModel(LM):
         self.m, self.batch = model, batch_size
 
     def ids(self, text: str) -> list[int]:
-        return self.m.tokenizer.encode(text) if text else []
+        return self.m.token_ids(text)
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         eos = self.m.tokenizer.eos_id
@@ -67,6 +69,18 @@ metric_list:
   - metric: acc
   - metric: acc_norm
 """,
+    # a val review's rating, negative or positive: for a rating-conditioned model, the rating under whose control token
+    # the review is likelier (Bayes' rule with equal priors: one context per rating, lm-eval's multiple input); for
+    # another, the likelier of a negative and a positive remark after the review (RATING_WORDS)
+    "kr3_rating": """\
+output_type: multiple_choice
+doc_to_text: "{{text}}"
+doc_to_choice: "{{choices}}"
+doc_to_target: "{{target}}"
+target_delimiter: ""
+metric_list:
+  - metric: acc
+""",
     # each review scored whole from its start: perplexity per word and per byte, bits per byte
     "kr3_bpc": """\
 output_type: loglikelihood_rolling
@@ -79,6 +93,7 @@ metric_list:
 """,
 }
 MAX_ITEMS = 1000  # of each kr3 task: the val split's first reviews
+RATING_WORDS = {0: " 별로예요", 1: " 좋아요"}  # "it is not good", "it is good": an unconditioned model's rating
 
 
 def write_kr3_tasks(m: api.Model, folder: Path, seed: int = 0) -> Path:
@@ -88,6 +103,7 @@ def write_kr3_tasks(m: api.Model, folder: Path, seed: int = 0) -> Path:
     rng = random.Random(seed)
     halves = [(" ".join(w[: len(w) // 2]), " ".join(w[len(w) // 2 :])) for w in (r.split() for r in reviews) if len(w) >= 4]
     items = {"kr3_cloze": [cloze_item(i, halves, rng) for i in range(min(MAX_ITEMS, len(halves)))],
+             "kr3_rating": [rating_item(m, text, rating) for text, rating in rated_val_reviews(m)[:MAX_ITEMS]],
              "kr3_bpc": [{"text": r} for r in reviews[:MAX_ITEMS]]}
     for task, rows in items.items():
         if not rows:
@@ -107,6 +123,28 @@ def cloze_item(i: int, halves: list[tuple[str, str]], rng: random.Random) -> dic
     choices = [halves[i][1], *others[:3]]
     order = rng.sample(range(len(choices)), len(choices))
     return {"context": halves[i][0], "choices": [choices[k] for k in order], "label": order.index(0)}
+
+
+def rating_item(m: api.Model, text: str, rating: int) -> dict:
+    """A conditioned model's item: the review after each rating's [end of review, control token], the true one
+    numbered; another's: the review, then the rating words (kr3_rating's comment says why)."""
+    if m.checkpoint.condition:
+        eos = m.tokenizer.id_to_piece(m.tokenizer.eos_id)
+        return {"text": str(rating), "choices": [eos + ratings.PIECES[r] for r in RATING_WORDS], "target": text}
+    return {"text": text, "choices": list(RATING_WORDS.values()), "target": str(rating)}
+
+
+def rated_val_reviews(m: api.Model) -> list[tuple[str, int]]:
+    """The negative and positive reviews of the val split `m` was trained on, with their ratings: the checkpoint's
+    data source loaded, cleaned and split again as prepare did (the token files keep no rating of an unconditioned
+    corpus). A review of digits alone is left out: lm-eval would read it as a choice's number."""
+    cfg = OmegaConf.create(m.checkpoint.config)
+    corpus = kdata.clean(kdata.load(cfg.data), cfg.data)
+    if corpus.labels is None:
+        raise UserError(f"kr3_rating needs ratings, and {corpus.source} has no rating column "
+                        f"{cfg.data.label_column!r} — leave kr3_rating out of evaluate.tasks")
+    val = kdata.split(corpus, cfg.data.val_ratio, cfg.data.test_ratio, cfg.seed)["val"]
+    return [(t, r) for t, r in zip(val.texts, val.labels, strict=True) if r in RATING_WORDS and not t.isdigit()]
 
 
 def val_reviews(m: api.Model) -> list[str]:

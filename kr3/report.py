@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from kr3 import replicates
 from kr3.atomic import replacing
 from kr3.config import override_key, within
 from kr3.errors import UserError
@@ -20,11 +21,13 @@ from kr3.tracking import METRICS, PROCESS, RESULT, process_alive, pyplot, read_m
 
 RUNNING_WITHIN_S = 300  # a job without result.json whose process cannot be checked (another host) and that logged this
 # recently is taken to be running
-NOTE = ("val_bpc and val_loss: the final evaluation, on all of val (at most trainer.final_eval_tokens); best_val_bpc "
+NOTE = ("val_bpc and val_loss: the final evaluation, on all of val (at most trainer.final_eval_tokens), read as one "
+        "stream; val_review_bpc: the same reviews, each read alone from its start, as a prompt is; best_val_bpc "
         "(at best_step): the lowest periodic evaluation, on val's first trainer.eval_tokens tokens only — other tokens, "
         "so it can be below val_bpc without the model having been better then. tokens_per_s: the median of the logged "
         "windows; wall_s: the training time, a resumed run's parts summed.")
-COLUMNS = ["job", "state", "val_bpc", "val_loss", "best_val_bpc", "best_step", "steps", "tokens_per_s", "wall_s", "error"]
+COLUMNS = ["job", "state", "val_bpc", "val_review_bpc", "val_loss", "best_val_bpc", "best_step", "steps", "tokens_per_s",
+           "wall_s", "error"]
 
 
 def find_jobs(folder: Path) -> list[Path]:
@@ -90,7 +93,8 @@ def job_row(job: Path, root: Path) -> dict:
     return {
         "job": job_label(job, root),
         "state": result.get("state") or _unfinished_state(job),
-        "val_bpc": final.get("bpc", math.nan), "val_loss": final.get("loss", math.nan),
+        "val_bpc": final.get("bpc", math.nan), "val_review_bpc": final.get("review_bpc", math.nan),
+        "val_loss": final.get("loss", math.nan),
         "best_val_bpc": best["val/bpc"] if best else math.nan, "best_step": best["step"] if best else None,
         "steps": max((r["step"] for r in train), default=0),
         "tokens_per_s": round(statistics.median(r["train/tokens_per_s"] for r in train)) if train else None,
@@ -131,20 +135,74 @@ def table(jobs: list[Path], root: Path) -> tuple[pd.DataFrame, list[str]]:
     return df.reset_index(drop=True), swept
 
 
-def write(df: pd.DataFrame, swept: list[str], jobs: list[Path], root: Path) -> list[Path]:
-    """report.md, report.csv, curves.png and bpc_vs_<param>.png into `root`; the paths written."""
+def write(df: pd.DataFrame, swept: list[str], jobs: list[Path], root: Path, replicate_keys: list[str] = (),
+          baseline: str | None = None) -> list[Path]:
+    """report.md, report.csv, curves.png and bpc_vs_<param>.png into `root` — and where seeds were swept, configs.csv
+    (seeds as replicates) and with a baseline, versus_baseline.png; the paths written."""
+    keys = replicates.configuration_keys(swept, list(replicate_keys))
+    configs, compared, sections = None, None, []
+    if keys is not None:
+        metrics = [m for m in ("val_bpc", "val_review_bpc", *task_columns(df), "tokens_per_s") if df[m].notna().any()]
+        configs = replicates.configurations(df, keys, metrics)
+        sections.append(configs_section(configs, keys))
+        if baseline:
+            base = replicates.baseline_config(df, keys, baseline)
+            lower = [m for m in metrics if m in replicates.LOWER_IS_BETTER]
+            compared = replicates.paired(df, keys, base, lower)
+            sections.append(baseline_section(compared, keys, base, lower))
+            df = df.merge(compared[[*keys, "val_bpc_verdict"]].rename(columns={"val_bpc_verdict": "vs_baseline"}),
+                          on=keys, how="left").fillna({"vs_baseline": "baseline"})
+    elif baseline:
+        raise UserError(f"report.baseline={baseline!r} compares configurations seed by seed, and this report's jobs do "
+                        "not sweep seed (or report.replicate_keys) — sweep seed=1,2,3 too")
     written = [root / "report.md", root / "report.csv"]
     with replacing(written[0]) as tmp:
-        tmp.write_text(f"# Runs under {root}\n\n{df.round(4).to_markdown(index=False, disable_numparse=True)}\n\n{NOTE}\n")
+        tmp.write_text(f"# Runs under {root}\n\n{df.round(4).to_markdown(index=False, disable_numparse=True)}\n\n{NOTE}\n"
+                       + "".join(sections))
     with replacing(written[1]) as tmp:
         df.to_csv(tmp, index=False)
     labels = {job_label(j, root): j for j in jobs}
     written.append(plot_curves(df, swept, labels, root / "curves.png"))
+    if configs is not None:
+        with replacing(root / "configs.csv") as tmp:
+            configs.to_csv(tmp, index=False)
+        written.append(root / "configs.csv")
     for param in swept:
-        values = pd.to_numeric(df[param], errors="coerce")
-        if values.notna().all() and df["val_bpc"].notna().sum() > 1:
-            written.append(plot_against(values, df["val_bpc"], param, root / f"bpc_vs_{param}.png"))
+        if configs is not None and param in keys:
+            values = pd.to_numeric(configs[param], errors="coerce")
+            bpc, err = configs["val_bpc_mean"], configs["val_bpc_ci95"]
+        elif configs is None:
+            values, bpc, err = pd.to_numeric(df[param], errors="coerce"), df["val_bpc"], None
+        else:
+            continue
+        if values.notna().all() and bpc.notna().sum() > 1:
+            written.append(plot_against(values, bpc, err, param, root / f"bpc_vs_{param}.png"))
+    if compared is not None and len(compared):
+        written.append(plot_versus_baseline(compared, keys, root / "versus_baseline.png"))
     return written
+
+
+def task_columns(df: pd.DataFrame) -> list[str]:
+    return [c for c in df.columns if "/" in c]
+
+
+def configs_section(configs: pd.DataFrame, keys: list[str]) -> str:
+    shown = configs[[*keys, "jobs", "finished", "val_bpc_mean", "val_bpc_sd", "val_bpc_n", "val_bpc_ci95", "vs_best",
+                     "not_averaged"]]
+    return (f"\n## Configurations: seeds as replicates\n\nJobs that differ only in their seed are runs of one "
+            f"configuration. val_bpc is given as mean, sd, n and the half-width of its 95 % confidence interval "
+            f"(Student's t), over finished jobs only. Jobs that did not finish are named, not averaged. vs_best: "
+            f"'within noise' when Welch's t-test cannot tell the configuration from the best at 95 %. Every metric is in "
+            f"configs.csv.\n\n{shown.round(4).to_markdown(index=False, disable_numparse=True)}\n")
+
+
+def baseline_section(compared: pd.DataFrame, keys: list[str], base: dict, metrics: list[str]) -> str:
+    columns = [*keys, "paired_seeds", *(f"{m}_{part}" for m in metrics for part in ("diff", "diff_ci95", "verdict"))]
+    named = " ".join(f"{k}={v}" for k, v in base.items())
+    return (f"\n## Against the baseline ({named}), seed by seed\n\nFor each configuration: the mean of (configuration "
+            f"− baseline) over the seeds both finished, with its 95 % confidence interval. Lower bpc is better, so a "
+            f"verdict is 'better' or 'worse' only when the whole interval is on one side of 0.\n\n"
+            f"{compared[columns].round(4).to_markdown(index=False, disable_numparse=True)}\n")
 
 
 def _label(row, swept: list[str]) -> str:
@@ -179,14 +237,24 @@ def plot_curves(df: pd.DataFrame, swept: list[str], jobs: dict[str, Path], out: 
     return save_figure(fig, out)
 
 
-def plot_against(values: pd.Series, bpc: pd.Series, param: str, out: Path) -> Path:
+def plot_against(values: pd.Series, bpc: pd.Series, err: pd.Series | None, param: str, out: Path) -> Path:
+    """Final val bpc against a swept number: each job, or with `err` each configuration's mean and 95 % interval."""
     fig, ax = pyplot().subplots(figsize=(6, 4), dpi=110)
-    ax.plot(values, bpc, "o")
+    ax.errorbar(values, bpc, yerr=err, fmt="o", capsize=3)
     if values.min() > 0 and values.max() / values.min() >= 10:
         ax.set_xscale("log")
     ax.set_xlabel(param)
-    ax.set_ylabel("final val bits per character")
+    ax.set_ylabel("final val bits per character" + (" (mean, 95 % CI)" if err is not None else ""))
     ax.grid(alpha=0.3)
     return save_figure(fig, out)
 
 
+def plot_versus_baseline(compared: pd.DataFrame, keys: list[str], out: Path) -> Path:
+    fig, ax = pyplot().subplots(figsize=(6, 0.5 * len(compared) + 1.5), dpi=110)
+    labels = [" ".join(f"{k.split('.')[-1]}={_short(row[k])}" for k in keys) for _, row in compared.iterrows()]
+    ax.errorbar(compared["val_bpc_diff"], range(len(compared)), xerr=compared["val_bpc_diff_ci95"], fmt="o", capsize=3)
+    ax.axvline(0, color="gray", lw=1)
+    ax.set_yticks(range(len(compared)), labels)
+    ax.set_xlabel("val bpc − baseline's, seed by seed (mean, 95 % CI): left is better")
+    ax.grid(alpha=0.3)
+    return save_figure(fig, out)

@@ -38,6 +38,40 @@ def token_loss(model, tokens: np.ndarray, eos_id: int, block_size: int, batch_si
     return float(total[0]), int(total[1])
 
 
+def review_rows(tokens: np.ndarray, eos_id: int, controls: set[int]) -> list[tuple[list[int], list[int]]]:
+    """Each whole review of a token stream as (its head, the tokens to predict): [end of review] — and its control
+    token, where it has one — then its text and its end-of-review token: the review read from its start, as a prompt
+    of the REPL, the API or the server is."""
+    tokens = np.asarray(tokens)
+    ends = np.flatnonzero(tokens == eos_id)
+    rows = []
+    for start, end in zip([0, *(ends[:-1] + 1)], ends, strict=True):
+        ids = tokens[start:end].tolist()
+        head = [eos_id, ids.pop(0)] if ids and ids[0] in controls else [eos_id]
+        if ids:
+            rows.append((head, [*ids, eos_id]))
+    return rows
+
+
+@torch.no_grad()
+def review_scores(model, tokens: np.ndarray, eos_id: int, controls: list[int], decode, batch_size: int, device,
+                  dtype) -> dict:
+    """Loss (nats per token) and bits per character of the whole reviews of `tokens`, each scored alone from its start
+    (review_rows; the control token's own loss left out), in batches of similar lengths — beside token_loss's stream,
+    where a review is read after the ones before it. Its characters are its decoded text's. Under DDP each rank scores
+    a share of the reviews; the sums are all-reduced."""
+    rows = review_rows(tokens, eos_id, set(controls))[distributed.rank() :: distributed.world_size()]
+    was_training = model.training
+    model.eval()
+    nats = -sum(float(lp.double().sum()) for lp, _, _ in batch_logprobs(model, rows, batch_size, device, dtype))
+    model.train(was_training)
+    total = torch.tensor([nats, sum(len(t) for _, t in rows), sum(len(decode(t[:-1])) for _, t in rows)],
+                         dtype=torch.float64, device=device)
+    distributed.all_reduce_sum(total)
+    nats, n, chars = total.tolist()
+    return {"review_loss": nats / n if n else math.nan, "review_bpc": nats / chars / math.log(2) if chars else math.nan}
+
+
 def metrics(nats: float, n_tokens: int, split_tokens: int, split_chars: int) -> dict:
     """loss (nats/token), perplexity, and bits per character = loss × tokens / characters / ln 2,
     with the split's token and character counts from meta.json (exact when the whole split is scored)."""

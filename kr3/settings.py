@@ -350,6 +350,8 @@ class Export(Checked):
 class Report(Checked):
     SECTION = "report"
     dir: str | None = given()
+    replicate_keys: list[str] = given()
+    baseline: str | None = given()
 
 
 @dataclass

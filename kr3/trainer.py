@@ -385,11 +385,17 @@ class Trainer:
         """(metrics of the periodic share, metrics of this evaluation)"""
         split = self.data.split("val")
         nats, n = self._score(0, self.share_n, final)
-        share = scoring.metrics(nats, n, split["tokens"], split["chars"])
+        share = scoring.metrics(nats, n, split["tokens"], split["chars"]) | self._review_scores(self.share_n)
         if not final or self.share_n == self.final_n:
             return share, share
         rest_nats, rest_n = self._score(self.share_n, self.final_n, final)
-        return share, scoring.metrics(nats + rest_nats, n + rest_n, split["tokens"], split["chars"])
+        return share, (scoring.metrics(nats + rest_nats, n + rest_n, split["tokens"], split["chars"])
+                       | self._review_scores(self.final_n))
+
+    def _review_scores(self, end: int) -> dict:
+        """review_loss and review_bpc of the whole reviews among val's first `end` tokens, each read from its start."""
+        return scoring.review_scores(self.model, self.val_tokens[:end], self.data.meta["eos_id"], self.controls,
+                                     self.tokenizer.decode, self.t.eval_batch_size, self.device, self.dtype)
 
     def sample_completer(self) -> sampling.Completer:
         """trainer.sample_prompts are completed as stage=generate completes them (the `generate:` block's decoding,
@@ -413,7 +419,8 @@ class Trainer:
         self.best = min(self.best, share["loss"])
         self.tracker.log({f"val/{k}": v for k, v in val.items()}, self.step)
         if self.main:
-            log.info(f"step {self.step}: val loss {val['loss']:.4f}, ppl {val['ppl']:.2f}, bpc {val['bpc']:.4f}")
+            log.info(f"step {self.step}: val loss {val['loss']:.4f}, ppl {val['ppl']:.2f}, bpc {val['bpc']:.4f}, "
+                     f"review bpc {val['review_bpc']:.4f}")
             self._log_samples()
         if is_best and self.main:
             checkpoint.save(self.checkpoint(val), checkpoint.best_path(self.run_dir))

@@ -400,8 +400,11 @@ def test_evaluate_matches_trainer_and_reads_files(trained, tmp_path, make_review
     logged = [r["val/loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "val/loss" in r][-1]
     result = evaluate.run(compose(root=root, overrides=["stage=evaluate", f"checkpoint={run_dir}", "evaluate.precision=fp32",
                                                         f"paths.output_dir={tmp_path / 'e'}"]))
+    logged_review_bpc = [r["val/review_bpc"] for r in read_metrics(run_dir / "metrics.jsonl") if "val/loss" in r][-1]
     assert result["loss"] == pytest.approx(logged, rel=1e-5)
-    assert json.loads((tmp_path / "e" / "eval.json").read_text())["bpc"] == pytest.approx(result["bpc"])
+    assert result["review_bpc"] == pytest.approx(logged_review_bpc, rel=1e-4)  # the trainer's final evaluation: all of val
+    saved = json.loads((tmp_path / "e" / "eval.json").read_text())
+    assert saved["bpc"] == pytest.approx(result["bpc"]) and saved["review_bpc"] == pytest.approx(result["review_bpc"])
     (tmp_path / "reviews.txt").write_text("\n".join(t for _, t in make_reviews(50, seed=9)), encoding="utf-8")
     on_file = evaluate.run(compose(root=root, overrides=["stage=evaluate", f"checkpoint={run_dir}", "data=local",
                                               f"data.path={tmp_path / 'reviews.txt'}", f"paths.output_dir={tmp_path / 'f'}",

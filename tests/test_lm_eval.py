@@ -120,6 +120,44 @@ def test_the_kr3_task_suite_is_written_from_the_val_reviews_and_scored(model, se
     assert tasks["kr3_bpc"]["bits_per_byte,none"] == pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.e2e
+@pytest.mark.parametrize("run", ["served_run", "rated_run"])
+def test_kr3_rating_reads_a_rating_as_each_kind_of_model_can(run, request, tmp_path, run_kr3):
+    """An unconditioned model: the likelier rating word after the review; a conditioned one: the rating under whose
+    control token the review is likelier. The items are the val split's negative and positive reviews, their ratings
+    the corpus's (a conditioned model's val tokens hold them too: they agree)."""
+    from kr3 import classify, prepared
+
+    checkpoint = request.getfixturevalue(run)
+    m = kr3.load(checkpoint, device="cpu", precision="fp32")
+    proc = run_kr3(f"paths.root_dir={tmp_path}", "stage=evaluate", f"checkpoint={checkpoint}", "evaluate.precision=fp32",
+                   "evaluate.tasks=[kr3_rating]", "evaluate.limit=30", f"hydra.run.dir={tmp_path / 'e'}",
+                   env={"HF_DATASETS_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    lines = (tmp_path / "e" / "lm_eval_tasks" / "kr3_rating.jsonl").read_text().splitlines()
+    items = [json.loads(line) for line in lines][:30]
+
+    def likelihood(context: str, continuation: str) -> float:
+        ids = m.token_ids(context) or [m.tokenizer.eos_id]
+        return sum(e["logprob"] for e in m.logprobs([*ids, *m.token_ids(continuation)])[len(ids):])
+
+    conditioned = m.ratings is not None
+    if conditioned:  # one context per rating, the review after each
+        gold = [int(i["text"]) for i in items]
+        scores = [[likelihood(c, i["target"]) for c in i["choices"]] for i in items]
+        tokens, _, _ = prepared.trained_split(m.checkpoint.data, "val")
+        rated = {tuple(ids): r for r, ids in classify.reviews_of(tokens, m.tokenizer.eos_id,
+                                                                 m.checkpoint.condition.controls)}
+        assert [rated[tuple(m.tokenizer.encode(i["target"]))] for i in items] == gold
+    else:  # the review, then each rating's words
+        gold = [int(i["target"]) for i in items]
+        scores = [[likelihood(i["text"], c) for c in i["choices"]] for i in items]
+    expected = sum(max(range(2), key=row.__getitem__) == g for row, g in zip(scores, gold)) / len(items)
+    assert {0, 1} == set(gold) and all(len(i["choices"]) == 2 for i in items)
+    assert json.loads((tmp_path / "e" / "eval.json").read_text())["tasks"]["kr3_rating"]["acc,none"] == \
+        pytest.approx(expected)
+
+
 def test_evaluate_tasks_without_lm_eval_installed_is_one_line(run_kr3, served_run, tmp_path, monkeypatch):
     """kr3[eval] not installed: the stage says how to get it, before loading anything."""
     import sys

@@ -146,3 +146,27 @@ print(default, faults())
     assert out.returncode == 0, "keep_freed_memory() found no glibc mallopt" if out.returncode == 3 else out.stderr
     default, kept = map(int, out.stdout.split())
     assert default > 5 * 16000 * 0.9 and kept < default / 20
+
+
+def test_review_bpc_scores_each_whole_review_alone_from_its_start():
+    import math
+
+    import numpy as np
+
+    from kr3 import scoring
+
+    torch.manual_seed(0)
+    model = GPT(tiny(controls=(3, 4))).eval()
+    eos = 2
+    reviews = [[3, 10, 11], [12, 13, 14, 15, 16], [4, 22], [23]]  # two with a rating's control token
+    tokens = np.array([t for r in reviews for t in (*r, eos)] + [30, 31])  # and the start of one cut off: left out
+    got = scoring.review_scores(model, tokens, eos, [3, 4], lambda ids: "가" * len(ids), 3, "cpu", torch.float32)
+    nats = chars = n = 0
+    for r in reviews:  # [EOS, (control)] before the review, its text and EOS predicted
+        head = 2 if r[0] in (3, 4) else 1
+        seq = torch.tensor([[eos, *r, eos]])
+        logp = model(seq)[0, :-1].log_softmax(-1).gather(1, seq[0, 1:, None])[:, 0]
+        nats -= float(logp[head - 1 :].sum().detach())
+        n, chars = n + len(r) - head + 2, chars + len(r) - head + 1
+    assert got["review_loss"] == pytest.approx(nats / n, rel=1e-5)
+    assert got["review_bpc"] == pytest.approx(nats / chars / math.log(2), rel=1e-5)

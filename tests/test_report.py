@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from kr3 import report, tracking
+from kr3 import replicates, report, tracking
 from kr3.config import compose
 from kr3.errors import UserError
 from kr3.stages import report as report_stage
@@ -185,3 +185,73 @@ def test_a_real_sweep_with_a_failing_job_then_its_report(run_kr3, tmp_path, make
         assert float(row["val_bpc"]) == pytest.approx(result["val"]["bpc"]) and row["steps"] == result["step"] == 6
     assert json.loads((folder / "1" / "result.json").read_text()) == {"state": "failed", "error": why}
     assert "★" in (folder / "report.md").read_text()
+
+
+T_975_3 = 3.182446  # Student's t, 97.5th percentile, 3 degrees of freedom (a textbook table's)
+
+
+def seeded_sweep(root, runs):
+    """Jobs of `trainer.lr` × `seed` with final val bpc `bpc` (None: the job died before its result)."""
+    for i, (lr, seed, bpc) in enumerate(runs):
+        result = {"state": "finished", "step": 30, "val": {"loss": bpc * 1.5, "bpc": bpc}, "wall_s": 10.0} if bpc else None
+        fake_job(root / str(i), [f"trainer.lr={lr}", f"seed={seed}"], [(30, bpc or 9.0)],
+                 [(s, 5.0, 1000 + i) for s in range(1, 31)], result, age_s=0 if bpc else 3600)
+    return root
+
+
+BASE = [3.50, 3.52, 3.49, 3.51]  # trainer.lr=0.003, seeds 1-4
+
+
+def test_seeds_are_replicates_with_mean_sd_and_confidence_interval(tmp_path):
+    other = [3.40, 3.45, 3.41, None]  # trainer.lr=0.01: seed 4 failed
+    root = seeded_sweep(tmp_path / "sweep", [(0.003, s, b) for s, b in zip(range(1, 5), BASE)]
+                        + [(0.01, s, b) for s, b in zip(range(1, 5), other)])
+    df, swept = report.table(report.find_jobs(root), root)
+    written = report.write(df, swept, report.find_jobs(root), root)
+    configs = pd.read_csv(root / "configs.csv")
+    base = configs[configs["trainer.lr"] == 0.003].iloc[0]
+    mean = sum(BASE) / 4
+    sd = (sum((x - mean) ** 2 for x in BASE) / 3) ** 0.5
+    assert base["val_bpc_mean"] == pytest.approx(mean) and base["val_bpc_sd"] == pytest.approx(sd)
+    assert base["val_bpc_n"] == 4 and base["val_bpc_ci95"] == pytest.approx(T_975_3 * sd / 2, rel=1e-5)
+    fast = configs.iloc[0]  # the better configuration first
+    assert fast["trainer.lr"] == 0.01 and fast["finished"] == 3 and fast["val_bpc_n"] == 3
+    assert fast["val_bpc_mean"] == pytest.approx((3.40 + 3.45 + 3.41) / 3)
+    assert "(failed)" in fast["not_averaged"] and fast["vs_best"] == "best" and base["vs_best"] == "worse"
+    text = (root / "report.md").read_text()
+    assert "## Configurations: seeds as replicates" in text and "failed" in text
+    assert root / "bpc_vs_trainer.lr.png" in written and (root / "bpc_vs_trainer.lr.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("diffs, verdict", [
+    ([0.01, -0.01, 0.005, -0.004], "not distinguishable at 95 %"),
+    ([0.10, 0.12, 0.09, 0.11], "worse"),
+    ([-0.10, -0.13, -0.09, -0.11], "better"),
+])
+def test_each_configuration_against_the_baseline_seed_by_seed(tmp_path, diffs, verdict):
+    runs = [(0.003, s, b) for s, b in zip(range(1, 5), BASE)] + [(0.01, s, b + d) for s, b, d in
+                                                                  zip(range(1, 5), BASE, diffs)]
+    root = seeded_sweep(tmp_path / "multirun" / "2026-12-07" / "10-00-00", runs)
+    report_stage.run(compose(["stage=report", 'report.baseline="trainer.lr=3e-3"'], tmp_path))
+    rows = pd.read_csv(root / "report.csv")
+    assert set(rows.loc[rows["trainer.lr"] == 0.01, "vs_baseline"]) == {verdict}
+    assert set(rows.loc[rows["trainer.lr"] == 0.003, "vs_baseline"]) == {"baseline"}
+    mean = sum(diffs) / 4
+    half = T_975_3 * (sum((d - mean) ** 2 for d in diffs) / 3) ** 0.5 / 2
+    df, _ = report.table(report.find_jobs(root), root)
+    compared = replicates.paired(df, ["trainer.lr"], {"trainer.lr": "0.003"}, ["val_bpc"]).iloc[0]
+    assert compared["paired_seeds"] == 4 and compared["val_bpc_verdict"] == verdict
+    assert compared["val_bpc_diff"] == pytest.approx(mean) and compared["val_bpc_diff_ci95"] == pytest.approx(half, rel=1e-5)
+    assert "## Against the baseline (trainer.lr=0.003" in (root / "report.md").read_text()
+    assert (root / "versus_baseline.png").stat().st_size > 1000
+
+
+def test_a_baseline_that_names_no_configuration_is_one_line(tmp_path):
+    root = seeded_sweep(tmp_path / "sweep", [(0.003, s, b) for s, b in zip(range(1, 3), BASE)]
+                        + [(0.01, s, b) for s, b in zip(range(1, 3), BASE)])
+    df, swept = report.table(report.find_jobs(root), root)
+    with pytest.raises(UserError, match="matches 0 configurations, not one — they are: trainer.lr=0.003"):
+        report.write(df, swept, report.find_jobs(root), root, baseline="trainer.lr=1")
+    with pytest.raises(UserError, match="must name swept settings as key=value"):
+        report.write(df, swept, report.find_jobs(root), root, baseline="model.n_layers=2")
+    assert not (root / "report.md").exists()  # refused before writing anything

@@ -113,6 +113,7 @@ def test_train_end_to_end(corpus, tmp_path):
     split = state.data.splits["val"]
     assert val["bpc"] == pytest.approx(val["loss"] * split["tokens"] / split["chars"] / math.log(2))
     assert losses(run_dir, "val/loss")[40] == pytest.approx(val["loss"])
+    assert losses(run_dir, "val/review_bpc")[40] == pytest.approx(val["review_bpc"]) and 0 < val["review_bpc"] < 10
 
 
 @pytest.mark.e2e

@@ -263,8 +263,7 @@ class Server:
     def tokenize(self, req: TokenizeRequest) -> dict:
         """The text's token ids as the model's tokenizer gives them, the end-of-review token's text (tokenizer_info's
         eos_token) its id: clients score [end of review, *review] as kr3 does."""
-        parts = [self.m.tokenizer.encode(part) if part else [] for part in req.prompt.split(self.eos_token())]
-        tokens = [i for n, part in enumerate(parts) for i in ([self.m.tokenizer.eos_id] if n else []) + part]
+        tokens = self.m.token_ids(req.prompt)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": self.m.model.cfg.block_size}
 
     def detokenize(self, req: DetokenizeRequest) -> dict:

@@ -64,7 +64,10 @@ class ModelThread:
             self.batch = self.new_batch()
         for g in stepped:
             if g in self.listeners:
-                self.listeners[g]()
+                try:
+                    self.listeners[g]()
+                except RuntimeError:  # its event loop has closed (the server stopped): nobody listens
+                    self.listeners.pop(g)
 
     async def call(self, fn: Callable, *args):
         """fn(*args) on the model thread, between two steps, after every call asked for before it."""

@@ -17,7 +17,7 @@ def run(cfg) -> Path:
     root = folder(cfg.report.dir, Path(cfg.paths.log_dir))
     jobs = report.find_jobs(root)
     df, swept = report.table(jobs, root)
-    written = report.write(df, swept, jobs, root)
+    written = report.write(df, swept, jobs, root, cfg.report.replicate_keys, cfg.report.baseline)
     log.info(f"\n{df.to_string(index=False, float_format=lambda v: f'{v:.4f}')}\n{report.NOTE}")
     log.info("wrote " + ", ".join(p.name for p in written) + f" into {root}")
     return root
