@@ -45,7 +45,7 @@ def review_rows(tokens: np.ndarray, eos_id: int, controls: set[int]) -> list[tup
     tokens = np.asarray(tokens)
     ends = np.flatnonzero(tokens == eos_id)
     rows = []
-    for start, end in zip([0, *(ends[:-1] + 1)], ends, strict=True):
+    for start, end in zip(np.concatenate([[0], ends + 1])[: len(ends)], ends, strict=True):
         ids = tokens[start:end].tolist()
         head = [eos_id, ids.pop(0)] if ids and ids[0] in controls else [eos_id]
         if ids:
