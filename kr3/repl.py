@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+import signal
 
 from prompt_toolkit import PromptSession
 from prompt_toolkit.input import create_input
@@ -116,6 +117,9 @@ def typed_lines(stdin, out):
         yield from iter(stdin.readline, "")
         return
     out.write("Type the start of a review; `:help` lists the commands and settings; `exit` or Ctrl-D quits.\n")
+    # Ctrl-C stops a completion (KeyboardInterrupt) even where the launcher left SIGINT ignored, as a shell's
+    # background job is
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     session = PromptSession(input=create_input(stdin), output=create_output(out))  # history in memory only
     while True:
         try:
