@@ -255,3 +255,10 @@ def test_a_baseline_that_names_no_configuration_is_one_line(tmp_path):
     with pytest.raises(UserError, match="must name swept settings as key=value"):
         report.write(df, swept, report.find_jobs(root), root, baseline="model.n_layers=2")
     assert not (root / "report.md").exists()  # refused before writing anything
+
+
+def test_a_baseline_for_a_sweep_without_seeds_is_one_line(sweep):
+    df, swept = report.table(report.find_jobs(sweep), sweep)
+    with pytest.raises(UserError, match="do not sweep seed .* — sweep seed=1,2,3 too"):
+        report.write(df, swept, report.find_jobs(sweep), sweep, baseline="trainer.lr=0.001")
+    assert not (sweep / "report.md").exists()
