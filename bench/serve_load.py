@@ -5,6 +5,11 @@ the server is stopped. Reports requests/s, completion tokens/s, time to first to
 as a multiple of one client's.
 
     uv run python bench/serve_load.py [--checkpoint PATH] [--clients 32] [--seconds 30] [--single-seconds 10] [--threads N]
+                                      [--max-tokens 64] [--min-tokens N]
+
+`--min-tokens` (the request's `min_tokens`) holds back the end of the review: equal to --max-tokens, every completion
+has that length, so the load is decoding, not the model's own review lengths (what vLLM's serving benchmark does with
+ignore_eos).
 
 Without --checkpoint it trains one first: `--model` (tiny: seconds; small: model=small, the shape of the
 generation-latency benchmark) for `--steps` steps on `harness.synthetic_corpus`'s synthetic Korean corpus, in `--out`.
@@ -55,9 +60,9 @@ def wait_ready(base: str, server: subprocess.Popen, out: Path, timeout: float = 
     sys.exit("the server did not start:\n" + (out / "serve.log").read_text()[-3000:])
 
 
-async def one_request(client: httpx.AsyncClient, base: str, max_tokens: int) -> dict:
+async def one_request(client: httpx.AsyncClient, base: str, lengths: dict) -> dict:
     """One streamed completion: its time to first text, whole time, tokens, and whether it went wrong."""
-    body = {"prompt": random.choice(PROMPTS), "max_tokens": max_tokens, "stream": True, "seed": random.randrange(2**31),
+    body = {"prompt": random.choice(PROMPTS), **lengths, "stream": True, "seed": random.randrange(2**31),
             "stream_options": {"include_usage": True}}
     start, first, tokens, done = time.perf_counter(), None, 0, False
     try:
@@ -79,18 +84,18 @@ async def one_request(client: httpx.AsyncClient, base: str, max_tokens: int) -> 
     return {"ttft": first or seconds, "seconds": seconds, "tokens": tokens} if done else {"error": "no [DONE]"}
 
 
-async def client_loop(client: httpx.AsyncClient, base: str, until: float, max_tokens: int, results: list) -> None:
+async def client_loop(client: httpx.AsyncClient, base: str, until: float, lengths: dict, results: list) -> None:
     while time.perf_counter() < until:
-        results.append(await one_request(client, base, max_tokens))
+        results.append(await one_request(client, base, lengths))
 
 
-async def load(base: str, clients: int, seconds: float, max_tokens: int) -> dict:
+async def load(base: str, clients: int, seconds: float, lengths: dict) -> dict:
     """`clients` clients, each sending one streamed request after another for `seconds`."""
     results: list[dict] = []
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
         start = time.perf_counter()
-        await asyncio.gather(*(client_loop(client, base, start + seconds, max_tokens, results) for _ in range(clients)))
+        await asyncio.gather(*(client_loop(client, base, start + seconds, lengths, results) for _ in range(clients)))
         wall = time.perf_counter() - start
     return summary(results, clients, wall)
 
@@ -129,6 +134,7 @@ def main():
     ap.add_argument("--seconds", type=float, default=30)
     ap.add_argument("--single-seconds", type=float, default=10)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--min-tokens", type=int, default=0, help="the end of the review held back until this many tokens")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     ap.add_argument("--threads", type=int, help="serve.threads (default: torch's, every core)")
     a = ap.parse_args()
@@ -140,15 +146,15 @@ def main():
                                                     *([f"serve.threads={a.threads}"] if a.threads else [])])
     try:
         wait_ready(base, server, a.out)
-        rows = [asyncio.run(load(base, 1, a.single_seconds, a.max_tokens)),
-                asyncio.run(load(base, a.clients, a.seconds, a.max_tokens))]
+        lengths = {"max_tokens": a.max_tokens, "min_tokens": a.min_tokens}
+        rows = [asyncio.run(load(base, 1, a.single_seconds, lengths)), asyncio.run(load(base, a.clients, a.seconds, lengths))]
     finally:
         server.send_signal(signal.SIGINT)
         server.wait(timeout=30)
     load_avg = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     harness.print_table(COLUMNS, table_rows(rows),
                         f"checkpoint {checkpoint}, precision {a.precision}, serve.threads {a.threads or 'default'}, "
-                        f"max_tokens {a.max_tokens}, {os.cpu_count()} CPUs, "
+                        f"max_tokens {a.max_tokens}, min_tokens {a.min_tokens}, {os.cpu_count()} CPUs, "
                         f"load average {load_avg} (1, 5, 15 min) at the end: other work on the machine shows here")
     print(f"{a.clients} clients: {rows[1]['tokens_per_s'] / rows[0]['tokens_per_s']:.1f}x one client's tokens/s")
     for row in rows:

@@ -43,6 +43,7 @@ class Options(TypedDict, total=False):
     """Decoding options; one left out takes `Model.defaults`' value (conf/config.yaml's `generate:` block)."""
 
     max_new_tokens: int  # at most this many new tokens
+    min_new_tokens: int  # the end of the review is not chosen before this many
     temperature: float  # 0: greedy
     top_k: int | None  # sample from the k most likely tokens; 0 or None: off
     top_p: float | None  # sample from the smallest set reaching this probability; 1 or None: off

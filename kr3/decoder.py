@@ -18,22 +18,28 @@ class Sampler:
     """One completion, token by token: what its rows of the cache are given — each of `heads` (equal lengths: one, or
     a rating's [EOS, control] and the other ratings' for `guidance`) before the prompt, left-truncated to leave room
     in the context — and the choice of each next token from their logits (temperature 0: greedy; `banned` ids never).
-    It ends at EOS or after `max_new_tokens`; `failed` holds what went wrong in it."""
+    It ends at EOS (never chosen before `min_new_tokens`) or after `max_new_tokens`; `failed` holds what went wrong
+    in it."""
 
     def __init__(self, prompt_ids: Sequence[int], max_new_tokens: int, eos_id: int, block_size: int,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  repetition_penalty: float = 1.0, generator: torch.Generator | None = None,
-                 banned: Sequence[int] = (), heads: Sequence[Sequence[int]] = ((),), guidance: float = 1.0):
+                 banned: Sequence[int] = (), heads: Sequence[Sequence[int]] = ((),), guidance: float = 1.0,
+                 min_new_tokens: int = 0):
         self.heads = [list(h) for h in heads]
         room = block_size - 1 - len(self.heads[0])
         self.text = list(prompt_ids)[-room:] or ([] if self.heads[0] else [eos_id])  # the context, new tokens added
         self.given = list(self.text)
         self.max_new_tokens, self.eos_id, self.block_size, self.guidance = max_new_tokens, eos_id, block_size, guidance
         self.picking = (temperature, top_k, top_p, repetition_penalty, generator)  # decoder.choose reads them
-        self.banned = list(banned)
+        self.banned, self.min_new_tokens = list(banned), min_new_tokens
         self.new: list[int] = []
         self.rows: list[int] = []  # its rows in the batch's cache, heads[i]'s at rows[i]
         self.done, self.failed = False, None
+
+    def never(self) -> list[int]:
+        """The ids it may not take next: its banned ones, and EOS before `min_new_tokens`."""
+        return self.banned if len(self.new) >= self.min_new_tokens else [*self.banned, self.eos_id]
 
     def context(self, refill: bool) -> list[list[int]]:
         """Its rows' tokens to prefill: the heads and the context, or once the context is full, the heads and its most
@@ -70,7 +76,7 @@ def guided(logits: torch.Tensor, guidance: float) -> torch.Tensor:
 
 def choose(samplers: list[Sampler], logits: torch.Tensor, rows: list[list[int]]) -> list[int | Exception]:
     """Each sampler's next token from its `rows` of `logits` (fp32), in one pass over all of them: guided, its banned
-    ids never, the repetition penalty on the tokens of its context, then greedy (temperature ≤ 0) or drawn from its
+    ids (`never`) not, the repetition penalty on the tokens of its context, then greedy (temperature ≤ 0) or drawn from its
     own generator among its top_k / top_p tokens at its temperature. NaN scores are an error of that sampler (they
     come from NaN weights, so they show at the first token)."""
     if all(len(r) == 1 for r in rows):
@@ -79,7 +85,7 @@ def choose(samplers: list[Sampler], logits: torch.Tensor, rows: list[list[int]])
         x = torch.stack([guided(logits[r], s.guidance) for s, r in zip(samplers, rows, strict=True)])
     nan = torch.isnan(x).any(-1).tolist()
     every = lambda values: torch.tensor(values, dtype=x.dtype, device=x.device)  # noqa: E731 — a value per sampler
-    banned = [(i, b) for i, s in enumerate(samplers) for b in s.banned]
+    banned = [(i, b) for i, s in enumerate(samplers) for b in s.never()]
     if banned:
         x[tuple(torch.tensor(banned, device=x.device).t())] = -float("inf")
     seen = [(i, t) for i, s in enumerate(samplers) if s.picking[3] != 1.0 for t in set(s.text)]

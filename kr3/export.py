@@ -1,5 +1,6 @@
-"""A kr3 checkpoint as a Hugging Face transformers folder. kr3's GPT is GPT-2's architecture (learned positions,
-pre-LayerNorm, tanh-GELU MLP, tied embeddings), so the export is exact: GPT2LMHeadModel computes kr3's logits, and
+"""A kr3 checkpoint as a Hugging Face transformers folder. kr3's model.arch=gpt2 is GPT-2's architecture (learned
+positions, pre-LayerNorm, tanh-GELU MLP, tied embeddings) and model.arch=llama Llama's (kr3.llama), so the export is
+exact: GPT2LMHeadModel or LlamaForCausalLM computes kr3's logits, and
 the tokenizer (SentencePiece converted to a `tokenizers` BPE/Unigram with byte fallback, or the pretrained
 tokenizer.json copied) gives kr3's ids. transformers and safetensors are the optional extra kr3[hf]."""
 
@@ -12,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kr3 import gpt2
+from kr3 import gpt2, llama
 from kr3.api import Model
 from kr3.atomic import replacing_folder
 from kr3.config import as_list
@@ -40,7 +41,7 @@ def save(m: Model, out: Path, license: str | None = None) -> Path:
     decoding defaults), the tokenizer files and a README.md model card; into a temp folder renamed at the end, which
     replaces a previous export there. `license` (a Hub licence id) overrides the card's: KR3's when trained on it."""
     require_hf()
-    config = gpt2.to_config(m.model.cfg, m.tokenizer.eos_id)
+    config = layout(m.model.cfg).to_config(m.model.cfg, m.tokenizer.eos_id)
     check_export_dir(Path(out))
     with replacing_folder(out) as tmp:
         write_model(m.model, config, tmp)
@@ -50,12 +51,18 @@ def save(m: Model, out: Path, license: str | None = None) -> Path:
     return Path(out)
 
 
-def write_model(model: GPT, config: dict, out: Path) -> None:
-    from safetensors.torch import save_file
-    from transformers import GPT2Config
+def layout(cfg: GPTConfig):
+    """The module that writes model.arch's transformers layout: kr3.gpt2 or kr3.llama."""
+    return llama if cfg.arch == "llama" else gpt2
 
-    GPT2Config(**config).save_pretrained(out)
-    save_file(gpt2.to_state_dict(model), out / "model.safetensors", metadata={"format": "pt"})
+
+def write_model(model: GPT, config: dict, out: Path) -> None:
+    import transformers
+    from safetensors.torch import save_file
+
+    kind = layout(model.cfg)
+    getattr(transformers, kind.CONFIG)(**config).save_pretrained(out)
+    save_file(kind.to_state_dict(model), out / "model.safetensors", metadata={"format": "pt"})
     shutil.copymode(out / "config.json", out / "model.safetensors")  # safetensors writes 0600; readable as the rest
 
 
@@ -69,6 +76,8 @@ def write_generation_config(decoding: Mapping, eos_id: int, out: Path) -> None:
     if settings["do_sample"]:
         settings |= {"temperature": decoding["temperature"], "top_k": decoding["top_k"] or 0,
                      "top_p": decoding["top_p"] or 1.0}
+    if decoding["min_new_tokens"]:
+        settings["min_new_tokens"] = decoding["min_new_tokens"]
     if stops := as_list(decoding["stop"]):
         settings["stop_strings"] = stops
     GenerationConfig(**settings).save_pretrained(out)
@@ -183,10 +192,10 @@ def model_card(m: Model, license: str | None = None) -> str:
     license = license or card_license(kr3, c.base)
     hub_base = [f"base_model: {c.base['name_or_path']}"] if c.base and c.base.get("hub") else []
     front = ["---", "language: ko", f"license: {license}", "library_name: transformers", "pipeline_tag: text-generation",
-             "tags: [kr3, gpt2, korean, reviews]", *([f"datasets: [{KR3_HUB_ID}]"] if kr3 else []), *hub_base, "---", ""]
+             f"tags: [kr3, {cfg.arch}, korean, reviews]", *([f"datasets: [{KR3_HUB_ID}]"] if kr3 else []), *hub_base, "---", ""]
     how = f"fine-tuned from {c.base['name_or_path']}" if c.base else "trained"
     return "\n".join([*front, f"# kr3 GPT: Korean restaurant reviews ({m.model.num_params() / 1e6:.1f}M parameters)", "",
-                      f"A GPT-2 architecture language model (GPT2LMHeadModel) {how} with kr3 to complete Korean "
+                      f"A {ARCH_NAMES[cfg.arch]} architecture language model {how} with kr3 to complete Korean "
                       "restaurant reviews, exported from its checkpoint with `kr3 stage=export`: transformers computes "
                       "the logits kr3 does and the tokenizer gives kr3's token ids.", "",
                       *_card_data(c, data, m.tokenizer), *_card_model(cfg, m.tokenizer), *_card_base(c.base),
@@ -215,10 +224,16 @@ def _card_data(c, data: Mapping, tok: Tokenizer) -> list[str]:
 
 
 def _card_model(cfg: GPTConfig, tok: Tokenizer) -> list[str]:
+    block = ("Rotary positions, pre-RMSNorm, SwiGLU MLP, " + ("biases, " if cfg.bias else "no biases, ")
+             if cfg.arch == "llama" else "Learned positions, pre-LayerNorm, tanh-GELU MLP, ")
+    zero = "" if cfg.bias or cfg.arch == "llama" else "; kr3's model.bias=false is exported as zero biases, which " \
+        "compute exactly what no bias does"
     return ["## Model", "", f"{cfg.n_layers} layers, {cfg.n_heads} heads, d_model {cfg.d_model}, d_ffn {cfg.d_ffn}, "
-            f"context {cfg.block_size} tokens; a {tok.kind} tokenizer of {tok.vocab_size:,} tokens. Learned positions, "
-            "pre-LayerNorm, tanh-GELU MLP, tied embeddings" + ("" if cfg.bias else "; kr3's model.bias=false is "
-            "exported as zero biases, which compute exactly what no bias does") + ".", ""]
+            f"context {cfg.block_size} tokens; a {tok.kind} tokenizer of {tok.vocab_size:,} tokens. {block}tied "
+            f"embeddings{zero}.", ""]
+
+
+ARCH_NAMES = {"gpt2": "GPT-2 (GPT2LMHeadModel)", "llama": "Llama (LlamaForCausalLM)"}
 
 
 def _card_base(base: dict | None) -> list[str]:

@@ -11,6 +11,7 @@ import torch
 from kr3.errors import UserError
 from kr3.model import GPT, GPTConfig
 
+CONFIG = "GPT2Config"  # transformers' config class
 # GPTConfig fields GPT-2's config expresses (bias=false as zero biases: exactly what no bias computes). A later field
 # missing here refuses the export when it is off its default, naming itself.
 EXPRESSED = ("vocab_size", "n_layers", "n_heads", "d_model", "d_ffn", "block_size", "dropout", "bias", "norm_eps")

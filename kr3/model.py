@@ -1,7 +1,7 @@
-"""A decoder-only transformer (GPT-2 style, pre-LayerNorm) with an optional KV cache for generation.
-
-Positions are learned embeddings: the context is fixed (`block_size`) and a review fits in it, so
-rotary's extrapolation buys nothing here, while learned positions keep the cache a plain offset.
+"""A decoder-only transformer with an optional KV cache for generation, in one of two block styles (`arch`):
+- gpt2: GPT-2's block — learned positions, pre-LayerNorm, tanh-GELU MLP, biases (stage=export writes GPT-2);
+- llama: a Llama-style block — rotary positions, RMSNorm, SwiGLU MLP, no biases (stage=export writes Llama).
+Both tie the output layer to the token table.
 """
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kr3.errors import UserError
+
+ARCHS = ("gpt2", "llama")
+ROPE_THETA = 10000.0  # rotary's base (Llama's)
 
 
 @dataclass
@@ -30,13 +33,17 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True
     controls: tuple[int, ...] = ()  # rating control token ids: the latest one's embedding joins every later position
-    norm_eps: float = 1e-5  # LayerNorm's epsilon (torch's default; a pretrained model brings its own)
+    norm_eps: float = 1e-5  # the norms' epsilon (torch's default; a pretrained model brings its own)
+    arch: str = "gpt2"  # gpt2 | llama (the module docstring)
 
     @classmethod
     def from_cfg(cls, model_cfg, vocab_size: int, controls: tuple[int, ...] = ()) -> GPTConfig:
         """From the `model` config group; the vocabulary comes from the prepared data, and so do the rating
-        control tokens when the data is rating-conditioned and `model.rating_embedding` is on."""
+        control tokens when the data is rating-conditioned and `model.rating_embedding` is on. `model.bias` null is
+        the arch's own: GPT-2 has biases, Llama none."""
         shape = {f.name: getattr(model_cfg, f.name) for f in fields(cls) if hasattr(model_cfg, f.name)}
+        if shape.get("bias") is None:
+            shape["bias"] = shape.get("arch", "gpt2") == "gpt2"
         on = getattr(model_cfg, "rating_embedding", False)
         return cls(vocab_size=vocab_size, controls=tuple(controls) if on else (), **shape)
 
@@ -51,6 +58,11 @@ class GPTConfig:
                 f"— pick n_heads from {[h for h in range(1, 33) if self.d_model % h == 0]}"
             )
         self.controls = tuple(int(i) for i in self.controls)
+        if self.arch not in ARCHS:
+            raise UserError(f"model.arch={self.arch} is not one of {' | '.join(ARCHS)}")
+        if self.arch == "llama" and (self.d_model // self.n_heads) % 2:
+            raise UserError(f"model.arch=llama rotates pairs of each head's {self.d_model // self.n_heads} dimensions — "
+                            "pick d_model and n_heads with an even d_model / n_heads")
         if not 0 <= self.dropout < 1:
             raise UserError(f"model.dropout={self.dropout} must be in [0, 1)")
 
@@ -128,6 +140,23 @@ class CacheStep:
         return ck[:, :, : self.end], cv[:, :, : self.end]
 
 
+def rotary(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of rotary's angles at `positions` ((T,) or per row (B, T)), shaped to broadcast over (B, H, T, D):
+    frequencies ROPE_THETA^(-2i/D), each used by dimensions i and i + D/2 (transformers' Llama layout), in fp32."""
+    inv_freq = ROPE_THETA ** -(torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[..., None] * inv_freq
+    angles = torch.cat([angles, angles], -1)
+    if angles.dim() == 3:  # per row: (B, 1, T, D)
+        angles = angles[:, None]
+    return angles.cos(), angles.sin()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D) with each pair of dimensions (i, i + D/2) rotated by its angle, in x's dtype."""
+    x1, x2 = x.chunk(2, -1)
+    return x * cos.to(x.dtype) + torch.cat([-x2, x1], -1) * sin.to(x.dtype)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -137,9 +166,11 @@ class SelfAttention(nn.Module):
         self.proj.residual = True
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, at: CacheStep | None = None, layer: int = 0):
+    def forward(self, x, at: CacheStep | None = None, layer: int = 0, rope: tuple | None = None):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
+        if rope is not None:
+            q, k = rotate(q, *rope), rotate(k, *rope)
         if at is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         else:
@@ -160,16 +191,38 @@ class MLP(nn.Module):
         return self.drop(self.proj(F.gelu(self.fc(x), approximate="tanh")))
 
 
+class SwiGLU(nn.Module):
+    """Llama's MLP: proj(silu(gate(x)) · fc(x))."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.gate = nn.Linear(cfg.d_model, cfg.d_ffn, bias=cfg.bias)
+        self.fc = nn.Linear(cfg.d_model, cfg.d_ffn, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_ffn, cfg.d_model, bias=cfg.bias)
+        self.proj.residual = True
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.drop(self.proj(F.silu(self.gate(x)) * self.fc(x)))
+
+
+def norm(cfg: GPTConfig) -> nn.Module:
+    """GPT-2's LayerNorm or Llama's RMSNorm."""
+    if cfg.arch == "llama":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+        self.ln1 = norm(cfg)
         self.attn = SelfAttention(cfg)
-        self.ln2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
-        self.mlp = MLP(cfg)
+        self.ln2 = norm(cfg)
+        self.mlp = SwiGLU(cfg) if cfg.arch == "llama" else MLP(cfg)
 
-    def forward(self, x, at: CacheStep | None = None, layer: int = 0):
-        x = x + self.attn(self.ln1(x), at, layer)
+    def forward(self, x, at: CacheStep | None = None, layer: int = 0, rope: tuple | None = None):
+        x = x + self.attn(self.ln1(x), at, layer, rope)
         return x + self.mlp(self.ln2(x))
 
 
@@ -226,10 +279,10 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.arch == "gpt2" else None  # llama: rotary
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+        self.ln_f = norm(cfg)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.head.weight = self.tok_emb.weight  # tied
         # a buffer, so it moves with the model: no host-to-device copy in the training step
@@ -254,12 +307,18 @@ class GPT(nn.Module):
         at = CacheStep(cache, B, T, idx.device) if cache is not None else None
         if at is None and T > self.cfg.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds block_size={self.cfg.block_size}")
-        x = self.tok_emb(idx) + self.pos_emb(at.positions if at else torch.arange(T, device=idx.device))
+        positions = at.positions if at else torch.arange(T, device=idx.device)
+        x = self.tok_emb(idx)
+        rope = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions)
+        else:
+            rope = rotary(positions, self.cfg.d_model // self.cfg.n_heads)
         if self.cfg.controls:
             x = x + self.rating_embedding(idx, cache)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, at, i)
+            x = block(x, at, i, rope)
         if cache is not None:
             cache.lengths[:B] += T
         x = self.ln_f(x)
@@ -284,7 +343,7 @@ class GPT(nn.Module):
 
     def num_params(self, embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
-        return n if embeddings else n - self.pos_emb.weight.numel()
+        return n if embeddings or self.pos_emb is None else n - self.pos_emb.weight.numel()
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token (forward + backward): 6 per weight plus attention's score/value matmuls."""

@@ -35,11 +35,11 @@ def check_decoding(options: Mapping) -> None:
 def sample_tokens(model: GPT, prompt_ids: list[int], max_new_tokens: int, eos_id: int, temperature: float = 1.0,
                   top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
                   generator: torch.Generator | None = None, banned: list[int] | None = None,
-                  heads: list[list[int]] = ((),), guidance: float = 1.0) -> Iterator[int]:
+                  heads: list[list[int]] = ((),), guidance: float = 1.0, min_new_tokens: int = 0) -> Iterator[int]:
     """Yield new token ids one at a time, stopping at EOS or `max_new_tokens`: a kr3.decoder.Sampler (which says what
     each argument does) decoded alone."""
     s = Sampler(prompt_ids, max_new_tokens, eos_id, model.cfg.block_size, temperature, top_k, top_p,
-                repetition_penalty, generator, banned or (), heads, guidance)
+                repetition_penalty, generator, banned or (), heads, guidance, min_new_tokens)
     shown = 0
     for _ in alone(model, s):
         yield from s.new[shown:]
@@ -57,7 +57,8 @@ class Generation(Sampler):
         ids, _ = completer.prompt_ids(prompt)
         generator = torch.Generator().manual_seed((int(g.seed) + sample) % 2**63)
         super().__init__(ids, g.max_new_tokens, self.tok.eos_id, completer.model.cfg.block_size, g.temperature, g.top_k,
-                         g.top_p, g.repetition_penalty, generator, completer.never, completer.heads, g.guidance)
+                         g.top_p, g.repetition_penalty, generator, completer.never, completer.heads, g.guidance,
+                         g.min_new_tokens)
         self.ids, self.stops, self.prefix = ids, completer.stops, self.tok.decode(ids)
         self.completion, self.shown, self.items = "", "", []
         self.start, self.first = time.perf_counter(), None

@@ -200,7 +200,8 @@ class ModelShape(Checked):
     d_ffn: int = given()
     block_size: int = given()
     dropout: float = given()
-    bias: bool = given()
+    bias: bool | None = given()  # null: the arch's (GPTConfig.from_cfg)
+    arch: str = given()  # gpt2 | llama (kr3.model)
     rating_embedding: bool = given()
 
 
@@ -222,6 +223,9 @@ class Profile(Checked):
     steps: int = bound(0)
 
 
+PACKINGS = ("stream", "reviews")
+
+
 @dataclass
 class Trainer(Checked):
     """Optimization, evaluation, checkpoints and resume (conf/trainer/default.yaml)."""
@@ -231,6 +235,7 @@ class Trainer(Checked):
     grad_accum: int = bound(1)
     max_steps: int | None = bound(1)
     epochs: float = bound(above=0)
+    packing: str = given()  # stream | reviews (kr3.batches.Batches)
     max_time: Any = given()  # seconds, or 90s / 15m / 2h (kr3.trainer.parse_duration)
     lr: float = bound(0)
     optimizer: str = given()  # adamw | muon
@@ -264,6 +269,8 @@ class Trainer(Checked):
         betas = self.betas
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
             raise UserError(f"trainer.betas={list(betas)} must be two numbers in [0, 1), e.g. trainer.betas=[0.9,0.95]")
+        if self.packing not in PACKINGS:
+            raise UserError(f"trainer.packing={self.packing} is not one of {' | '.join(PACKINGS)}")
         if self.max_time is not None and self.max_steps is not None:
             raise UserError(f"trainer.max_time={self.max_time} and trainer.max_steps={self.max_steps} both set how long "
                             f"the run is — drop one (trainer.max_time=null trains {self.max_steps} steps)")
@@ -306,6 +313,7 @@ class Decoding(Checked):
     top_p: float | None = bound(above=0, high=1)
     repetition_penalty: float = bound(above=0)
     max_new_tokens: int = bound(1)
+    min_new_tokens: int = bound(0)
     num_samples: int = bound(1)
     seed: int = bound(0, high=2**63 - 1)
     guidance: float = bound(1, high=MAX_GUIDANCE)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kr3 import checkpoint
-from kr3.decoder import Batch, Sampler
+from kr3.decoder import Batch, Sampler, choose
 from kr3.model import GPT, GPTConfig, KVCache
 from kr3.sampling import sample_tokens
 
@@ -13,10 +13,11 @@ PROMPTS = ["이 집 짜장면은", "분위기가 좋고 사장님이 친절해�
            "국물이 진하고 면이 쫄깃해서 또 오고 싶어요 정말"]
 
 
-def test_rows_at_their_own_positions_equal_each_row_alone():
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_rows_at_their_own_positions_equal_each_row_alone(arch):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=97, n_layers=2, n_heads=2, d_model=32, d_ffn=64, block_size=16,
-                          controls=(3, 4))).eval()
+                          controls=(3, 4), arch=arch)).eval()
     rows = [torch.randint(5, 97, (n,)) for n in (3, 7, 1)]
     rows[1][2] = 4  # a control token: its embedding is carried in the cache's row
     cache = KVCache(model.cfg, 3, "cpu", torch.float32)
@@ -122,6 +123,29 @@ def test_a_completion_that_fails_fails_alone(small):
         batch.step()
     assert isinstance(bad.failed, ZeroDivisionError) and good.failed is None
     assert good.new == list(sample_tokens(model, tok.encode(PROMPTS[0]), 24, tok.eos_id, temperature=0))
+
+
+def test_the_end_of_review_waits_for_min_new_tokens():
+    eos = 2
+    logits = torch.zeros(2, 10)
+    logits[:, eos], logits[:, 7] = 5.0, 1.0  # EOS is the most likely token, 7 the next
+    samplers = [Sampler([5], 10, eos, 16, temperature=0, min_new_tokens=2, banned=[7]),
+                Sampler([5], 10, eos, 16, temperature=0, min_new_tokens=2)]
+    assert choose(samplers, logits, [[0], [1]]) == [0, 7]  # EOS not yet; banned ids still never
+    for s in samplers:
+        s.take(4), s.take(4)
+    assert choose(samplers, logits, [[0], [1]]) == [eos, eos]
+
+
+def test_min_new_tokens_gives_completions_of_that_length(small):
+    model, tok = small
+    natural = greedy(model, tok, PROMPTS[2], max_new_tokens=30)  # an empty prompt: this model ends it early
+    fixed = Sampler(tok.encode(PROMPTS[2]), 30, tok.eos_id, model.cfg.block_size, temperature=0, min_new_tokens=30)
+    batch = Batch(model, max_rows=2)
+    batch.join(natural), batch.join(fixed)
+    while batch.busy:
+        batch.step()
+    assert len(natural.new) < 30 and len(fixed.new) == 30 and tok.eos_id not in fixed.new
 
 
 def test_guided_completions_decoded_together_equal_each_alone(rated_run):

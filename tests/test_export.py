@@ -182,3 +182,41 @@ def test_a_pretrained_tokenizer_is_copied(kogpt2, tmp_path, make_reviews):
     ids = [tok.encode(t) for t in texts]
     assert hf(texts, add_special_tokens=False)["input_ids"] == ids
     assert hf.batch_decode(ids, skip_special_tokens=True) == [tok.decode(i) for i in ids]
+
+
+@pytest.fixture(scope="module")
+def llama_run(tmp_path_factory, train_tiny, make_reviews):
+    """A tiny model.arch=llama run (rotary, RMSNorm, SwiGLU, no biases), trained for 60 steps, and the kr3 model."""
+    from kr3 import load
+
+    root = tmp_path_factory.mktemp("llama")
+    run = train_tiny(root, make_reviews(3000, seed=5), "tokenizer.vocab_size=500", "model.arch=llama",
+                     "trainer.max_steps=60", "trainer.lr=3e-3", "trainer.warmup_steps=10")
+    return run, load(run, "cpu", "fp32")
+
+
+@pytest.mark.e2e
+def test_a_llama_model_exports_as_llama_and_completes_in_kr3_and_transformers_alike(llama_run, tmp_path):
+    from kr3 import serve
+
+    run, m = llama_run
+    out = export.save(m, tmp_path / "hf")
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and type(hf).__name__ == "LlamaForCausalLM"
+    assert "Llama (LlamaForCausalLM)" in (out / "README.md").read_text()
+    val = np.fromfile(f"{m.checkpoint.data.dir}/val.bin", dtype=m.checkpoint.data.dtype).astype(np.int64)
+    ids = torch.from_numpy(val[: 2 * m.model.cfg.block_size].copy()).view(2, -1)
+    with torch.no_grad():
+        assert (m.model(ids) - hf.eval()(ids).logits).abs().max() < 1e-4
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    for prompt in ["이 집 짜장면은", "분위기가"]:
+        ours = m.complete(prompt, temperature=0, max_new_tokens=20)
+        theirs = hf.generate(tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"], do_sample=False,
+                             max_new_tokens=20)[0]
+        assert tok.decode(theirs, skip_special_tokens=True) == m.cleaned(prompt) + ours
+    from fastapi.testclient import TestClient
+
+    reply = TestClient(serve.app(m)).post("/v1/completions", json={"prompt": "이 집", "max_tokens": 8, "temperature": 0,
+                                                                   "n": 2})
+    assert reply.status_code == 200 and {c["text"] for c in reply.json()["choices"]} == {
+        m.complete("이 집", temperature=0, max_new_tokens=8)}

@@ -290,7 +290,7 @@ def test_stop_strings_are_never_shown(monkeypatch, stop, completion):
     vocab = len(PieceTokenizer.PIECES)
     model = types.SimpleNamespace(cfg=types.SimpleNamespace(block_size=16, vocab_size=vocab))
     g = types.SimpleNamespace(stop=stop, seed=0, max_new_tokens=5, temperature=0, top_k=None, top_p=None,
-                              repetition_penalty=1.0, guidance=1.0)
+                              repetition_penalty=1.0, guidance=1.0, min_new_tokens=0)
     generation = Completer(model, PieceTokenizer(), g, {}).generation("이 집")
     for token in [2, 3, 4, 5, 6]:
         if not generation.done:

@@ -11,9 +11,10 @@ def tiny(**kw):
     return GPTConfig(**{"vocab_size": 97, "n_layers": 2, "n_heads": 2, "d_model": 32, "d_ffn": 64, "block_size": 16, **kw})
 
 
-def test_kv_cache_matches_full_forward():
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_kv_cache_matches_full_forward(arch):
     torch.manual_seed(0)
-    model = GPT(tiny()).eval()
+    model = GPT(tiny(arch=arch)).eval()
     x = torch.randint(0, 97, (2, 12))
     full = model(x)
     cache = KVCache(model.cfg, 2, "cpu", torch.float32)
@@ -36,9 +37,10 @@ def test_rating_embedding_gives_each_token_its_latest_control():
     assert not torch.allclose(model(x)[:, 2:], plain(x)[:, 2:]) and torch.equal(model(x)[1, :4], plain(x)[1, :4])
 
 
-def test_kv_cache_keeps_the_latest_control():
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_kv_cache_keeps_the_latest_control(arch):
     torch.manual_seed(0)
-    model = GPT(tiny(controls=(3, 4, 5))).eval()
+    model = GPT(tiny(controls=(3, 4, 5), arch=arch)).eval()
     x = torch.tensor([[2, 3, 10, 11, 12, 2, 5, 12, 13, 14], [2, 4, 10, 11, 12, 13, 14, 15, 16, 17]])
     full = model(x)
     cache = KVCache(model.cfg, 2, "cpu", torch.float32)
@@ -57,8 +59,26 @@ def test_loss_and_shapes():
         model(torch.randint(0, 97, (1, 17)))
 
 
-def test_tied_embeddings_and_param_groups():
-    model = GPT(tiny())
+def test_the_llama_block_has_rotary_positions_rmsnorm_swiglu_and_no_biases():
+    torch.manual_seed(0)
+    shape = {k: v for k, v in tiny().to_dict().items() if k not in ("vocab_size", "controls")}
+    cfg = kr3.model.GPTConfig.from_cfg(type("M", (), {**shape, "arch": "llama", "bias": None})(), 97)
+    model = GPT(cfg).eval()
+    assert not cfg.bias and model.pos_emb is None and isinstance(model.ln_f, torch.nn.RMSNorm)
+    assert not [n for n, _ in model.named_parameters() if n.endswith(".bias")]
+    assert isinstance(model.blocks[0].mlp, kr3.model.SwiGLU)
+    # rotary: attention scores depend on the distance between two tokens, not where they are
+    q = torch.randn(1, 1, 1, 16).expand(1, 1, 12, 16)
+    cos, sin = kr3.model.rotary(torch.arange(12), 16)
+    r = kr3.model.rotate(q, cos, sin)[0, 0]
+    torch.testing.assert_close(r[3] @ r[1], r[10] @ r[8])
+    torch.testing.assert_close(r[5].norm(), q[0, 0, 0].norm())
+    assert not torch.allclose(r[3] @ r[1], r[3] @ r[0])
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_tied_embeddings_and_param_groups(arch):
+    model = GPT(tiny(arch=arch))
     assert model.head.weight is model.tok_emb.weight
     groups = model.param_groups(0.1)
     assert sum(p.numel() for g in groups for p in g["params"]) == model.num_params()
@@ -105,6 +125,8 @@ def test_model_loss_is_cross_entropy_of_its_logits():
 
 
 @pytest.mark.parametrize("kw, msg", [({"d_model": 30, "n_heads": 4}, "not divisible"), ({"n_layers": 0}, "positive"),
+                                     ({"arch": "mamba"}, "model.arch=mamba is not one of gpt2 | llama"),
+                                     ({"arch": "llama", "d_model": 30, "n_heads": 2}, "an even d_model / n_heads"),
                                      ({"dropout": 1.5}, "dropout")])
 def test_inconsistent_sizes(kw, msg):
     with pytest.raises(UserError, match=msg):

@@ -84,7 +84,7 @@ def test_a_misspelt_field_is_refused_by_name(client, path, body, param):
                               f"{'it is /v1/chat/completions' if param == 'messages' else 'did you mean '}")
     if path == "/v1/completions" and param in ("promt", "max_token"):
         assert "takes prompt, echo, logprobs, model, max_tokens, " in message and message.endswith(
-            "; kr3's own: top_k, repetition_penalty, rating, guidance)")
+            "; kr3's own: top_k, repetition_penalty, rating, guidance, min_tokens)")
 
 
 CHAT = [{"role": "system", "content": "You are a food critic."}, {"role": "user", "content": "아무 말"},
@@ -263,6 +263,13 @@ def test_finish_reason_length_when_max_tokens_runs_out(client):
     assert reply["choices"][0]["finish_reason"] == "length" and reply["usage"]["completion_tokens"] == 2
 
 
+def test_min_tokens_holds_back_the_end_of_the_review(client):
+    natural = complete(client, prompt="", max_tokens=40, temperature=0)  # the smoke model ends reviews early
+    fixed = complete(client, prompt="", max_tokens=40, min_tokens=40, temperature=0)
+    assert natural["usage"]["completion_tokens"] < 40 and natural["choices"][0]["finish_reason"] == "stop"
+    assert fixed["usage"]["completion_tokens"] == 40 and fixed["choices"][0]["finish_reason"] == "length"
+
+
 @pytest.mark.parametrize("body, param, words", [
     ({"temperature": -1}, "temperature", "temperature: -1 must be a number ≥ 0"),
     ({"temperature": "hot"}, "temperature", '"hot" is a string — send a number without quotes'),
@@ -282,6 +289,7 @@ def test_finish_reason_length_when_max_tokens_runs_out(client):
     ({"stop": ""}, "stop", "1 to 100 characters"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
     ({"seed": -3}, "seed", "seed: -3 must be an integer ≥ 0"),
+    ({"min_tokens": -1}, "min_tokens", "min_tokens: -1 must be an integer ≥ 0"),
     ({"logprobs": 6}, "logprobs", "less than or equal to 5"),
     ({"logprobs": 1, "stream": True}, "stream", "echo and logprobs come with whole completions — leave stream out"),
     ({"echo": True, "max_tokens": 0, "prompt": " "}, "prompt", "scores the prompt, and it is empty"),

@@ -65,31 +65,43 @@ def test_lr_schedule():
     assert 0.1 < lr_at(55, 100, C) < 1.0
 
 
-def test_batches_split_the_global_batch_across_ranks(tmp_path, monkeypatch):
+EOS = 7000  # the end-of-review token of review packing's test file
+
+
+@pytest.mark.parametrize("review_end", [None, EOS], ids=["stream", "reviews"])
+def test_batches_split_the_global_batch_across_ranks(tmp_path, monkeypatch, review_end):
     path = tmp_path / "t.bin"
-    np.arange(5000, dtype=np.uint16).tofile(path)
-    one = Batches(path, "uint16", 16, batch_size=8, accum=1, seed=0)
+    tokens = np.arange(6000, dtype=np.uint16)
+    tokens[np.random.default_rng(0).random(6000) < 0.15] = EOS  # reviews of ~6 tokens
+    tokens.tofile(path)
+    one = Batches(path, "uint16", 16, batch_size=8, accum=1, seed=0, review_end=review_end)
     for step in (0, 3, one.steps_per_epoch + 1):  # the next epoch too
         x1, y1 = one.get(step, 0)
         parts = []
         for r in range(2):
             monkeypatch.setenv("WORLD_SIZE", "2")
             monkeypatch.setenv("RANK", str(r))
-            parts.append(Batches(path, "uint16", 16, batch_size=4, accum=1, seed=0).get(step, 0))
+            parts.append(Batches(path, "uint16", 16, batch_size=4, accum=1, seed=0, review_end=review_end).get(step, 0))
         monkeypatch.delenv("WORLD_SIZE")
         monkeypatch.delenv("RANK")
         assert np.array_equal(np.concatenate([p[0] for p in parts]), x1)
         assert np.array_equal(y1[:, :-1], x1[:, 1:])
-    accum = Batches(path, "uint16", 16, batch_size=4, accum=2, seed=0)
+    accum = Batches(path, "uint16", 16, batch_size=4, accum=2, seed=0, review_end=review_end)
     assert np.array_equal(np.concatenate([accum.get(3, 0)[0], accum.get(3, 1)[0]]), one.get(3, 0)[0])
-    seen = np.concatenate([one.get(s, 0)[0][:, 0].numpy() for s in range(one.steps_per_epoch)])
-    assert len(set(seen.tolist())) == len(seen)  # an epoch never repeats a window
+    rows = torch.cat([one.get(s, 0)[0] for s in range(one.steps_per_epoch)])
+    starts = np.sort(one._epoch_order(0)[: len(rows)])
+    assert (np.diff(starts) >= 16).all()  # an epoch never repeats a window, nor shares an input token between two
+    if review_end is not None:  # each row starts at a review's end token, the next row at the next review
+        assert set(rows[:, 0].tolist()) == {EOS}
+        longest = np.diff(np.flatnonzero(tokens == EOS)).max()
+        assert (np.diff(starts) < 16 + longest).all()
 
 
 @pytest.mark.e2e
-def test_compiled_training_matches_eager(corpus, tmp_path):
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_compiled_training_matches_eager(corpus, tmp_path, arch):
     """trainer.compile=true traces the model and its chunked loss (an autograd.Function) into the same math."""
-    common = ["trainer.max_steps=4", "trainer.eval_interval=0", "trainer.final_eval_tokens=1024"]
+    common = ["trainer.max_steps=4", "trainer.eval_interval=0", "trainer.final_eval_tokens=1024", f"model.arch={arch}"]
     eager, eager_dir = train_in_process(corpus, tmp_path / "eager", *common)
     compiled, compiled_dir = train_in_process(corpus, tmp_path / "compiled", *common, "trainer.compile=true")
     a, b = losses(eager_dir), losses(compiled_dir)
@@ -256,9 +268,10 @@ def test_resume_of_another_optimizer_layout_or_of_weights_only_is_refused(corpus
 @pytest.mark.e2e
 def test_muon_run_resumes_exactly(corpus, tmp_path):
     """optimizer=muon keeps its momentum and AdamW moments in the checkpoint: resuming from step 4 gives
-    the uninterrupted run's losses."""
+    the uninterrupted run's losses (with review packing and model.arch=llama; the SIGKILL test resumes stream packing
+    and GPT-2's block)."""
     common = ["trainer.optimizer=muon", "trainer.lr=1e-2", "trainer.max_steps=8", "trainer.ckpt_interval=4",
-              "trainer.eval_interval=0"]
+              "trainer.eval_interval=0", "trainer.packing=reviews", "model.arch=llama"]
     _, ref_dir = train_in_process(corpus, tmp_path / "a", *common)
     state = checkpoint.load(checkpoint.step_path(ref_dir, 4))
     assert state.optimizer["param_groups"][-1]["muon"] and state.config["trainer"]["optimizer"] == "muon"
@@ -529,6 +542,7 @@ def test_resume_into_a_folder_with_later_checkpoints_is_refused(corpus, tmp_path
     ("trainer.eval_tokens=-5", "trainer.eval_tokens=-5 must be an integer ≥ 1, or null"),
     ("trainer.rating_loss=-1", "trainer.rating_loss=-1 must be a number ≥ 0"),
     ("trainer.rating_loss_rows=0", "trainer.rating_loss_rows=0 must be a number > 0 and ≤ 1"),
+    ("trainer.packing=docs", "trainer.packing=docs is not one of stream | reviews"),
     ("trainer.sample_prompts=[1]", "trainer.sample_prompts: a prompt or review must be text (a str), not int"),
     ("trainer.sample_prompts=5", "trainer.sample_prompts=5 must be a list of prompts"),
     ("generate.top_k=-1 trainer.sample_prompts=['맛']", "generate.top_k=-1 must be an integer ≥ 0, or null"),
@@ -553,10 +567,10 @@ def test_the_logged_samples_are_what_generate_completes(corpus, tmp_path, caplog
 
 @pytest.mark.e2e
 def test_two_processes_match_one(run_kr3, corpus, tmp_path):
-    """2 ranks × 2 micro-steps of 2 (gloo, Muon) must follow the same losses as 1 process × batch 8: the same global
-    batch."""
+    """2 ranks × 2 micro-steps of 2 (gloo, Muon, model.arch=llama) must follow the same losses as 1 process × batch 8:
+    the same global batch."""
     common = [*base(corpus, tmp_path), "stage=train", "trainer.max_steps=12", "trainer.eval_interval=0",
-              "trainer.optimizer=muon"]
+              "trainer.optimizer=muon", "model.arch=llama"]
     one = run_kr3(*common, "trainer.batch_size=8", f"hydra.run.dir={tmp_path / 'one'}")
     assert one.returncode == 0, one.stderr
     two = torchrun(2, *common, "trainer.batch_size=2", "trainer.grad_accum=2", f"hydra.run.dir={tmp_path / 'two'}")
@@ -613,11 +627,12 @@ def test_ranks_take_rank0s_step_count():
 @pytest.mark.e2e
 def test_two_processes_train_with_the_rating_loss_as_one(run_kr3, corpus, tmp_path):
     """2 ranks × batch 4 (gloo, AdamW) follow 1 process × 2 micro-steps of 4: the rating loss scores each rank's rows
-    under every rating in one forward pass through DDP (the same rows scored, each micro-batch's mean averaged). Both
-    ranks write into one Hydra run folder, and rank 0 alone logs."""
+    under every rating in one forward pass through DDP (the same rows scored, each micro-batch's mean averaged), its
+    rows starting at reviews (the other DDP test packs the stream). Both ranks write into one Hydra run folder, and
+    rank 0 alone logs."""
     common = [*base(corpus, tmp_path), "stage=train", "trainer.max_steps=6", "trainer.eval_interval=0",
               "trainer.optimizer=adamw", "data.condition=rating", "trainer.rating_loss=0.5", "trainer.rating_loss_rows=0.5",
-              "trainer.batch_size=4"]
+              "trainer.batch_size=4", "trainer.packing=reviews"]
     one = run_kr3(*common, "trainer.grad_accum=2", f"hydra.run.dir={tmp_path / 'one'}")
     assert one.returncode == 0, one.stderr
     two = torchrun(2, *common, f"paths.log_dir={tmp_path / 'two'}")

@@ -123,7 +123,7 @@ def request_options(req: Sampling, m: Model, limits: Limits, new_tokens: int | N
     """The request's sampling parameters as kr3 decoding options over the server's defaults, checked."""
     given = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k,
              "repetition_penalty": req.repetition_penalty, "stop": req.stop, "rating": check_rating(m, req.rating),
-             "guidance": req.guidance}
+             "guidance": req.guidance, "min_new_tokens": req.min_tokens}
     default_tokens = min(m.defaults["max_new_tokens"], limits.max_tokens)
     options = {"max_new_tokens": default_tokens if new_tokens is None else new_tokens,
                "seed": secrets.randbelow(2**31) if req.seed is None else req.seed, "num_samples": 1,

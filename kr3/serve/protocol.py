@@ -103,14 +103,15 @@ OFF_PENALTIES = {"logit_bias": (None, {}), "presence_penalty": (None, 0), "frequ
 
 class Sampling(Strict):
     """What OpenAI's completion and chat requests share: the sampling fields, and kr3's own `top_k`,
-    `repetition_penalty`, `rating` and `guidance`. Unset values take the server's defaults (stage=serve's
-    `generate.*`); an unset seed is a random one. Their ranges are kr3.settings.Decoding's, checked once there."""
+    `repetition_penalty`, `rating`, `guidance` and `min_tokens` (vLLM's name). Unset values take the server's defaults
+    (stage=serve's `generate.*`); an unset seed is a random one. Their ranges are kr3.settings.Decoding's, checked once there."""
 
-    OWN = ("top_k", "repetition_penalty", "rating", "guidance")
+    OWN = ("top_k", "repetition_penalty", "rating", "guidance", "min_tokens")
     IGNORED = frozenset({"user"})  # names the caller, for OpenAI's abuse monitoring
     model_config = ConfigDict(allow_inf_nan=False, strict=True)  # strict: "5" is no number (OpenAI refuses it too)
     model: str | None = None
     max_tokens: int | None = None
+    min_tokens: int | None = None  # vLLM's: the end of the review is not chosen before this many tokens
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
@@ -381,7 +382,8 @@ def failure(e: Exception) -> ApiError:
                     kind="server_error")
 
 
-REQUEST_NAMES = {"max_new_tokens": "max_tokens", "num_samples": "n"}  # decoding options OpenAI's request names otherwise
+# decoding options a request names otherwise (OpenAI's names, vLLM's min_tokens)
+REQUEST_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "num_samples": "n"}
 
 
 ERROR_HANDLERS = {ApiError: api_error, UserError: user_error, RequestValidationError: invalid_request,

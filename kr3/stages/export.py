@@ -1,5 +1,6 @@
-"""stage=export: a checkpoint as a Hugging Face transformers folder — GPT2LMHeadModel weights, its tokenizer, the
-decoding defaults and a model card — that AutoModelForCausalLM, AutoTokenizer and pipeline() load offline."""
+"""stage=export: a checkpoint as a Hugging Face transformers folder — GPT2LMHeadModel or LlamaForCausalLM weights (by
+model.arch), its tokenizer, the decoding defaults and a model card — that AutoModelForCausalLM, AutoTokenizer and
+pipeline() load offline."""
 
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ def run(cfg) -> dict:
     model.to(dev)
     opt = optim.build(model, t, dev)
     batches = Batches(data.dir / data.split("train")["file"], data.meta["dtype"], model.cfg.block_size, t.batch_size,
-                      t.grad_accum, cfg.seed)
+                      t.grad_accum, cfg.seed, data.meta["eos_id"] if t.packing == "reviews" else None)
     batches.check_one_step()
     total = total_steps(t, batches, resumed)
     if resumed:
