@@ -80,6 +80,8 @@ class Checkpoint:
     torch_version: str = ""
     base: dict | None = None  # the pretrained model it started from: name_or_path, folder, sha256 per file, license
     wall_s: float = 0.0  # seconds the run trained to reach this step, summed over its parts (resumes)
+    stale_evals: int = 0  # periodic evaluations in a row without an improvement (trainer.early_stop)
+    early_stopped: int | None = None  # the step at which trainer.early_stop ended the run
 
     def to_dict(self) -> dict:
         return {"format_version": FORMAT_VERSION, **{f.name: as_saved(getattr(self, f.name)) for f in fields(self)}}

@@ -103,8 +103,11 @@ def in_sweep() -> bool:
 
 
 def objective(result):
-    """What a sweeper minimizes: a stage's final val bits per character when it has one (train, evaluate)."""
-    return result["bpc"] if isinstance(result, dict) and "bpc" in result else result
+    """What a sweeper minimizes: a stage's final val bits per character when it has one (train, evaluate); with
+    trainer.early_stop, a run's best one (`best_bpc`), since it may stop past its best."""
+    if not isinstance(result, dict) or "bpc" not in result:
+        return result
+    return result.get("best_bpc", result["bpc"])
 
 
 def discard_empty_run_folder():

@@ -25,9 +25,10 @@ NOTE = ("val_bpc and val_loss: the final evaluation, on all of val (at most trai
         "stream; val_review_bpc: the same reviews, each read alone from its start, as a prompt is; best_val_bpc "
         "(at best_step): the lowest periodic evaluation, on val's first trainer.eval_tokens tokens only — other tokens, "
         "so it can be below val_bpc without the model having been better then. tokens_per_s: the median of the logged "
-        "windows; wall_s: the training time, a resumed run's parts summed.")
-COLUMNS = ["job", "state", "val_bpc", "val_review_bpc", "val_loss", "best_val_bpc", "best_step", "steps", "tokens_per_s",
-           "wall_s", "error"]
+        "windows; early_stopped: the step at which trainer.early_stop ended the run; wall_s: the training time, a "
+        "resumed run's parts summed.")
+COLUMNS = ["job", "state", "val_bpc", "val_review_bpc", "val_loss", "best_val_bpc", "best_step", "steps", "early_stopped",
+           "tokens_per_s", "wall_s", "error"]
 
 
 def find_jobs(folder: Path) -> list[Path]:
@@ -96,7 +97,7 @@ def job_row(job: Path, root: Path) -> dict:
         "val_bpc": final.get("bpc", math.nan), "val_review_bpc": final.get("review_bpc", math.nan),
         "val_loss": final.get("loss", math.nan),
         "best_val_bpc": best["val/bpc"] if best else math.nan, "best_step": best["step"] if best else None,
-        "steps": max((r["step"] for r in train), default=0),
+        "steps": max((r["step"] for r in train), default=0), "early_stopped": result.get("early_stopped"),
         "tokens_per_s": round(statistics.median(r["train/tokens_per_s"] for r in train)) if train else None,
         "wall_s": result.get("wall_s", math.nan), "error": result.get("error", ""), **task_scores(job),
     }

@@ -29,6 +29,8 @@ class Resumed:
 
     def is_finished(self, total_steps: int) -> bool:
         """It holds its run's final evaluation, and this run would train no further."""
+        if self.ckpt.early_stopped is not None and self.ckpt.val is not None:
+            return True  # trainer.early_stop ended it
         finished = self.ckpt.val is not None and self.step >= self.ckpt.scheduler.total_steps
         if not finished and self.step > total_steps:
             raise UserError(f"checkpoint {self.path} is at step {self.step}, past this run's {total_steps} steps — "
@@ -37,6 +39,10 @@ class Resumed:
 
     def nothing_to_train(self, t) -> str:
         """What a finished run says when resumed without more steps (`t`: the trainer config)."""
+        if self.ckpt.early_stopped is not None:
+            return (f"{self.path} was ended by trainer.early_stop at step {self.step} (val loss "
+                    f"{self.ckpt.val['loss']:.4f}, bpc {self.ckpt.val['bpc']:.4f}): nothing to train — start a new run "
+                    "to train further")
         more = ("drop trainer.max_time (a resumed run keeps the steps it chose) and raise trainer.max_steps"
                 if t.max_time else "raise trainer.max_steps (or trainer.epochs)")
         return (f"{self.path} finished at step {self.step} (val loss {self.ckpt.val['loss']:.4f}, bpc "

@@ -223,6 +223,13 @@ class Profile(Checked):
     steps: int = bound(0)
 
 
+@dataclass
+class EarlyStop(Checked):
+    SECTION = "trainer.early_stop"
+    patience: int | None = bound(1)
+    min_delta: float = bound(0)
+
+
 PACKINGS = ("stream", "reviews")
 
 
@@ -264,6 +271,7 @@ class Trainer(Checked):
     sample_tokens: int = bound(1)
     peak_flops: float | None = given()
     profile: Profile = given()
+    early_stop: EarlyStop = given()
 
     def check(self) -> None:
         betas = self.betas

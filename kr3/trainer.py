@@ -158,6 +158,8 @@ class Trainer:
         # the checkpoint's best counts only if measured on the same val tokens
         same = resumed is not None and resumed.ckpt.best_val_tokens == self.share_n
         self.best = resumed.ckpt.best_val_loss if same else float("inf")
+        self.stale = resumed.ckpt.stale_evals if same else 0  # evaluations without an improvement (early_stop)
+        self.early_stopped = None  # the step at which early_stop ended the run
         in_place = resumed is not None and resumed.in_place
         self.tracker = Tracker(cfg, run_dir, enabled=self.main, resume_id=resumed.ckpt.wandb_run_id if in_place else None,
                                history_until=resumed.step if in_place else None)
@@ -227,7 +229,7 @@ class Trainer:
         interrupts = Interrupts()
         try:
             with logs_above_bars():
-                while self.step < self.total:
+                while self.step < self.total and self.early_stopped is None:
                     self.profiler.at(self.step)
                     self._train_step(interrupts)
                     bar.update(1)
@@ -253,7 +255,10 @@ class Trainer:
         if self.main:
             log.info(f"done: step {self.step}, val loss {val['loss']:.4f}, bpc {val['bpc']:.4f}; checkpoints in "
                      f"{self.run_dir / checkpoint.CKPT_DIR}")
-        return val
+        if self.t.early_stop.patience is None:
+            return val
+        split = self.data.split("val")  # what a sweep minimizes: the best evaluation, on the same val tokens each time
+        return {**val, "best_bpc": scoring.metrics(self.best, 1, split["tokens"], split["chars"])["bpc"]}
 
     def _train_step(self, interrupts: Interrupts) -> None:
         self.lr = lr_at(self.step, self.total, self.t)
@@ -300,9 +305,23 @@ class Trainer:
         if t.eval_interval and step % t.eval_interval == 0 and not last:
             self._evaluate_and_log()
             self.window_start = time.perf_counter()
+            if self._plateaued():
+                return
         if t.ckpt_interval and step % t.ckpt_interval == 0 and not last:
             self._check_weights()
             self._save_step()
+
+    def _plateaued(self) -> bool:
+        """trainer.early_stop: after `patience` periodic evaluations in a row without an improvement of min_delta,
+        the run ends here (rank 0's count decides for every rank, so all stop at the same step)."""
+        patience = self.t.early_stop.patience
+        if patience is None or distributed.rank0_int(self.stale) < patience:
+            return False
+        self.early_stopped = self.step
+        if self.main:
+            log.info(f"early stop at step {self.step}: {self.stale} evaluations without a val loss below "
+                     f"{self.best:.4f} − {self.t.early_stop.min_delta} (trainer.early_stop.patience={patience})")
+        return True
 
     def _fit_schedule_to_budget(self, bar) -> None:
         """trainer.max_time: fix the last step so that training and its evaluations end on time, from the
@@ -416,8 +435,11 @@ class Trainer:
         self._check_weights()  # its samples would meet NaN scores first, and best.pt must not hold them
         share, val = self.evaluate(final)
         is_best = share["loss"] < self.best
+        self.stale = 0 if share["loss"] < self.best - self.t.early_stop.min_delta else self.stale + 1
         self.best = min(self.best, share["loss"])
         self.tracker.log({f"val/{k}": v for k, v in val.items()}, self.step)
+        if final and self.early_stopped is not None:
+            self.tracker.log({"train/early_stopped": self.early_stopped}, self.step)
         if self.main:
             log.info(f"step {self.step}: val loss {val['loss']:.4f}, ppl {val['ppl']:.2f}, bpc {val['bpc']:.4f}, "
                      f"review bpc {val['review_bpc']:.4f}")
@@ -443,7 +465,7 @@ class Trainer:
         """result.json: how the run ended, for `stage=report` (a run with none failed or is running)."""
         if self.main:
             write_result(self.run_dir, {"state": state, "step": self.step, "val": val, "tokens_per_s": self.tokens_per_s,
-                                        "wall_s": self.wall_s(),
+                                        "wall_s": self.wall_s(), "early_stopped": self.early_stopped,
                                         **({"error": error} if error else {})})
 
     def _save_on_interrupt(self) -> None:
@@ -467,7 +489,8 @@ class Trainer:
                             meta["splits"], meta["eos_id"], meta["dtype"], self.condition),
             tokenizer=TokenizerRecord(str(self.data.tokenizer_dir), meta["tokenizer"], ktok.to_files(self.data.tokenizer_dir)),
             config=settings.plain(self.cfg), wandb_run_id=self.tracker.run_id,
-            torch_version=str(torch.__version__), base=self.base, wall_s=self.wall_s(),
+            torch_version=str(torch.__version__), base=self.base, wall_s=self.wall_s(), stale_evals=self.stale,
+            early_stopped=self.early_stopped,
         )
 
     def wall_s(self) -> float:

@@ -629,8 +629,10 @@ def test_two_processes_train_with_the_rating_loss_as_one(run_kr3, corpus, tmp_pa
     """2 ranks × batch 4 (gloo, AdamW) follow 1 process × 2 micro-steps of 4: the rating loss scores each rank's rows
     under every rating in one forward pass through DDP (the same rows scored, each micro-batch's mean averaged), its
     rows starting at reviews (the other DDP test packs the stream). Both ranks write into one Hydra run folder, and
-    rank 0 alone logs."""
-    common = [*base(corpus, tmp_path), "stage=train", "trainer.max_steps=6", "trainer.eval_interval=0",
+    rank 0 alone logs. trainer.early_stop ends both ranks at the same step: an improvement must be 10 nats, so the
+    evaluation at step 4 is the first without one."""
+    common = [*base(corpus, tmp_path), "stage=train", "trainer.max_steps=8", "trainer.eval_interval=2",
+              "trainer.early_stop.patience=1", "trainer.early_stop.min_delta=10",
               "trainer.optimizer=adamw", "data.condition=rating", "trainer.rating_loss=0.5", "trainer.rating_loss_rows=0.5",
               "trainer.batch_size=4", "trainer.packing=reviews"]
     one = run_kr3(*common, "trainer.grad_accum=2", f"hydra.run.dir={tmp_path / 'one'}")
@@ -640,9 +642,10 @@ def test_two_processes_train_with_the_rating_loss_as_one(run_kr3, corpus, tmp_pa
     (run,) = (tmp_path / "two" / "outputs").glob("*/*")  # both ranks wrote into ONE Hydra run folder
     for key in ("train/loss", "train/rating_loss"):
         a, b = losses(tmp_path / "one", key), losses(run, key)
-        assert sorted(a) == sorted(b) == list(range(1, 7))  # rank 0 alone logged
+        assert sorted(a) == sorted(b) == list(range(1, 5))  # rank 0 alone logged; both stopped at step 4
         np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=2e-4, atol=2e-5)
-    np.testing.assert_allclose(losses(run, "val/loss")[6], losses(tmp_path / "one", "val/loss")[6], rtol=2e-4)
+    np.testing.assert_allclose(losses(run, "val/loss")[4], losses(tmp_path / "one", "val/loss")[4], rtol=2e-4)
+    assert json.loads((run / "result.json").read_text())["early_stopped"] == 4
 
 
 def wandb_ids(run_dir) -> list[str]:
@@ -682,6 +685,42 @@ def test_resume_in_place_continues_the_wandb_run_elsewhere_starts_one(corpus, tm
     _, branch = train_in_process(corpus, tmp_path / "b", *common, "trainer.max_steps=4",
                                  f"trainer.resume={checkpoint.step_path(start, 2)}")
     assert len(wandb_ids(branch)) == 1 and wandb_ids(branch)[0] not in ids
+
+
+@pytest.mark.e2e
+def test_early_stop_ends_a_plateaued_run_at_the_right_evaluation_and_after_resume(corpus, tmp_path, caplog):
+    """lr 0: every evaluation gives the same val loss, so with patience 2 the evaluations at steps 4 and 6 are the two
+    without an improvement and the run ends at 6 — also when resumed from step 4, which kept its count."""
+    from kr3 import report
+
+    caplog.set_level("INFO", logger="kr3")
+    common = ["trainer.lr=0", "trainer.max_steps=20", "trainer.eval_interval=2", "trainer.ckpt_interval=4",
+              "trainer.keep_last=0", "trainer.early_stop.patience=2"]
+    val, run_dir = train_in_process(corpus, tmp_path / "a", *common)
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["state"] == "finished" and result["early_stopped"] == 6 and result["step"] == 6
+    assert max(losses(run_dir)) == 6 and sorted(losses(run_dir, "val/loss")) == [2, 4, 6]
+    assert checkpoint.load(run_dir / "checkpoints" / "best.pt").step == 2  # no later evaluation was better
+    assert val["best_bpc"] == pytest.approx(losses(run_dir, "val/bpc")[2])  # what a sweep minimizes
+    assert report.job_row(run_dir, run_dir)["early_stopped"] == 6
+    assert "early stop at step 6: 2 evaluations without a val loss below" in caplog.text
+    resumed, resumed_dir = train_in_process(corpus, tmp_path / "b", *common,
+                                            f"trainer.resume={checkpoint.step_path(run_dir, 4)}")
+    assert json.loads((resumed_dir / "result.json").read_text())["early_stopped"] == 6
+    assert resumed["bpc"] == pytest.approx(val["bpc"])
+    again, _ = train_in_process(corpus, tmp_path / "a", *common, "trainer.resume=auto")
+    assert again == {k: v for k, v in val.items() if k != "best_bpc"} and "ended by trainer.early_stop" in caplog.text
+    # an improvement smaller than min_delta does not count: a learning run stops too
+    _, learning = train_in_process(corpus, tmp_path / "c", *common[1:], "trainer.early_stop.min_delta=10")
+    assert json.loads((learning / "result.json").read_text())["early_stopped"] == 6
+
+
+def test_a_sweep_minimizes_the_best_bpc_of_an_early_stopped_run():
+    from kr3.cli import objective
+
+    assert objective({"bpc": 3.1, "loss": 2.0}) == 3.1
+    assert objective({"bpc": 3.1, "best_bpc": 3.0}) == 3.0
+    assert objective(None) is None
 
 
 @pytest.mark.e2e
