@@ -184,6 +184,14 @@ def test_a_pretrained_tokenizer_is_copied(kogpt2, tmp_path, make_reviews):
     assert hf.batch_decode(ids, skip_special_tokens=True) == [tok.decode(i) for i in ids]
 
 
+def test_a_llama_model_given_its_rating_at_every_token_is_not_exported():
+    from kr3 import llama
+
+    cfg = GPTConfig(vocab_size=300, n_layers=1, n_heads=1, d_model=8, d_ffn=8, block_size=8, arch="llama", controls=(3,))
+    with pytest.raises(UserError, match="model.rating_embedding has no Llama equivalent"):
+        llama.to_config(cfg, 1)
+
+
 @pytest.fixture(scope="module")
 def llama_run(tmp_path_factory, train_tiny, make_reviews):
     """A tiny model.arch=llama run (rotary, RMSNorm, SwiGLU, no biases), trained for 60 steps, and the kr3 model."""

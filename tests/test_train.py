@@ -543,6 +543,8 @@ def test_resume_into_a_folder_with_later_checkpoints_is_refused(corpus, tmp_path
     ("trainer.rating_loss=-1", "trainer.rating_loss=-1 must be a number ≥ 0"),
     ("trainer.rating_loss_rows=0", "trainer.rating_loss_rows=0 must be a number > 0 and ≤ 1"),
     ("trainer.packing=docs", "trainer.packing=docs is not one of stream | reviews"),
+    ("trainer.early_stop.patience=0", "trainer.early_stop.patience=0 must be an integer ≥ 1, or null"),
+    ("trainer.early_stop.min_delta=-1", "trainer.early_stop.min_delta=-1 must be a number ≥ 0"),
     ("trainer.sample_prompts=[1]", "trainer.sample_prompts: a prompt or review must be text (a str), not int"),
     ("trainer.sample_prompts=5", "trainer.sample_prompts=5 must be a list of prompts"),
     ("generate.top_k=-1 trainer.sample_prompts=['맛']", "generate.top_k=-1 must be an integer ≥ 0, or null"),
