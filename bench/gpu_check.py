@@ -1,17 +1,22 @@
-"""One command for a fresh GPU machine: the bare model step against `run.py stage=train`, with a profile.
+"""One command for a fresh GPU machine: the bare model step against `run.py stage=train`, with a profile, then the
+other stages on what it trained.
 
-    python bench/gpu_check.py                    # on the GPU machine, within ~8 minutes
-    python bench/gpu_check.py --shapes small      # after a fix: model=small alone (its data already prepared)
+    python bench/gpu_check.py                    # on the GPU machine, within ~9 minutes
+    python bench/gpu_check.py --shapes small --stages none   # after a fix: model=small alone (its data already prepared)
     uv run python bench/gpu_check.py --device cpu   # a dry run of the whole script here first (tiny shapes)
 
 It needs no Hub and no ../shared: a synthetic corpus (`harness.synthetic_corpus`: Zipf words of Hangul syllables) is
 written, prepared with the default SentencePiece tokenizer, and trained on. What it runs, bf16:
   - the bare step (forward, backward, clipping, fused AdamW on random tokens; no trainer), with kr3's
     chunked loss and with torch's cross-entropy on the full logits, eager and compiled;
-  - `run.py stage=train` for model=small (batch 256 × 256) and model=base (batch 64 × 512, dropout 0), eager
-    and compiled; small eager again under `trainer.profile` and under `torchrun --nproc_per_node=1`;
+  - `run.py stage=train` for model=small (batch 256 × 256), model=base (batch 64 × 512, dropout 0) and the Llama-style
+    block at model=small's size, eager and compiled; small eager again under `trainer.profile` and under
+    `torchrun --nproc_per_node=1`;
 then prints one table (tokens/s, trainer/bare ratio, MFU, peak memory), headed by the machine (bench/harness.py), and
-the trainer's top CUDA and CPU ops.
+the trainer's top CUDA and CPU ops. Then `--stages` (each a line of results, or the line of its failure): `resume`
+(the small eager run, trained on), `evaluate` and `generate` on its checkpoint, `latency` (bench/generate_latency.py:
+ms per token and time to first token, batch 1, KV cache) and `serve` (bench/serve_load.py: 32 streaming clients on
+its checkpoint, loopback only).
 
 A GPU machine with torch but without kr3's other dependencies (the lent H200: Python 3.12, no package index):
 carry them as wheels in the checkout's .whl/ (the versions uv.lock pins; all pure Python):
@@ -26,6 +31,7 @@ there, before this script:
 import argparse
 import importlib
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,8 +43,11 @@ NEEDED = ["hydra", "omegaconf", "datasets", "sentencepiece", "tokenizers", "pand
 SHAPES = {  # name: (model overrides, batch, block)
     "small": (["model=small"], 256, 256),
     "base": (["model=base", "model.dropout=0.0"], 64, 512),
+    "llama": (["model=small", "model.arch=llama", "model.d_ffn=1024"], 256, 256),  # model=small's parameters
 }
-DRY = {"small": (["model=tiny"], 8, 64), "base": (["model=tiny", "model.n_layers=3"], 4, 64)}
+DRY = {"small": (["model=tiny"], 8, 64), "base": (["model=tiny", "model.n_layers=3"], 4, 64),
+       "llama": (["model=tiny", "model.arch=llama", "model.d_ffn=160"], 8, 64)}
+STAGES = ("resume", "evaluate", "generate", "latency", "serve")
 VOCAB = {"cuda": 8000, "cpu": 4000}  # the prepared vocabulary; the bare step uses the same
 
 
@@ -133,7 +142,9 @@ def main():
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--steps", type=int, default=None, help="timed steps per job (default 40 on cuda, 4 on cpu)")
     ap.add_argument("--out", type=Path, default=harness.ROOT / "outputs" / "gpu-check")
-    ap.add_argument("--shapes", default="small,base", help="of small,base; torchrun and the profile run with small")
+    ap.add_argument("--shapes", default="small,base,llama", help="of small,base,llama; torchrun, the profile and the "
+                    "stages run with small")
+    ap.add_argument("--stages", default=",".join(STAGES), help=f"of {','.join(STAGES)}, or none")
     a = ap.parse_args()
     check_imports()
     steps = a.steps or (40 if a.device == "cuda" else 4)
@@ -169,6 +180,8 @@ def main():
         if (shape, compiled) == ("small", False):
             rows.append(("small eager: torchrun, 1 process", ddp, bare))
     report(rows, profiled["dir"] / "profile" / "top_ops.txt" if "small" in shapes else None)
+    if "small" in shapes:
+        other_stages([s for s in a.stages.split(",") if s in STAGES], jobs["small", False], data, a.out, steps, a.device)
 
 
 def report(rows, top_ops: Path | None) -> None:
@@ -177,6 +190,56 @@ def report(rows, top_ops: Path | None) -> None:
                           f"{r['mfu']:.1%}", f"{r['mem_gib']:.1f}"] for name, r, bare in rows])
     if top_ops:
         print(f"\nthe trainer's top ops ({top_ops}):\n{top_ops.read_text()}")
+
+
+def other_stages(stages: list[str], small: dict, data: list[str], out: Path, steps: int, device: str) -> None:
+    """The stages after training, on the small eager run: each prints its result or the line of its failure, and the
+    next one runs either way."""
+    run_dir, bench = small["dir"], Path(__file__).resolve().parent
+    cpu = device == "cpu"
+
+    def stage(name: str, work) -> None:
+        if name not in stages:
+            return
+        start = time.perf_counter()
+        try:
+            result = work()
+        except (Exception, SystemExit) as e:  # harness.run_kr3 exits: a line of the report, not the script's end
+            result = f"failed: {type(e).__name__}: {str(e).strip()[-1500:]}"
+        print(f"\n{name} ({time.perf_counter() - start:.0f} s): {result}", flush=True)
+
+    def resume():
+        harness.run_kr3(*data, "stage=train", "logger=none", "trainer.precision=bf16", f"trainer.device={device}",
+                        f"trainer.max_steps={2 * (steps + 10)}", "trainer.resume=auto", "trainer.log_interval=5",
+                        "trainer.eval_interval=0", "trainer.final_eval_tokens=16384", run_dir=run_dir, log=out / "resume.log")
+        logged = [r["step"] for r in harness.metrics(run_dir) if "train/loss" in r]
+        return f"steps logged {logged[-4:]}, {harness.train_speed(run_dir, skip=1)['tokens_per_s']:,.0f} tokens/s"
+
+    def evaluate():
+        harness.run_kr3("stage=evaluate", f"checkpoint={run_dir}", "evaluate.max_tokens=262144", run_dir=out / "evaluate",
+                        log=out / "evaluate.log")
+        return (out / "evaluate.log").read_text().strip().splitlines()[-1][:200]
+
+    def generate():
+        harness.run_kr3("stage=generate", f"checkpoint={run_dir}", "generate.prompt='맛있는'", run_dir=out / "generate",
+                        log=out / "generate.log")
+        return (out / "generate.log").read_text().strip().splitlines()[-1][:200]
+
+    def script(*args: str) -> str:
+        proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300)
+        if proc.returncode:
+            raise RuntimeError(proc.stderr.strip() or f"exit status {proc.returncode}")
+        return "\n" + proc.stdout.strip()
+
+    stage("resume", resume)
+    stage("evaluate", evaluate)
+    stage("generate", generate)
+    stage("latency", lambda: script(str(bench / "generate_latency.py"), f"--device={device}",
+                                    *(["--new=32", "--repeats=1"] if cpu else [])))
+    stage("serve", lambda: script(str(bench / "serve_load.py"), f"--checkpoint={run_dir}", f"--out={out / 'serve'}",
+                                  "--max-tokens=64", "--min-tokens=64",
+                                  *(["--clients=4", "--seconds=5", "--single-seconds=3"] if cpu else
+                                    ["--clients=32", "--seconds=20", "--single-seconds=8"])))
 
 
 if __name__ == "__main__":

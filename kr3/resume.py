@@ -114,7 +114,9 @@ def check(cfg, path: Path, ckpt: Checkpoint, run_dir: Path, meta: dict) -> Resum
             f"{ckpt.model_config['vocab_size']}) than {meta['name']} (vocab {meta['vocab_size']}) "
             "— leave the data and tokenizer settings out (resuming takes the checkpoint's) or give those it was trained with"
         )
-    given = {k: getattr(cfg.model, k) for k in ckpt.model_config if getattr(cfg.model, k, None) is not None}
+    derived = settings.DEPTH_SETS if getattr(cfg.model, "depth", None) is not None else ()  # model.depth's, not given
+    given = {k: getattr(cfg.model, k) for k in ckpt.model_config
+             if getattr(cfg.model, k, None) is not None and k not in derived}
     ignored = [f"model.{k}={v} (checkpoint: {ckpt.model_config[k]})" for k, v in given.items()
                if v != ckpt.model_config[k]]  # null: the model's own
     if ignored and distributed.is_main():

@@ -17,6 +17,8 @@ from omegaconf import MISSING, OmegaConf
 
 from kr3.errors import UserError
 
+MAX_DEPTH = 64  # model.depth: far past any model kr3 trains (depth 64 is d_model 3,072)
+DEPTH_SETS = ("n_layers", "n_heads", "d_model", "d_ffn")  # the model settings model.depth gives values to
 MAX_GUIDANCE = 100.0  # far past any use (3 steers a small model fully); larger ones only overflow
 
 
@@ -203,6 +205,13 @@ class ModelShape(Checked):
     bias: bool | None = given()  # null: the arch's (GPTConfig.from_cfg)
     arch: str = given()  # gpt2 | llama (kr3.model)
     rating_embedding: bool = given()
+    depth: Any = None  # null: the shape above | a number of layers, which sets the rest | auto (kr3.sizing)
+    tokens_per_param: float = bound(above=0)  # depth=auto: the tokens each parameter should see in trainer.max_time
+
+    def check(self):
+        d = self.depth
+        if d is not None and d != "auto" and (isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= MAX_DEPTH):
+            raise UserError(f"model.depth={d} must be a number of layers from 1 to {MAX_DEPTH}, auto or null")
 
 
 @dataclass

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from kr3 import checkpoint, distributed, hardware, optim, prepared, pretrained, resume, settings
+from kr3 import checkpoint, distributed, hardware, optim, prepared, pretrained, resume, settings, sizing
 from kr3.batches import Batches
 from kr3.config import command_overrides, override_key, started_as
 from kr3.model import GPT, GPTConfig
-from kr3.trainer import Trainer, check_rating_loss, check_samples, total_steps
+from kr3.trainer import Trainer, check_rating_loss, check_samples, parse_duration, total_steps
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +27,16 @@ def run(cfg) -> dict:
     dev, dtype = hardware.setup(t.device, t.precision, t.threads)
     cfg, found = resume.start(cfg, run_dir, command_overrides())
     check_rating_loss(t, cfg.data)
+    if not found:
+        sizing.check(cfg.model, t, command_overrides())
     # rank 0 finds (downloads) a pretrained model and prepares (or reuses) the data, the others wait
     with distributed.main_first():
         weights = pretrained.find(cfg.model.name_or_path, cfg.data.cache_dir) if pretrained.named(cfg.model) \
             and not found else None
         data = prepared.PreparedData(prepared.ensure(cfg) if main else prepared.prepared_dir(cfg))
     resumed = resume.check(cfg, *found, run_dir, data.meta) if found else None
+    if not found and not weights:
+        sizing.resolve(cfg, data.meta["vocab_size"], dev, dtype, parse_duration(t.max_time))
     model, base = build_model(cfg, data, resumed, weights)
     model.to(dev)
     opt = optim.build(model, t, dev)
