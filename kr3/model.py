@@ -157,6 +157,18 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos.to(x.dtype) + torch.cat([-x2, x1], -1) * sin.to(x.dtype)
 
 
+FP32_ATTENTION_UP_TO = 512  # keys: on a CPU, bf16 attention is slower than fp32 below this (BENCHMARKS.md, the CPU step)
+
+
+def attention(q, k, v, **kwargs) -> torch.Tensor:
+    """scaled_dot_product_attention; on a CPU under bf16, in fp32 over short contexts, where torch's bf16 kernel is
+    the slower one (4.6x at 64 keys, 1.2x at 256; 0.9x at 1,024)."""
+    if q.device.type != "cpu" or q.dtype != torch.bfloat16 or k.size(-2) > FP32_ATTENTION_UP_TO:
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    with torch.autocast("cpu", enabled=False):
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs).to(q.dtype)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -172,10 +184,10 @@ class SelfAttention(nn.Module):
         if rope is not None:
             q, k = rotate(q, *rope), rotate(k, *rope)
         if at is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+            y = attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         else:
             k, v = at.store(layer, k, v)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=at.mask, is_causal=at.causal)
+            y = attention(q, k, v, attn_mask=at.mask, is_causal=at.causal)
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
@@ -243,16 +255,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=dtype, device=h.device)
         gh = torch.empty_like(h) if need_grad else None
         gw = torch.zeros_like(weight) if need_grad else None
-        for s in range(0, n, chunk):
-            hc, tc = h[s : s + chunk], targets[s : s + chunk]
-            logp = torch.log_softmax((hc @ weight.t()).to(dtype), 1)
-            rows = torch.arange(len(hc), device=h.device)
-            total -= logp[rows, tc].sum()
-            if need_grad:  # d loss_sum / d logits = softmax − one-hot
-                p = logp.exp_()
-                p[rows, tc] -= 1
-                gh[s : s + chunk] = p @ weight
-                gw += p.t() @ hc
+        # the products in autocast's dtype, as autocast would run them, with each operand cast once, not per product
+        kind = h.device.type
+        mm = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else h.dtype
+        hm, wm = h.to(mm), weight.to(mm)
+        with torch.autocast(kind, enabled=False):
+            for s in range(0, n, chunk):
+                hc, tc = hm[s : s + chunk], targets[s : s + chunk]
+                logp = torch.log_softmax(hc @ wm.t(), 1, dtype=dtype)
+                rows = torch.arange(len(hc), device=h.device)
+                total -= logp[rows, tc].sum()
+                if need_grad:  # d loss_sum / d logits = softmax − one-hot
+                    p = logp.exp_()
+                    p[rows, tc] -= 1
+                    p = p.to(mm)
+                    gh[s : s + chunk] = p @ wm
+                    gw += p.t() @ hc
         ctx.n = n
         if need_grad:
             ctx.save_for_backward(gh, gw)

@@ -120,6 +120,9 @@ def test_model_loss_is_cross_entropy_of_its_logits():
         want = F.cross_entropy(model(x).float().view(-1, 97), y.view(-1))
     assert bf16.dtype == torch.float32
     torch.testing.assert_close(bf16, want, atol=1e-4, rtol=1e-4)
+    for got, ref in zip(torch.autograd.grad(bf16, list(model.parameters())),  # bf16 products: within bf16's rounding
+                        torch.autograd.grad(want, list(model.parameters()))):
+        torch.testing.assert_close(got, ref, atol=2e-3, rtol=2e-2)
     with pytest.raises(ValueError, match="targets of shape"):
         linear_cross_entropy(torch.zeros(5, 32), model.head.weight, torch.zeros(4, dtype=torch.long))
 
