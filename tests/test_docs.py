@@ -207,8 +207,9 @@ class Project:
         if given.get("stage") == "train":
             if "trainer.max_time" in given:  # a budget of seconds, not minutes
                 capped |= {"trainer.max_time": "3s"}
-            else:
-                capped |= {"trainer.max_steps": "4" if "trainer.max_steps" in given else "2", "trainer.max_time": "null"}
+            else:  # without a budget, a preset's model.depth=auto has nothing to size to: the tiny model's shape
+                capped |= {"trainer.max_steps": "4" if "trainer.max_steps" in given else "2", "trainer.max_time": "null",
+                           **({} if "model.depth" in given else {"model.depth": "null"})}
             capped |= {k: v for k, v in (("logger", "none"), ("model", "tiny")) if k not in given}
             if from_checkpoint:
                 capped.pop("model", None)

@@ -7,8 +7,9 @@ import pytest
 from kr3 import checkpoint, sizing
 
 
-def test_depth_two_is_the_cpu_15min_shape_of_each_arch():
-    """cpu_15min's Llama shape (2 layers, 2 heads of 48, SwiGLU 256) and its GPT-2 shape before (MLP 384)."""
+def test_a_depth_sets_the_shape_of_each_arch():
+    """Depth 2 is cpu_15min's shapes before it took model.depth=auto: Llama (2 layers, 2 heads of 48, SwiGLU 256) and
+    GPT-2 (MLP 384)."""
     assert sizing.shape_at(2, "llama") == {"n_layers": 2, "n_heads": 2, "d_model": 96, "d_ffn": 256}
     assert sizing.shape_at(2, "gpt2") == {"n_layers": 2, "n_heads": 2, "d_model": 96, "d_ffn": 384}
     assert sizing.shape_at(8, "llama") == {"n_layers": 8, "n_heads": 8, "d_model": 384, "d_ffn": 1024}
