@@ -7,6 +7,7 @@ Both tie the output layer to the token table.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -257,9 +258,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         gw = torch.zeros_like(weight) if need_grad else None
         # the products in autocast's dtype, as autocast would run them, with each operand cast once, not per product
         kind = h.device.type
-        mm = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else h.dtype
+        autocasting = kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind)  # meta, for one, has no autocast
+        mm = torch.get_autocast_dtype(kind) if autocasting else h.dtype
         hm, wm = h.to(mm), weight.to(mm)
-        with torch.autocast(kind, enabled=False):
+        with torch.autocast(kind, enabled=False) if autocasting else nullcontext():
             for s in range(0, n, chunk):
                 hc, tc = hm[s : s + chunk], targets[s : s + chunk]
                 logp = torch.log_softmax(hc @ wm.t(), 1, dtype=dtype)
