@@ -209,7 +209,7 @@ class Project:
                 capped |= {"trainer.max_time": "3s"}
             else:  # without a budget, a preset's model.depth=auto has nothing to size to: the tiny model's shape
                 capped |= {"trainer.max_steps": "4" if "trainer.max_steps" in given else "2", "trainer.max_time": "null",
-                           **({} if "model.depth" in given else {"model.depth": "null"})}
+                           **({} if "model.depth" in given or from_checkpoint else {"model.depth": "null"})}
             capped |= {k: v for k, v in (("logger", "none"), ("model", "tiny")) if k not in given}
             if from_checkpoint:
                 capped.pop("model", None)
