@@ -193,6 +193,7 @@ def test_a_fine_tune_resumes_exactly(corpus, base, tmp_path):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # DDP's sums: test_two_processes_match_one; loading weights: the tests above
 def test_two_processes_fine_tune_as_one(corpus, base, tmp_path):
     """2 ranks × batch 4 (gloo) follow the losses of 1 process × batch 8; each rank reads the pretrained weights."""
     common = ["trainer.max_steps=6", "trainer.eval_interval=0", "trainer.lr=3e-3", "trainer.log_interval=1",

@@ -126,6 +126,7 @@ def test_bad_search_settings_are_one_line_before_any_trial(run_kr3, tmp_path, co
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # Slurm's launcher without Slurm; DDP and sweeps each have their default-tier test
 def test_submitit_jobs_each_run_ddp_in_their_own_folder(tmp_path, corpus):
     """hydra/launcher=submitit_local: Slurm's launcher without Slurm. Two jobs, two tasks each (gloo)."""
     proc = subprocess.run(command("-m", "stage=train", *common(tmp_path, corpus), "hydra/launcher=submitit_local",
@@ -185,6 +186,7 @@ def test_a_search_space_over_a_config_group_is_no_unknown_key():
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # a failed job alone: test_a_diverged_job_of_a_sweep_fails_alone
 def test_under_torchrun_the_first_failed_job_ends_the_sweep(tmp_path):
     """Every rank runs the sweep: a rank going on alone past a failed job would pair its collectives with another
     job's, so there the sweep stops (torchrun stops the other ranks)."""

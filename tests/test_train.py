@@ -98,7 +98,8 @@ def test_batches_split_the_global_batch_across_ranks(tmp_path, monkeypatch, revi
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+# compile's path: the gpt2 case; the llama block: test_model
+@pytest.mark.parametrize("arch", ["gpt2", pytest.param("llama", marks=pytest.mark.slow)])
 def test_compiled_training_matches_eager(corpus, tmp_path, arch):
     """trainer.compile=true traces the model and its chunked loss (an autograd.Function) into the same math."""
     common = ["trainer.max_steps=4", "trainer.eval_interval=0", "trainer.final_eval_tokens=1024", f"model.arch={arch}"]
@@ -584,6 +585,7 @@ def test_two_processes_match_one(run_kr3, corpus, tmp_path):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # a group of one: DDP with two is test_two_processes_match_one
 def test_torchrun_with_one_process_trains_through_ddp(run_kr3, corpus, tmp_path):
     """torchrun --nproc_per_node=1 joins a process group of one and trains through DDP (what a one-GPU torchrun
     measures), step for step as a plain run."""
