@@ -9,7 +9,8 @@
 - Corpora: `synthetic_corpus` (Zipf-distributed words of random Hangul syllables: no Hub, no ../shared),
   `local_data` (the overrides that prepare and train on a parquet file), `require_nsmc` and `nsmc_data_dir`
   (../shared's NSMC prepared with the default tokenizer, prepared first when it is not yet).
-- `plain_loop`: the nanoGPT-style eager fp32 loop the CPU benchmarks set kr3's trainer against.
+- `plain_loop`: the nanoGPT-style loop (eager fp32, bf16 autocast, compiled) the CPU benchmarks set kr3's trainer
+  against.
 - `machine_line`, `print_table`: a results table headed by the machine that made it (CPU model and its avx2 /
   avx512f / avx512_bf16 / amx flags, GPU, torch version and threads, date), so a figure copied into BENCHMARKS.md
   carries its machine and date.
@@ -163,32 +164,42 @@ def nsmc_data_dir(refresh: bool = False) -> Path:
 
 # --- the plain loop --------------------------------------------------------------------------------------------------
 
-def plain_loop(steps: int, shape: dict = SMALL, batch: int = 16) -> dict:
-    """nanoGPT-style, on the prepared NSMC data: random windows from the memmap, eager fp32 forward/backward of kr3's
-    GPT with torch's cross-entropy of the logits, AdamW. Tokens/s: the median over steps after the first two; the peak
-    RSS of this process (run it in a process of its own so that the number is the loop's)."""
+PLAIN_MODES = ("fp32", "bf16", "compile", "bf16-compile")  # nanoGPT's: bf16 autocast and torch.compile, alone or together
+
+
+def plain_loop(steps: int, shape: dict = SMALL, batch: int = 16, mode: str = "fp32") -> dict:
+    """nanoGPT-style, on the prepared NSMC data: random windows from the memmap, forward/backward of kr3's GPT with
+    torch's cross-entropy of the logits, AdamW; `mode` as nanoGPT's train.py offers (PLAIN_MODES). Tokens/s: the
+    median over steps after the first two (compilation); the peak RSS of this process (run it in a process of its own
+    so that the number is the loop's)."""
+    import contextlib
     import resource
 
     import numpy as np
     import torch
     import torch.nn.functional as F
 
+    from kr3 import model as kr3_model
     from kr3.model import GPT, GPTConfig
 
+    kr3_model.attention = F.scaled_dot_product_attention  # nanoGPT's attention: torch's kernel in the loop's dtype
     data_dir = nsmc_data_dir()
     meta = json.loads((data_dir / "meta.json").read_text())
     data = np.memmap(data_dir / "train.bin", dtype=np.uint16, mode="r")
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=meta["vocab_size"], **shape))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    forward = torch.compile(model) if "compile" in mode else model
+    autocast = torch.autocast("cpu", torch.bfloat16) if "bf16" in mode else contextlib.nullcontext()
     T = shape["block_size"]
     times = []
     for _ in range(steps):
         t = time.perf_counter()
         ix = np.random.randint(0, len(data) - T - 1, batch)
         chunk = torch.from_numpy(np.stack([data[i : i + T + 1] for i in ix]).astype(np.int64))
-        logits = model(chunk[:, :-1])
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), chunk[:, 1:].reshape(-1))
+        with autocast:
+            logits = forward(chunk[:, :-1])
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), chunk[:, 1:].reshape(-1))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -4,6 +4,7 @@ when ../shared is absent), and configs built with kr3.config.compose."""
 import io
 import itertools
 import logging
+import os
 import random
 import subprocess
 import sys
@@ -144,6 +145,16 @@ def kogpt2() -> Path:
 # Tiers: `pytest -m "not e2e"` is the fast one (unit tests, under a minute); e2e tests start processes, servers, torchrun
 # or the browser, read the 676k reviews of ../shared, or use a model trained beyond a few steps — these fixtures':
 TRAINED_BEYOND_A_FEW_STEPS = {"trained", "served_run", "rated_run", "conditioned", "nsmc"}
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`-n 2`, the default): one thread per worker and per process it starts, so that two
+    workers share two cores instead of fighting over them."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(items):
