@@ -170,8 +170,8 @@ PLAIN_MODES = ("fp32", "bf16", "compile", "bf16-compile")  # nanoGPT's: bf16 aut
 def plain_loop(steps: int, shape: dict = SMALL, batch: int = 16, mode: str = "fp32") -> dict:
     """nanoGPT-style, on the prepared NSMC data: random windows from the memmap, forward/backward of kr3's GPT with
     torch's cross-entropy of the logits, AdamW; `mode` as nanoGPT's train.py offers (PLAIN_MODES). Tokens/s: the
-    median over steps after the first two (compilation); the peak RSS of this process (run it in a process of its own
-    so that the number is the loop's)."""
+    median over steps after the first two (compilation); the peak RSS of this process. Run it in a process of its own:
+    the number is then the loop's, and its swap of kr3's attention for torch's kernel stays there."""
     import contextlib
     import resource
 
